@@ -1,0 +1,192 @@
+// Per-row cross-entropy and per-sample statistics math shared by the CPU and
+// CUDA kernels. Everything here is header-only and free of ATen types so that
+// nvcc and the host compiler see exactly the same arithmetic.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MEMFAST_HD __host__ __device__ __forceinline__
+#else
+#define MEMFAST_HD inline
+#endif
+
+namespace memfast {
+
+// Rows of the per-row statistics tensor that the forward op returns ([NUM_ROW_STATS, R]).
+// Keep in sync with memfast/_stats.py (checked by tests through build_info()).
+enum RowStat : int {
+  ROW_LSE = 0,       // log-sum-exp of the (adjusted) logits
+  ROW_TARGET_LOGIT,  // adjusted logit of the target class (NaN for ignored rows)
+  ROW_MAX_OTHER,     // largest adjusted logit among the other classes (-inf when C == 1)
+  ROW_WEIGHT,        // weight[target] (1 without weights, 0 for ignored rows): the mean's denominator
+  ROW_CORRECT,       // 1 when argmax (first maximal index) == target
+  NUM_ROW_STATS
+};
+
+// Per-sample statistics a SampleTracker can hold, one fp32 row of length N each.
+enum Stat : int {
+  STAT_CSL = 0,         // sum of per-sample loss
+  STAT_COUNT,           // number of (finite) updates
+  STAT_LAST_LOSS,       // loss at the latest update
+  STAT_LOSS_SQ,         // sum of squared loss (variance)
+  STAT_INCONF,          // sum of 1 - p_true
+  STAT_PTRUE_SQ,        // sum of p_true^2 (cartography variability)
+  STAT_MARGIN,          // sum of target logit - largest other logit (AUM)
+  STAT_CORRECT,         // number of correct updates
+  STAT_FORGETTING,      // correct -> incorrect transitions between consecutive updates
+  STAT_LEARNED_EPOCH,   // epoch of the latest incorrect -> correct transition; -1 while incorrect
+  STAT_LAST_CORRECT,    // correctness at the latest update; -1 before the first
+  STAT_LAST_MAXPROB,    // max softmax probability at the latest update
+  STAT_NONFINITE,       // number of updates whose loss was not finite (not accumulated)
+  NUM_STATS
+};
+
+// Tracker counters (int64 tensor [NUM_COUNTERS]).
+enum Counter : int {
+  COUNTER_EPOCH = 0,     // completed epochs (read by the update)
+  COUNTER_CALLS,         // number of tracker updates
+  COUNTER_BAD_IDS,       // rows skipped because their sample id was out of range (device path)
+  COUNTER_BAD_TARGETS,   // rows skipped because their target was out of range (device path)
+  NUM_COUNTERS
+};
+
+// exp(x) for x <= 0 (and anything else), written as branch-free arithmetic so
+// that the host compiler vectorises loops that call it (std::exp would not be).
+// Cephes-style range reduction, degree-6 polynomial: ~2 ulp in fp32.
+MEMFAST_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float log2e = 1.44269504088896341f;
+  const float ln2_hi = 0.693359375f;
+  const float ln2_lo = -2.12194440e-4f;
+  float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float n = std::floor(xc * log2e + 0.5f);
+  float r = xc - n * ln2_hi;
+  r = r - n * ln2_lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  float result = p * scale;
+  result = x < -87.0f ? 0.0f : result;           // underflow (and -inf) -> 0
+  result = x > 88.0f ? x * 2.0f + result : result;  // overflow -> inf
+  return x != x ? x : result;                    // NaN propagates
+#endif
+}
+
+MEMFAST_HD double fast_exp(double x) { return ::exp(x); }
+
+// max that propagates NaN (std::max would drop it depending on argument order).
+template <typename T>
+MEMFAST_HD T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Coefficients of the per-row gradient of
+//   l = (1-eps) w_y (lse - z_y) + (eps/C) sum_c w_c (lse - z_c)
+// with respect to the logits:  dl/dz_c = p_c * scale_p - eps_w * w_c - [c == y] * target_w
+// (w == 1 without class weights; weight_sum = sum_c w_c).
+template <typename T>
+struct GradCoef {
+  T scale_p;   // multiplies p_c
+  T eps_w;     // eps / C, multiplies w_c
+  T target_w;  // (1 - eps) * w_y, subtracted at the target
+};
+
+template <typename T>
+MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C) {
+  GradCoef<T> g;
+  g.eps_w = eps / static_cast<T>(C);
+  g.target_w = (T(1) - eps) * w_y;
+  g.scale_p = g.target_w + g.eps_w * weight_sum;
+  return g;
+}
+
+// The loss of one row from its log-sum-exp, target logit and (when smoothing)
+// sum_c w_c z_c.
+template <typename T>
+MEMFAST_HD T row_loss(T lse, T z_y, T w_y, T weight_sum, T weighted_logit_sum, T eps, int64_t C) {
+  T nll = w_y * (lse - z_y);
+  if (eps == T(0)) return nll;
+  T smooth = weight_sum * lse - weighted_logit_sum;
+  return (T(1) - eps) * nll + eps / static_cast<T>(C) * smooth;
+}
+
+// What one finite row contributes to a sample's statistics.
+struct RowContribution {
+  float nll;      // unsmoothed, unweighted CE of the adjusted logits
+  float p_true;
+  float margin;
+  float max_prob;
+  float correct;  // 0 or 1
+  bool finite;
+};
+
+MEMFAST_HD RowContribution row_contribution(float lse, float z_y, float max_other, float correct) {
+  RowContribution r;
+  r.nll = lse - z_y;
+  r.finite = (r.nll == r.nll) && (r.nll < INFINITY) && (r.nll > -INFINITY);
+  r.p_true = fast_exp(-r.nll);
+  // C == 1 (or every other class masked to -inf): no competitor, margin 0.
+  r.margin = (max_other == -INFINITY) ? 0.0f : z_y - max_other;
+  float top = z_y > max_other ? z_y : max_other;
+  r.max_prob = fast_exp(top - lse);
+  r.correct = correct;
+  return r;
+}
+
+// Accessor over the tracker's struct-of-arrays state: row(stat) is the fp32
+// array of that statistic, or nullptr when the tracker does not keep it.
+struct StateView {
+  float* base;
+  int64_t stride;  // elements between two statistics' rows
+  const int64_t* stat_rows;  // [NUM_STATS], -1 when absent
+  MEMFAST_HD float* row(int stat) const {
+    int64_t r = stat_rows[stat];
+    return r < 0 ? nullptr : base + r * stride;
+  }
+};
+
+// Additive statistics: every finite row of the sample adds (repeated ids add).
+// `add(ptr, v)` is plain += on the host and an atomicAdd on the device.
+template <typename AddFn>
+MEMFAST_HD void add_row_sums(const StateView& s, int64_t id, const RowContribution& r, AddFn add) {
+  float* p;
+  if ((p = s.row(STAT_CSL))) add(p + id, r.nll);
+  if ((p = s.row(STAT_COUNT))) add(p + id, 1.0f);
+  if ((p = s.row(STAT_LOSS_SQ))) add(p + id, r.nll * r.nll);
+  if ((p = s.row(STAT_INCONF))) add(p + id, 1.0f - r.p_true);
+  if ((p = s.row(STAT_PTRUE_SQ))) add(p + id, r.p_true * r.p_true);
+  if ((p = s.row(STAT_MARGIN))) add(p + id, r.margin);
+  if ((p = s.row(STAT_CORRECT))) add(p + id, r.correct);
+}
+
+// Per-sample state (latest loss, correctness transitions): applied once per
+// sample per update, from that sample's last finite row in the batch.
+MEMFAST_HD void apply_row_state(const StateView& s, int64_t id, const RowContribution& r, float epoch) {
+  float* p;
+  if ((p = s.row(STAT_LAST_LOSS))) p[id] = r.nll;
+  if ((p = s.row(STAT_LAST_MAXPROB))) p[id] = r.max_prob;
+  float* last = s.row(STAT_LAST_CORRECT);
+  if (last) {
+    float before = last[id];
+    if ((p = s.row(STAT_FORGETTING)) && before == 1.0f && r.correct == 0.0f) p[id] += 1.0f;
+    if ((p = s.row(STAT_LEARNED_EPOCH))) {
+      if (r.correct == 0.0f) p[id] = -1.0f;
+      else if (before != 1.0f) p[id] = epoch;
+    }
+    last[id] = r.correct;
+  }
+}
+
+}  // namespace memfast

@@ -1,0 +1,63 @@
+// CPU kernel of memfast::track_: scatter per-row statistics into a tracker.
+// Rows are visited last to first so that each sample's per-sample state comes
+// from its last finite row of the batch (the documented rule for repeated ids).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <unordered_set>
+
+#include "../common/ce_math.h"
+#include "../common/checks.h"
+
+namespace memfast {
+namespace {
+
+void track_cpu(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_stats, const at::Tensor& target,
+               const at::Tensor& sample_ids, int64_t ignore_index, int64_t num_classes, c10::IntArrayRef stat_rows) {
+  check_track_args(state, counters, row_stats, target, sample_ids, stat_rows);
+  const int64_t R = target.numel();
+  const int64_t N = state.size(1);
+  const int64_t* ids = sample_ids.const_data_ptr<int64_t>();
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
+  const int64_t n_ids = sample_ids.numel();
+  // Validate everything before writing anything: a bad batch leaves the tracker unchanged.
+  for (int64_t i = 0; i < n_ids; ++i) {
+    TORCH_CHECK_INDEX(ids[i] >= 0 && ids[i] < N, "memfast tracker: sample_ids[", i, "] = ", ids[i],
+                      " is out of range for a tracker of ", N, " samples");
+  }
+  check_targets_host(tgt, R, num_classes, ignore_index);
+  int64_t* cnt = counters.mutable_data_ptr<int64_t>();
+  cnt[COUNTER_CALLS] += 1;
+  if (R == 0) return;
+  const int64_t rows_per_id = R / n_ids;
+  const float epoch = static_cast<float>(cnt[COUNTER_EPOCH]);
+  const StateView view{state.mutable_data_ptr<float>(), N, stat_rows.data()};
+  const bool has_state = view.row(STAT_LAST_LOSS) || view.row(STAT_LAST_MAXPROB) || view.row(STAT_LAST_CORRECT);
+  float* nonfinite = view.row(STAT_NONFINITE);
+  std::unordered_set<int64_t> seen;
+  if (has_state) seen.reserve(static_cast<size_t>(n_ids));
+  AT_DISPATCH_FLOATING_TYPES(row_stats.scalar_type(), "memfast_track", [&] {
+    const scalar_t* st = row_stats.const_data_ptr<scalar_t>();
+    auto add = [](float* p, float v) { *p += v; };
+    for (int64_t r = R - 1; r >= 0; --r) {
+      if (tgt[r] == ignore_index) continue;
+      const int64_t id = ids[r / rows_per_id];
+      const RowContribution c = row_contribution(
+          static_cast<float>(st[ROW_LSE * R + r]), static_cast<float>(st[ROW_TARGET_LOGIT * R + r]),
+          static_cast<float>(st[ROW_MAX_OTHER * R + r]), static_cast<float>(st[ROW_CORRECT * R + r]));
+      if (!c.finite) {
+        if (nonfinite) nonfinite[id] += 1.0f;
+        continue;
+      }
+      add_row_sums(view, id, c, add);
+      if (has_state && seen.insert(id).second) apply_row_state(view, id, c, epoch);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memfast, CPU, m) { m.impl("track_", &track_cpu); }
+
+}  // namespace memfast

@@ -1,0 +1,59 @@
+// Operator schemas (the one place they are declared) and the Python module
+// that carries build information. Kernels live in cpu/ and cuda/.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "common/ce_math.h"
+
+#ifndef MEMFAST_VERSION
+#define MEMFAST_VERSION "0.0.0"
+#endif
+#ifndef MEMFAST_CUDA_ARCH_LIST
+#define MEMFAST_CUDA_ARCH_LIST ""
+#endif
+
+TORCH_LIBRARY(memfast, m) {
+  // Loss, log-sum-exp and (when compute_grad) d loss_row / d logits in one pass
+  // over each row. Functional, so that autograd and torch.compile can treat it
+  // as an ordinary op; the tracker scatter is the separate mutable track_ op.
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad) "
+      "-> (Tensor loss, Tensor row_stats, Tensor grad)");
+  // grad_logits = grad * grad_loss[:, None]
+  m.def("cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor");
+  // Scatter per-row statistics into a tracker's state (struct of arrays) by sample id.
+  m.def(
+      "track_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
+      "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()");
+  // Input curvature (Hutchinson, finite differences). x: [B, ...]. Returns
+  // [num_probes * B, ...]: x + h * v_k for probes k = probe_offset ..
+  // probe_offset + num_probes - 1 (probe-major), with v in {-1, +1} drawn from
+  // a counter-based generator keyed by (seed, sample, probe, element).
+  m.def("curvature_perturb(Tensor x, int seed, int probe_offset, int num_probes, float h) -> Tensor");
+  // grads: [P * B, ...] input gradients at the perturbed points, g0: [B, ...]
+  // at x. Returns [3, B] float32 sums over the P probes of ||g_k - g0||,
+  // ||g_k - g0||^2 and v_k . (g_k - g0), regenerating v_k from the same key.
+  m.def("curvature_reduce(Tensor grads, Tensor g0, int seed, int probe_offset, float h) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = MEMFAST_VERSION;
+    d["torch"] = TORCH_VERSION;
+#ifdef MEMFAST_WITH_CUDA
+    d["with_cuda"] = true;
+#else
+    d["with_cuda"] = false;
+#endif
+    d["cuda_arch_list"] = MEMFAST_CUDA_ARCH_LIST;
+    d["num_stats"] = static_cast<int>(memfast::NUM_STATS);
+    d["num_row_stats"] = static_cast<int>(memfast::NUM_ROW_STATS);
+    d["num_counters"] = static_cast<int>(memfast::NUM_COUNTERS);
+    return d;
+  });
+}

@@ -1,0 +1,16 @@
+"""memfast: fast memorization measurement and memorization-aware training."""
+from ._version import __version__
+from ._ops import get_backend, set_backend
+from .loss import CrossEntropyLoss, cross_entropy
+from .tracker import SampleTracker
+
+
+def build_info():
+    """How the compiled extension was built (None when it is missing)."""
+    from . import _ops
+
+    return None if _ops.BUILD_INFO is None else dict(_ops.BUILD_INFO)
+
+
+__all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "build_info",
+           "set_backend", "get_backend"]

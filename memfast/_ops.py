@@ -1,0 +1,144 @@
+"""The memfast operators: registration of fake (meta) and autograd rules, and
+the choice of backend.
+
+Two namespaces carry the same schemas: ``torch.ops.memfast`` (compiled
+kernels, csrc/) and ``torch.ops.memfast_ref`` (memfast/reference.py). The
+Python API calls ``ops(device)``, which picks one per device type.
+"""
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+# The schemas, identical to csrc/memfast.cpp (tests/test_ops.py checks).
+SCHEMAS = {
+    "cross_entropy_fwd": (
+        "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad) "
+        "-> (Tensor loss, Tensor row_stats, Tensor grad)"
+    ),
+    "cross_entropy_bwd": "cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor",
+    "track_": (
+        "track_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
+        "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()"
+    ),
+    "curvature_perturb": "curvature_perturb(Tensor x, int seed, int probe_offset, int num_probes, float h) -> Tensor",
+    "curvature_reduce": "curvature_reduce(Tensor grads, Tensor g0, int seed, int probe_offset, float h) -> Tensor",
+}
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.memfast)
+
+    _EXT_ERROR = None
+except ImportError as e:  # pragma: no cover - exercised when the build is missing
+    _C = None
+    _EXT_ERROR = e
+
+_ref_lib = torch.library.Library("memfast_ref", "DEF")
+for _name, _schema in SCHEMAS.items():
+    _ref_lib.define(_schema)
+    for _key in ("CPU", "CUDA"):
+        _ref_lib.impl(_name, getattr(reference, _name), _key)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad):
+    R, C = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    grad = logits.new_empty((R, C) if compute_grad else (0, 0))
+    return logits.new_empty(R, dtype=acc), logits.new_empty((5, R), dtype=acc), grad
+
+
+def _bwd_fake(grad, grad_loss):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _track_fake(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
+    return None
+
+
+def _perturb_fake(x, seed, probe_offset, num_probes, h):
+    return x.new_empty((num_probes * x.shape[0],) + tuple(x.shape[1:]), memory_format=torch.contiguous_format)
+
+
+def _reduce_fake(grads, g0, seed, probe_offset, h):
+    return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    _, row_stats, grad = output
+    ctx.mark_non_differentiable(row_stats, grad)
+    ctx.save_for_backward(grad)
+
+
+def _register(ns):
+    lib = getattr(torch.ops, ns)
+    torch.library.register_fake(f"{ns}::cross_entropy_fwd", _fwd_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_bwd", _bwd_fake)
+    torch.library.register_fake(f"{ns}::track_", _track_fake)
+    torch.library.register_fake(f"{ns}::curvature_perturb", _perturb_fake)
+    torch.library.register_fake(f"{ns}::curvature_reduce", _reduce_fake)
+
+    def backward(ctx, grad_loss, _grad_row_stats, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        grad_logits = None
+        if grad_loss is not None:
+            grad_logits = lib.cross_entropy_bwd(grad, grad_loss)
+        return grad_logits, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::cross_entropy_fwd", backward, setup_context=_fwd_setup_context)
+
+
+_register("memfast_ref")
+if _C is not None:
+    _register("memfast")
+    BUILD_INFO = _C.build_info()
+else:
+    BUILD_INFO = None
+
+_warned = set()
+
+
+def extension_available(device_type="cpu"):
+    """Whether compiled kernels exist for this device type."""
+    if BUILD_INFO is None:
+        return False
+    if device_type == "cuda":
+        return bool(BUILD_INFO["with_cuda"])
+    return device_type == "cpu"
+
+
+_backend = None
+
+
+def set_backend(name):
+    """'kernels' (compiled, falling back per device with a warning), or 'reference'."""
+    global _backend
+    if name not in ("kernels", "reference", "auto"):
+        raise ValueError(f"memfast backend must be 'kernels', 'reference' or 'auto', got {name!r}")
+    _backend = "reference" if name == "reference" else "kernels"
+
+
+def get_backend():
+    return _backend
+
+
+set_backend(os.environ.get("MEMFAST_BACKEND", "auto"))
+
+
+def ops(device):
+    """The op namespace (torch.ops.memfast or torch.ops.memfast_ref) for a device."""
+    dtype = torch.device(device).type
+    if _backend == "kernels" and extension_available(dtype):
+        return torch.ops.memfast
+    if _backend == "kernels" and dtype not in _warned:
+        _warned.add(dtype)
+        why = f"the extension failed to load ({_EXT_ERROR})" if BUILD_INFO is None else f"it was built without {dtype} kernels"
+        warnings.warn(f"memfast: using the pure-PyTorch reference backend on {dtype}: {why}", RuntimeWarning,
+                      stacklevel=3)
+    return torch.ops.memfast_ref

@@ -1,0 +1,35 @@
+"""Names of the statistics, per-row values and counters shared with the C++
+kernels (csrc/common/ce_math.h); the order is the enum order there."""
+
+# Per-sample statistics the kernels update, in StatRow order.
+KERNEL_STATS = (
+    "csl", "count", "last_loss", "loss_sq", "inconf", "ptrue_sq", "margin", "correct",
+    "forgetting", "learned_epoch", "last_correct", "last_maxprob", "nonfinite",
+)
+# Statistics accumulated from Python (input curvature by memfast.score_curvature).
+EXTRA_STATS = ("curv", "curv_count")
+# Rows of the [NUM_ROW_STATS, R] tensor the forward op returns.
+ROW_STATS = ("lse", "target_logit", "max_other", "weight", "correct")
+# Entries of the tracker's int64 counters.
+COUNTERS = ("epoch", "calls", "bad_ids", "bad_targets")
+
+ROW = {name: i for i, name in enumerate(ROW_STATS)}
+COUNTER = {name: i for i, name in enumerate(COUNTERS)}
+
+# What a user may ask a tracker to keep, and the stored statistics each needs.
+USER_STATS = {
+    "csl": ("csl",),
+    "count": ("count",),
+    "last_loss": ("last_loss",),
+    "loss_sq": ("loss_sq",),
+    "inconf": ("inconf",),
+    "ptrue_sq": ("ptrue_sq",),
+    "margin": ("margin",),
+    "correct": ("correct",),
+    "forgetting": ("forgetting", "last_correct"),
+    "learn_time": ("learned_epoch", "last_correct"),
+    "last_maxprob": ("last_maxprob",),
+    "nonfinite": ("nonfinite",),
+    "curv": ("curv", "curv_count"),
+}
+ALL_USER_STATS = tuple(USER_STATS)

@@ -1,0 +1,162 @@
+"""memfast.cross_entropy: a drop-in for torch.nn.functional.cross_entropy
+(class-index targets) that can also track per-sample statistics and shift the
+logits (MAT's adjusted softmax) inside the same fused op."""
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from ._stats import ROW
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _legacy_reduction(size_average, reduce, reduction):
+    if size_average is None and reduce is None:
+        return reduction
+    from torch.nn import _reduction
+
+    return _reduction.legacy_get_string(size_average, reduce)
+
+
+def _as_rows(t, class_dim_last):
+    """[N, C, d1, ...] -> [N*d1*..., C] (rows in target order)."""
+    if t.dim() <= 2:
+        return t
+    return t.movedim(1, -1).reshape(-1, t.shape[1]) if class_dim_last else t
+
+
+def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups):
+    """Validate arguments (host metadata only) and bring them to the op's row layout."""
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        raise TypeError(f"memfast.cross_entropy: input must be a floating-point tensor, got "
+                        f"{getattr(input, 'dtype', type(input))}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"memfast.cross_entropy: target must be a tensor, got {type(target)}")
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise TypeError("memfast.cross_entropy: target must hold class indices (an integer tensor); "
+                        f"got {target.dtype} (class-probability targets are not supported)")
+    if input.dim() == 0:
+        raise ValueError("memfast.cross_entropy: input must have a class dimension, got a 0-d tensor")
+    unbatched = input.dim() == 1
+    if unbatched:
+        input = input.unsqueeze(0)
+        target = target.reshape(1)
+    expected = (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"memfast.cross_entropy: target has shape {tuple(target.shape)}, expected {expected} "
+                         f"for input of shape {tuple(input.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"memfast.cross_entropy: target is on {target.device} but input is on {input.device}")
+    C = input.shape[1]
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    logits = _as_rows(input, True)
+    target_rows = target.reshape(-1)
+    if target_rows.dtype != torch.long:
+        target_rows = target_rows.long()
+    target_rows = target_rows.contiguous()
+    if weight is not None:
+        if not isinstance(weight, Tensor) or weight.shape != (C,) or not weight.is_floating_point():
+            raise ValueError(f"memfast.cross_entropy: weight must be a floating-point tensor of shape ({C},), got "
+                             f"{getattr(weight, 'shape', type(weight))}")
+        if weight.device != input.device:
+            raise ValueError(f"memfast.cross_entropy: weight is on {weight.device} but input is on {input.device}")
+        weight = weight.detach().to(acc).contiguous()
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"memfast.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    groups_rows = None
+    if adjustment is not None:
+        if not isinstance(adjustment, Tensor) or not adjustment.is_floating_point():
+            raise TypeError("memfast.cross_entropy: adjustment must be a floating-point tensor")
+        if adjustment.device != input.device:
+            raise ValueError(f"memfast.cross_entropy: adjustment is on {adjustment.device} but input is on "
+                             f"{input.device}")
+        adjustment = adjustment.detach().to(acc)
+        if groups is not None:
+            if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.dtype == torch.bool:
+                raise TypeError("memfast.cross_entropy: groups must be an integer tensor")
+            if adjustment.dim() != 2 or adjustment.shape[1] != C:
+                raise ValueError(f"memfast.cross_entropy: with groups, adjustment must be a table [A, {C}], got "
+                                 f"{tuple(adjustment.shape)}")
+            if tuple(groups.reshape(target.shape).shape) != tuple(target.shape) or groups.numel() != target.numel():
+                raise ValueError(f"memfast.cross_entropy: groups must have the target's shape {tuple(target.shape)}, "
+                                 f"got {tuple(groups.shape)}")
+            if groups.device != input.device:
+                raise ValueError(f"memfast.cross_entropy: groups is on {groups.device} but input is on {input.device}")
+            groups_rows = groups.reshape(-1).long().contiguous()
+        elif tuple(adjustment.shape) == (C,):
+            adjustment = adjustment.expand(logits.shape[0], C)  # one shift for every row, no copy
+        elif tuple(adjustment.shape) == tuple(input.shape):
+            adjustment = _as_rows(adjustment.reshape(input.shape), True)
+        else:
+            raise ValueError(f"memfast.cross_entropy: adjustment must have the input's shape, be a [{C}] vector, "
+                             f"or be a table [A, {C}] with groups; got {tuple(adjustment.shape)}")
+        if adjustment.shape[-1] > 1 and adjustment.stride(-1) != 1:
+            adjustment = adjustment.contiguous()
+    elif groups is not None:
+        raise ValueError("memfast.cross_entropy: groups was given without an adjustment table")
+    return logits, target_rows, weight, adjustment, groups_rows, target.shape, unbatched
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0, *, sample_ids=None, tracker=None,
+                  adjustment=None, groups=None):
+    """Cross entropy with the semantics of ``torch.nn.functional.cross_entropy``.
+
+    Extra keyword arguments:
+      sample_ids, tracker: accumulate per-sample statistics into a
+        :class:`memfast.SampleTracker` in the same pass. ``sample_ids`` has
+        one id per row (the target's shape), or one id per leading index
+        (e.g. ``[B]`` for ``[B*T]`` token rows: the tokens of a sequence add
+        into its sample). Rows whose target is ``ignore_index`` are not
+        tracked. The tracked loss is the unsmoothed, unweighted cross entropy
+        of the logits the loss sees (the adjusted ones when ``adjustment`` is
+        given).
+      adjustment, groups: an additive, constant shift of the logits:
+        dense (the input's shape), a ``[C]`` vector for every row, or a table
+        ``[A, C]`` gathered per row by ``groups`` (the target's shape).
+        ``loss = CE(input + shift, target)``; no gradient flows into it.
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"memfast.cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if (sample_ids is None) != (tracker is None):
+        raise ValueError("memfast.cross_entropy: sample_ids and tracker must be given together")
+    logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
+        input, target, weight, ignore_index, label_smoothing, adjustment, groups)
+    if tracker is not None:
+        ids = tracker._check_batch(logits, sample_ids, target_rows.numel())
+    compute_grad = torch.is_grad_enabled() and input.requires_grad
+    op = _ops.ops(input.device)
+    loss_rows, row_stats, _ = op.cross_entropy_fwd(
+        logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment, groups_rows,
+        compute_grad)
+    if tracker is not None:
+        tracker._scatter(row_stats, target_rows, ids, int(ignore_index), logits.shape[1])
+    if reduction == "none":
+        out = loss_rows.reshape(() if unbatched else target_shape)
+    elif reduction == "sum":
+        out = loss_rows.sum()
+    else:
+        out = loss_rows.sum() / row_stats[ROW["weight"]].sum()
+    return out.to(input.dtype)
+
+
+class CrossEntropyLoss(nn.Module):
+    """``nn.CrossEntropyLoss`` with memfast's extras: an optional tracker (then
+    call it as ``loss_fn(logits, target, sample_ids)``) and adjustment."""
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                 label_smoothing=0.0, *, tracker=None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.label_smoothing = label_smoothing
+        self.tracker = tracker
+
+    def forward(self, input, target, sample_ids=None, *, adjustment=None, groups=None):
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing,
+                             sample_ids=sample_ids if self.tracker is not None else None,
+                             tracker=self.tracker if sample_ids is not None else None,
+                             adjustment=adjustment, groups=groups)

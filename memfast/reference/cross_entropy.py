@@ -1,0 +1,147 @@
+"""Pure-PyTorch twins of every memfast op: the test oracle, and the backend
+used when MEMFAST_BACKEND=reference or the compiled extension is missing.
+
+Each function has exactly the signature and results of its op in
+csrc/memfast.cpp; the math is written the plain way (whole-tensor ops).
+"""
+import math
+
+import torch
+
+from .._stats import COUNTER, KERNEL_STATS, ROW
+
+_S = {name: i for i, name in enumerate(KERNEL_STATS)}
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_targets(target, num_classes, ignore_index, who):
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        r = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{who}: target {int(target[r])} (row {r}) is out of bounds for {num_classes} classes")
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad):
+    """Per-row loss, per-row statistics [5, R] and (when compute_grad) d loss_row / d logits."""
+    acc = _acc_dtype(logits.dtype)
+    R, C = logits.shape
+    _check_targets(target, C, ignore_index, "memfast.cross_entropy")
+    z = logits.to(acc)
+    if adjustment is not None:
+        if groups is not None:
+            if R and ((groups < 0) | (groups >= adjustment.shape[0])).any():
+                raise IndexError("memfast.cross_entropy: groups is out of bounds for the adjustment table")
+            z = z + adjustment.to(acc)[groups]
+        else:
+            z = z + adjustment.to(acc)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=z.device)
+    if R == 0:
+        grad = logits.new_empty((0, C) if compute_grad else (0, 0))
+        return z.new_empty(0), z.new_empty((len(ROW), 0)), grad
+    m = z.max(1).values
+    e = torch.exp(z - m[:, None])
+    s = e.sum(1)
+    lse = m + torch.log(s)
+    z_y = z.gather(1, y[:, None])[:, 0]
+    w_y = torch.where(valid, w[y], torch.zeros_like(lse))
+    eps = float(label_smoothing)
+    loss = w_y * (lse - z_y)
+    if eps > 0:
+        smooth = w.sum() * lse - (z * w).sum(1)
+        loss = (1 - eps) * loss + eps / C * smooth
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if C > 1:
+        others = z.scatter(1, y[:, None], -math.inf)
+        max_other = others.max(1).values
+    else:
+        max_other = torch.full_like(lse, -math.inf)
+    correct = (z.argmax(1) == y).to(acc)
+    nan = torch.full_like(lse, math.nan)
+    row_stats = torch.stack([
+        torch.where(valid, lse, nan),
+        torch.where(valid, z_y, nan),
+        torch.where(valid, max_other, nan),
+        w_y,
+        torch.where(valid, correct, torch.zeros_like(correct)),
+    ])
+    if not compute_grad:
+        return loss, row_stats, logits.new_empty((0, 0))
+    p = e / s[:, None]
+    g = p * ((1 - eps) * w_y + eps / C * w.sum())[:, None] - eps / C * w[None, :]
+    g = g - torch.nn.functional.one_hot(y, C).to(acc) * ((1 - eps) * w_y)[:, None]
+    g = torch.where(valid[:, None], g, torch.zeros_like(g))
+    return loss, row_stats, g.to(logits.dtype)
+
+
+def cross_entropy_bwd(grad, grad_loss):
+    acc = _acc_dtype(grad.dtype)
+    return (grad.to(acc) * grad_loss.to(acc)[:, None]).to(grad.dtype)
+
+
+def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
+    """Scatter per-row statistics into a tracker's [S, N] state by sample id.
+
+    Sums add over every finite row (repeated ids add); per-sample state
+    (latest loss, correctness transitions) comes from each sample's last
+    finite row in the batch; non-finite rows only count in `nonfinite`.
+    """
+    N = state.shape[1]
+    if sample_ids.numel() and ((sample_ids < 0) | (sample_ids >= N)).any():
+        i = int(((sample_ids < 0) | (sample_ids >= N)).nonzero()[0, 0])
+        raise IndexError(f"memfast tracker: sample_ids[{i}] = {int(sample_ids[i])} is out of range "
+                         f"for a tracker of {N} samples")
+    _check_targets(target, num_classes, ignore_index, "memfast tracker")
+    counters[COUNTER["calls"]] += 1
+    R = target.numel()
+    if R == 0:
+        return
+
+    def row(name):
+        r = stat_rows[_S[name]]
+        return state[r] if r >= 0 else None
+
+    ids = sample_ids.repeat_interleave(R // sample_ids.numel())
+    st = row_stats.to(torch.float32)
+    lse, z_y, max_other, correct = st[ROW["lse"]], st[ROW["target_logit"]], st[ROW["max_other"]], st[ROW["correct"]]
+    nll = lse - z_y
+    valid = target != ignore_index
+    finite = torch.isfinite(nll)
+    if row("nonfinite") is not None:
+        bad = valid & ~finite
+        row("nonfinite").index_add_(0, ids[bad], torch.ones_like(nll[bad]))
+    keep = valid & finite
+    ids, nll, lse, z_y, max_other, correct = (t[keep] for t in (ids, nll, lse, z_y, max_other, correct))
+    p_true = torch.exp(-nll)
+    margin = torch.where(max_other == -math.inf, torch.zeros_like(z_y), z_y - max_other)
+    max_prob = torch.exp(torch.maximum(z_y, max_other) - lse)
+    for name, v in (("csl", nll), ("count", torch.ones_like(nll)), ("loss_sq", nll * nll),
+                    ("inconf", 1 - p_true), ("ptrue_sq", p_true * p_true), ("margin", margin),
+                    ("correct", correct)):
+        if row(name) is not None:
+            row(name).index_add_(0, ids, v)
+    if ids.numel() == 0:
+        return
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    last = torch.full((uniq.numel(),), -1, dtype=torch.long, device=ids.device)
+    last.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), "amax")
+    for name, v in (("last_loss", nll), ("last_maxprob", max_prob)):
+        if row(name) is not None:
+            row(name)[uniq] = v[last]
+    last_correct = row("last_correct")
+    if last_correct is not None:
+        c = correct[last]
+        before = last_correct[uniq]
+        if row("forgetting") is not None:
+            row("forgetting").index_add_(0, uniq, ((before == 1) & (c == 0)).float())
+        if row("learned_epoch") is not None:
+            epoch = float(counters[COUNTER["epoch"]])
+            cur = row("learned_epoch")[uniq]
+            new = torch.where(c == 0, torch.full_like(cur, -1.0),
+                              torch.where(before != 1, torch.full_like(cur, epoch), cur))
+            row("learned_epoch")[uniq] = new
+        last_correct[uniq] = c

@@ -1,0 +1,297 @@
+"""SampleTracker: per-sample training statistics (cumulative sample loss and
+the other memorization proxies) kept as fp32 struct-of-arrays buffers on the
+device and updated inside the loss op, with no host synchronisation."""
+import math
+import os
+import tempfile
+
+import torch
+
+from . import _ops
+from ._stats import ALL_USER_STATS, COUNTER, COUNTERS, EXTRA_STATS, KERNEL_STATS, USER_STATS
+
+_FORMAT = "memfast.SampleTracker"
+_VERSION = 1
+# Stored statistics that start at -1 ("never seen" / "not learned").
+_START_AT_MINUS_ONE = ("learned_epoch", "last_correct")
+
+
+def _stored_stats(user_stats):
+    wanted = {s for u in user_stats for s in USER_STATS[u]} | {"nonfinite"}
+    return tuple(s for s in KERNEL_STATS + EXTRA_STATS if s in wanted)
+
+
+def _parse_stats(stats):
+    if isinstance(stats, str):
+        stats = ALL_USER_STATS if stats == "all" else (stats,)
+    stats = tuple(dict.fromkeys(stats))
+    unknown = [s for s in stats if s not in USER_STATS]
+    if unknown:
+        raise ValueError(f"SampleTracker: unknown statistic(s) {unknown}; choose from {list(ALL_USER_STATS)} or 'all'")
+    return stats
+
+
+class SampleTracker:
+    """Per-sample statistics over training, keyed by dataset index.
+
+    Args:
+      num_samples: N, the number of samples (ids are 0..N-1).
+      stats: which statistics to keep, or "all". Choices: csl, count,
+        last_loss, loss_sq, inconf, ptrue_sq, margin, correct, forgetting,
+        learn_time, last_maxprob, curv ("nonfinite" is always kept).
+      device: where the buffers live (the logits' device).
+
+    Memory: 4 bytes per sample per stored statistic (``memory_bytes``).
+    """
+
+    def __init__(self, num_samples, stats=("csl", "count"), device=None):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"SampleTracker: num_samples must be a non-negative int, got {num_samples!r}")
+        self.num_samples = num_samples
+        self.user_stats = _parse_stats(stats)
+        self.stored_stats = _stored_stats(self.user_stats)
+        self._row = {s: i for i, s in enumerate(self.stored_stats)}
+        self._stat_rows = [self._row.get(s, -1) for s in KERNEL_STATS]
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.state = torch.zeros(len(self.stored_stats), num_samples, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
+        self._init_state()
+
+    def _init_state(self):
+        for s in _START_AT_MINUS_ONE:
+            if s in self._row:
+                self.state[self._row[s]].fill_(-1.0)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self):
+        return self.state.device
+
+    @property
+    def memory_bytes(self):
+        return self.state.numel() * self.state.element_size()
+
+    def __len__(self):
+        return self.num_samples
+
+    def __repr__(self):
+        return (f"SampleTracker(num_samples={self.num_samples}, stats={list(self.user_stats)}, "
+                f"device={self.device})")
+
+    def stat(self, name):
+        """The raw [N] buffer of a stored statistic (a view: do not write to it)."""
+        if name not in self._row:
+            raise KeyError(f"SampleTracker does not keep {name!r}; it keeps {list(self.stored_stats)}")
+        return self.state[self._row[name]]
+
+    def to(self, device):
+        self.state = self.state.to(device)
+        self.counters = self.counters.to(device)
+        return self
+
+    def reset(self):
+        self.state.zero_()
+        self.counters.zero_()
+        self._init_state()
+
+    @property
+    def epoch(self):
+        """Completed epochs (calls of end_epoch). Reading it synchronises with the device."""
+        return int(self.counters[COUNTER["epoch"]])
+
+    # ----------------------------------------------------------------- updates
+    def _check_batch(self, logits, sample_ids, num_rows):
+        """Validate sample_ids' metadata (never its values: no host sync) and flatten it."""
+        if not isinstance(sample_ids, torch.Tensor):
+            raise TypeError(f"sample_ids must be a tensor of sample indices, got {type(sample_ids)}")
+        if sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dtype == torch.bool:
+            raise TypeError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
+        if logits.device != self.device:
+            raise ValueError(f"the tracker is on {self.device} but the logits are on {logits.device}; "
+                             f"create it with device={str(logits.device)!r} or call tracker.to(...)")
+        if sample_ids.device != self.device:
+            raise ValueError(f"sample_ids is on {sample_ids.device} but the tracker is on {self.device}")
+        ids = sample_ids.reshape(-1)
+        n = ids.numel()
+        if not (n == num_rows or (n > 0 and num_rows % n == 0)):
+            raise ValueError(f"sample_ids has {n} entries; it needs one per row ({num_rows}) or a number that "
+                             f"divides the rows (one id per sequence)")
+        return ids.long().contiguous()
+
+    def _scatter(self, row_stats, target_rows, ids, ignore_index, num_classes):
+        _ops.ops(self.device).track_(self.state, self.counters, row_stats.detach(), target_rows, ids,
+                                     ignore_index, num_classes, self._stat_rows)
+
+    @torch.no_grad()
+    def update(self, logits, targets, sample_ids, *, ignore_index=-100, adjustment=None, groups=None):
+        """Forward-only update (e.g. an eval-mode scoring pass, the reference
+        code's way of computing CSL). Returns the per-row losses."""
+        from .loss import cross_entropy
+
+        return cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", sample_ids=sample_ids,
+                             tracker=self, adjustment=adjustment, groups=groups)
+
+    def check(self):
+        """Raise if an update saw out-of-range sample ids or targets (the CUDA
+        kernels report those on the device; this reads the flags once)."""
+        c = self.counters.tolist()
+        bad_ids, bad_targets = c[COUNTER["bad_ids"]], c[COUNTER["bad_targets"]]
+        if bad_ids or bad_targets:
+            self.counters[COUNTER["bad_ids"]] = 0
+            self.counters[COUNTER["bad_targets"]] = 0
+            what = []
+            if bad_ids:
+                what.append(f"{bad_ids} row(s) with sample_ids out of range [0, {self.num_samples})")
+            if bad_targets:
+                what.append(f"{bad_targets} row(s) with targets out of range")
+            raise IndexError("memfast tracker: skipped " + " and ".join(what) + "; those rows were not recorded")
+
+    def end_epoch(self):
+        """Mark the end of an epoch (learning time counts epochs)."""
+        self.check()
+        self.counters[COUNTER["epoch"]] += 1
+
+    # ------------------------------------------------------------------ scores
+    def scores(self):
+        """A dict of [N] tensors: the raw statistics and the derived scores.
+
+        csl (sum of loss), csl_mean, loss_var, inconf (sum of 1 - p_true),
+        inconf_final (1 - p_true at the latest update), inconf_max (1 - max
+        softmax probability at the latest update), confidence / variability
+        (mean and std of p_true: dataset cartography), aum (mean margin),
+        accuracy, cum_01_loss (1 - accuracy), forgetting, learn_time (epoch
+        after which the sample stayed correct, / epochs; 1 if not learned),
+        curv (input curvature averaged over the scoring calls), count,
+        nonfinite. Samples never updated get NaN means.
+        """
+        self.check()
+        out = {}
+        has = self._row.__contains__
+        count = self.stat("count") if has("count") else None
+        mean = (lambda x: x / count) if count is not None else None
+        for s in ("csl", "count", "last_loss", "inconf", "margin", "correct", "forgetting", "nonfinite"):
+            if has(s):
+                out[s] = self.stat(s).clone()
+        if count is not None:
+            if has("csl"):
+                out["csl_mean"] = mean(self.stat("csl"))
+            if has("csl") and has("loss_sq"):
+                m = mean(self.stat("csl"))
+                out["loss_var"] = (mean(self.stat("loss_sq")) - m * m).clamp_min(0)
+            if has("inconf"):
+                out["inconf_mean"] = mean(self.stat("inconf"))
+                out["confidence"] = 1 - out["inconf_mean"]
+                if has("ptrue_sq"):
+                    conf = out["confidence"]
+                    out["variability"] = (mean(self.stat("ptrue_sq")) - conf * conf).clamp_min(0).sqrt()
+            if has("margin"):
+                out["aum"] = mean(self.stat("margin"))
+            if has("correct"):
+                out["accuracy"] = mean(self.stat("correct"))
+                out["cum_01_loss"] = 1 - out["accuracy"]
+        if has("last_loss"):
+            out["inconf_final"] = 1 - torch.exp(-self.stat("last_loss"))
+        if has("last_maxprob"):
+            out["inconf_max"] = 1 - self.stat("last_maxprob")
+        if has("learned_epoch"):
+            epochs = max(self.epoch, 1)
+            learned = self.stat("learned_epoch")
+            out["learn_time"] = torch.where(learned >= 0, learned, torch.full_like(learned, epochs)) / epochs
+        if has("curv"):
+            out["curv"] = self.stat("curv") / self.stat("curv_count")
+        return out
+
+    # ------------------------------------------------------------- persistence
+    def state_dict(self):
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "num_samples": self.num_samples,
+            "user_stats": list(self.user_stats),
+            "stored_stats": list(self.stored_stats),
+            "state": self.state.detach().cpu().clone(),
+            "counters": self.counters.detach().cpu().clone(),
+        }
+
+    @staticmethod
+    def _validate_state_dict(sd, where="state_dict"):
+        if not isinstance(sd, dict) or sd.get("format") != _FORMAT:
+            raise ValueError(f"{where} is not a memfast SampleTracker state")
+        if sd.get("version") != _VERSION:
+            raise ValueError(f"{where} has format version {sd.get('version')!r}; this memfast reads {_VERSION}")
+        n, stored = sd.get("num_samples"), sd.get("stored_stats")
+        state, counters = sd.get("state"), sd.get("counters")
+        if not isinstance(n, int) or not isinstance(stored, list) or not isinstance(sd.get("user_stats"), list):
+            raise ValueError(f"{where} is malformed (num_samples / stats)")
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.float32 or tuple(state.shape) != (len(stored), n):
+            raise ValueError(f"{where} is malformed: state must be float32 [{len(stored)}, {n}]")
+        if (not isinstance(counters, torch.Tensor) or counters.dtype != torch.int64
+                or tuple(counters.shape) != (len(COUNTERS),)):
+            raise ValueError(f"{where} is malformed: counters must be int64 [{len(COUNTERS)}]")
+        try:
+            expected = _stored_stats(_parse_stats(sd["user_stats"]))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if list(expected) != stored:
+            raise ValueError(f"{where} is malformed: stored statistics {stored} do not match {sd['user_stats']}")
+
+    def load_state_dict(self, sd):
+        self._validate_state_dict(sd)
+        if sd["num_samples"] != self.num_samples:
+            raise ValueError(f"load_state_dict: the state is for {sd['num_samples']} samples, this tracker has "
+                             f"{self.num_samples}")
+        if tuple(sd["user_stats"]) != self.user_stats:
+            raise ValueError(f"load_state_dict: the state keeps {sd['user_stats']}, this tracker keeps "
+                             f"{list(self.user_stats)}")
+        self.state.copy_(sd["state"])
+        self.counters.copy_(sd["counters"])
+
+    def save(self, path):
+        """Write atomically: a temporary file in the same folder, fsync, rename.
+        A crash mid-save leaves the previous file intact."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:  # some filesystems cannot fsync a directory
+            pass
+
+    @classmethod
+    def from_state_dict(cls, sd, device=None):
+        cls._validate_state_dict(sd)
+        t = cls(sd["num_samples"], stats=tuple(sd["user_stats"]), device=device)
+        t.load_state_dict(sd)
+        return t
+
+    @classmethod
+    def load(cls, path, device=None):
+        """Read a tracker written by save(); raise ValueError naming the file if it is
+        truncated, corrupted or not a tracker."""
+        try:
+            sd = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable memfast SampleTracker file ({type(e).__name__}: {e})") from None
+        try:
+            cls._validate_state_dict(sd, where=str(path))
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return cls.from_state_dict(sd, device=device)
