@@ -1,9 +1,9 @@
 """SampleTracker: per-sample training statistics (cumulative sample loss and
 the other memorization proxies) kept as fp32 struct-of-arrays buffers on the
 device and updated inside the loss op, with no host synchronisation."""
-import math
 import os
 import tempfile
+import zlib
 
 import torch
 
@@ -14,6 +14,14 @@ _FORMAT = "memfast.SampleTracker"
 _VERSION = 1
 # Stored statistics that start at -1 ("never seen" / "not learned").
 _START_AT_MINUS_ONE = ("learned_epoch", "last_correct")
+
+
+def _checksum(*tensors):
+    """CRC32 of the tensors' bytes: torch.load does not notice flipped bytes in tensor data."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
+    return crc
 
 
 def _stored_stats(user_stats):
@@ -203,14 +211,16 @@ class SampleTracker:
 
     # ------------------------------------------------------------- persistence
     def state_dict(self):
+        state, counters = self.state.detach().cpu().clone(), self.counters.detach().cpu().clone()
         return {
             "format": _FORMAT,
             "version": _VERSION,
             "num_samples": self.num_samples,
             "user_stats": list(self.user_stats),
             "stored_stats": list(self.stored_stats),
-            "state": self.state.detach().cpu().clone(),
-            "counters": self.counters.detach().cpu().clone(),
+            "state": state,
+            "counters": counters,
+            "crc32": _checksum(state, counters),
         }
 
     @staticmethod
@@ -234,6 +244,8 @@ class SampleTracker:
             raise ValueError(f"{where}: {e}") from None
         if list(expected) != stored:
             raise ValueError(f"{where} is malformed: stored statistics {stored} do not match {sd['user_stats']}")
+        if "crc32" in sd and sd["crc32"] != _checksum(state, counters):
+            raise ValueError(f"{where} is corrupted: its data does not match its checksum")
 
     def load_state_dict(self, sd):
         self._validate_state_dict(sd)

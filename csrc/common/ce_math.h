@@ -19,7 +19,7 @@ namespace memfast {
 // Keep in sync with memfast/_stats.py (checked by tests through build_info()).
 enum RowStat : int {
   ROW_LSE = 0,       // log-sum-exp of the (adjusted) logits
-  ROW_TARGET_LOGIT,  // adjusted logit of the target class (NaN for ignored rows)
+  ROW_TARGET_LOGIT,  // adjusted logit of the target class (every row stat is 0 for ignored rows)
   ROW_MAX_OTHER,     // largest adjusted logit among the other classes (-inf when C == 1)
   ROW_WEIGHT,        // weight[target] (1 without weights, 0 for ignored rows): the mean's denominator
   ROW_CORRECT,       // 1 when argmax (first maximal index) == target
@@ -63,8 +63,10 @@ MEMFAST_HD float fast_exp(float x) {
   const float log2e = 1.44269504088896341f;
   const float ln2_hi = 0.693359375f;
   const float ln2_lo = -2.12194440e-4f;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float n = std::floor(xc * log2e + 0.5f);
+  float t = xc * log2e + round_magic;
+  float n = t - round_magic;
   float r = xc - n * ln2_hi;
   r = r - n * ln2_lo;
   float p = 1.9875691500e-4f;
@@ -74,11 +76,13 @@ MEMFAST_HD float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t t_bits;
+  __builtin_memcpy(&t_bits, &t, sizeof(t_bits));
+  int32_t bits = (t_bits - 0x4B400000 + 127) << 23;  // 2^n
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   float result = p * scale;
-  result = x < -87.0f ? 0.0f : result;           // underflow (and -inf) -> 0
+  result = x < -87.0f ? 0.0f : result;              // underflow (and -inf) -> 0
   result = x > 88.0f ? x * 2.0f + result : result;  // overflow -> inf
   return x != x ? x : result;                    // NaN propagates
 #endif

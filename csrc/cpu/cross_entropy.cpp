@@ -92,7 +92,6 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   scalar_t* g_base = grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(label_smoothing);
   const acc_t weight_sum = w ? lanes_dot<acc_t>(w, nullptr, C) : static_cast<acc_t>(C);
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
@@ -103,12 +102,9 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       const int64_t y = tgt[r];
       scalar_t* g = g_base ? g_base + r * C : nullptr;
       if (y == ignore_index) {
+        // Ignored rows: zeros everywhere (the tracker skips them by target).
         loss_p[r] = 0;
-        st[ROW_LSE * R + r] = nan;
-        st[ROW_TARGET_LOGIT * R + r] = nan;
-        st[ROW_MAX_OTHER * R + r] = nan;
-        st[ROW_WEIGHT * R + r] = 0;
-        st[ROW_CORRECT * R + r] = 0;
+        for (int k = 0; k < NUM_ROW_STATS; ++k) st[k * R + r] = 0;
         if (g) std::fill(g, g + C, scalar_t(0));
         continue;
       }
@@ -193,7 +189,11 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& grad_
         const acc_t s = go[r * go_stride];
         const scalar_t* src = gp + r * C;
         scalar_t* dst = op + r * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) * s);
+        // A zero stays zero (ignored rows) even when s is inf/NaN, e.g. a mean over no rows.
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(src[c]);
+          dst[c] = static_cast<scalar_t>(v == acc_t(0) ? acc_t(0) : v * s);
+        }
       }
     });
   });

@@ -61,14 +61,9 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
     else:
         max_other = torch.full_like(lse, -math.inf)
     correct = (z.argmax(1) == y).to(acc)
-    nan = torch.full_like(lse, math.nan)
-    row_stats = torch.stack([
-        torch.where(valid, lse, nan),
-        torch.where(valid, z_y, nan),
-        torch.where(valid, max_other, nan),
-        w_y,
-        torch.where(valid, correct, torch.zeros_like(correct)),
-    ])
+    # Ignored rows: zeros everywhere (the tracker skips them by target).
+    row_stats = torch.stack([lse, z_y, max_other, w_y, correct])
+    row_stats = torch.where(valid[None], row_stats, torch.zeros_like(row_stats))
     if not compute_grad:
         return loss, row_stats, logits.new_empty((0, 0))
     p = e / s[:, None]
@@ -80,7 +75,9 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
 
 def cross_entropy_bwd(grad, grad_loss):
     acc = _acc_dtype(grad.dtype)
-    return (grad.to(acc) * grad_loss.to(acc)[:, None]).to(grad.dtype)
+    g = grad.to(acc)
+    # A zero stays zero (ignored rows) even when grad_loss is inf/NaN, e.g. a mean over no rows.
+    return torch.where(g == 0, torch.zeros_like(g), g * grad_loss.to(acc)[:, None]).to(grad.dtype)
 
 
 def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):

@@ -1,0 +1,237 @@
+"""memfast.cross_entropy against torch.nn.functional.cross_entropy, and the
+compiled forward op against its reference twin."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memfast
+from memfast import reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _compare(x, y, tol, **kw):
+    """Loss and input gradient of memfast vs PyTorch (on the fp32/fp64 upcast input)."""
+    xa = x.detach().clone().requires_grad_(True)
+    xb = x.detach().clone().to(torch.float64 if x.dtype == torch.float64 else torch.float32).requires_grad_(True)
+    shift = kw.pop("shift", None)
+    a = memfast.cross_entropy(xa, y, **kw)
+    if shift is not None:
+        kw.pop("adjustment", None), kw.pop("groups", None)
+        b = F.cross_entropy(xb + shift.to(xb.dtype), y, **kw)
+    else:
+        b = F.cross_entropy(xb, y, **kw)
+    assert a.dtype == x.dtype and a.shape == b.shape
+    torch.testing.assert_close(a.to(b.dtype), b, atol=tol, rtol=tol, equal_nan=True)
+    g = torch.randn_like(b)  # a random upstream gradient also checks per-row scaling
+    (ga,) = torch.autograd.grad(a, xa, g.to(a.dtype))
+    (gb,) = torch.autograd.grad(b, xb, g)
+    assert ga.dtype == x.dtype and ga.shape == x.shape
+    torch.testing.assert_close(ga.to(gb.dtype), gb, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_pytorch(backend, dtype, reduction):
+    N, C = 37, 11
+    x = (torch.randn(N, C) * 3).to(dtype)
+    y = torch.randint(0, C, (N,))
+    y[::5] = -100
+    _compare(x, y, TOL[dtype], reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_smoothing_ignore_index(backend, dtype, reduction):
+    N, C = 29, 7
+    x = (torch.randn(N, C) * 2).to(dtype)
+    y = torch.randint(0, C, (N,))
+    y[3] = y[7] = 5
+    y[4] = 2
+    w = torch.rand(C) + 0.1
+    for kw in (dict(weight=w), dict(label_smoothing=0.15), dict(weight=w, label_smoothing=0.3),
+               dict(weight=w, label_smoothing=0.2, ignore_index=5), dict(ignore_index=2)):
+        kw = dict(kw)
+        if "weight" in kw:
+            kw["weight"] = kw["weight"].to(torch.float64 if dtype == torch.float64 else torch.float32)
+        _compare(x, y, TOL[dtype] * 2, reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3), (2, 6, 3, 4), (3, 1, 2)])
+def test_spatial_inputs(backend, shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    y.view(-1)[0] = -100
+    for reduction in ("mean", "none", "sum"):
+        _compare(x, y, 1e-10, reduction=reduction, label_smoothing=0.1)
+
+
+def test_unbatched_and_class_one(backend):
+    _compare(torch.randn(6, dtype=torch.float64), torch.tensor(4), 1e-10)
+    _compare(torch.randn(6, dtype=torch.float64), torch.tensor(4), 1e-10, reduction="none")
+    # C == 1: the loss is 0 and so is the gradient
+    _compare(torch.randn(9, 1, dtype=torch.float64), torch.zeros(9, dtype=torch.long), 1e-10, reduction="none")
+
+
+def test_non_contiguous_inputs(backend):
+    base = torch.randn(40, 30, dtype=torch.float64)
+    y = torch.randint(0, 15, (20,))
+    _compare(base[::2, ::2], y, 1e-10)          # strided rows and classes
+    _compare(base[:20, :15].t().contiguous().t(), y, 1e-10)  # column-major
+    _compare(base[::2, 5:20], y, 1e-10, reduction="none")   # row stride, offset
+    _compare(torch.randn(1, 8, dtype=torch.float64).expand(5, 8), torch.randint(0, 8, (5,)), 1e-10)
+
+
+def test_empty_batch_and_all_ignored(backend):
+    for reduction in ("mean", "sum", "none"):
+        _compare(torch.randn(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long), 1e-10, reduction=reduction)
+        _compare(torch.randn(4, 5, dtype=torch.float64), torch.full((4,), -100), 1e-10, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_and_tiny_logits(backend, dtype):
+    N, C = 16, 50
+    y = torch.randint(0, C, (N,))
+    for scale in (1e4, 1e-6, 80.0):
+        x = (torch.randn(N, C) * scale).to(dtype)
+        _compare(x, y, TOL[dtype] * (10 if scale > 1 else 1), reduction="none")
+    x = torch.zeros(N, C).to(dtype)  # all ties
+    _compare(x, y, TOL[dtype])
+
+
+def test_non_finite_logits(backend):
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    x[0, 2] = math.nan
+    x[1, 1] = -math.inf  # target logit -inf: loss inf
+    x[2, 0] = -math.inf  # another logit -inf: finite
+    a = memfast.cross_entropy(x, y, reduction="none")
+    b = F.cross_entropy(x, y, reduction="none")
+    torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_bfloat16_target_gradient_formed_in_fp32(backend):
+    # p_y -> 1: the true-class gradient p_y - 1 is tiny; rounding p_y to bf16 first would give exactly 0.
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    x[:, 3] = 12.0
+    y = torch.full((4,), 3)
+    x.requires_grad_(True)
+    memfast.cross_entropy(x, y, reduction="sum").backward()
+    exact = -(7 * math.exp(-12.0)) / (1 + 7 * math.exp(-12.0))
+    assert x.grad[0, 3].item() != 0.0
+    assert abs(x.grad[0, 3].item() - exact) / abs(exact) < 1e-2
+
+
+@pytest.mark.parametrize("form", ["dense", "vector", "table"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_adjustment(backend, form, dtype):
+    N, C, A = 23, 6, 4
+    x = torch.randn(N, C).to(dtype)
+    y = torch.randint(0, C, (N,))
+    y[2] = -100
+    if form == "dense":
+        adj = torch.randn(N, C)
+        kw, shift = dict(adjustment=adj), adj
+    elif form == "vector":
+        adj = torch.randn(C)
+        kw, shift = dict(adjustment=adj), adj.expand(N, C)
+    else:
+        table, groups = torch.randn(A, C), torch.randint(0, A, (N,))
+        kw, shift = dict(adjustment=table, groups=groups), table[groups]
+    for reduction in ("mean", "none"):
+        _compare(x, y, TOL[dtype], reduction=reduction, shift=shift, label_smoothing=0.1, **kw)
+
+
+def test_adjustment_gets_no_gradient(backend):
+    x = torch.randn(5, 3, requires_grad=True)
+    adj = torch.randn(5, 3, requires_grad=True)
+    memfast.cross_entropy(x, torch.randint(0, 3, (5,)), adjustment=adj).backward()
+    assert adj.grad is None and x.grad is not None
+
+
+def test_adjustment_spatial(backend):
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (3, 5))
+    adj = torch.randn(3, 4, 5, dtype=torch.float64)
+    _compare(x, y, 1e-10, reduction="none", adjustment=adj, shift=adj)
+    table, groups = torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 2, (3, 5))
+    _compare(x, y, 1e-10, adjustment=table, groups=groups, shift=table[groups].permute(0, 2, 1))
+
+
+def test_gradcheck_float64(backend):
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (7,))
+    y[1] = -100
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    table, groups = torch.randn(3, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    for reduction in ("mean", "none", "sum"):
+        torch.autograd.gradcheck(
+            lambda t: memfast.cross_entropy(t, y, w, reduction=reduction, label_smoothing=0.2, adjustment=table,
+                                            groups=groups), (x,))
+
+
+def test_module_form(backend):
+    x = torch.randn(8, 4, requires_grad=True)
+    y = torch.randint(0, 4, (8,))
+    w = torch.rand(4) + 0.5
+    loss = memfast.CrossEntropyLoss(weight=w, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss(x, y), torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1,
+                                                                      reduction="sum")(x, y))
+
+
+def test_legacy_reduction_arguments(backend):
+    x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    torch.testing.assert_close(memfast.cross_entropy(x, y, size_average=False), F.cross_entropy(x, y, reduction="sum"))
+
+
+def test_no_grad_skips_gradient(backend):
+    x = torch.randn(4, 3, requires_grad=True)
+    with torch.no_grad():
+        out = memfast.cross_entropy(x, torch.randint(0, 3, (4,)))
+    assert not out.requires_grad
+
+
+# ---------------------------------------------------------------- op vs reference
+def _fwd_cases():
+    g = torch.Generator().manual_seed(7)
+    for dtype in DTYPES:
+        for C in (1, 2, 10, 257):
+            for opts in ({}, {"w": True}, {"eps": 0.1}, {"w": True, "eps": 0.3}, {"adj": "dense"},
+                         {"adj": "table"}, {"adj": "expand"}):
+                yield dtype, C, opts, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 2, 10, 257, 3000])
+@pytest.mark.parametrize("opts", ["plain", "weight", "smooth", "weight+smooth", "dense", "table", "expand"])
+def test_forward_op_matches_reference(dtype, C, opts):
+    if not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    R, A = 19, 3
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logits = (torch.randn(R, C) * 4).to(dtype)
+    target = torch.randint(0, C, (R,))
+    target[::4] = -1
+    weight = torch.rand(C, dtype=acc) + 0.2 if "weight" in opts else None
+    eps = 0.2 if "smooth" in opts else 0.0
+    adjustment = groups = None
+    if opts == "dense":
+        adjustment = torch.randn(R, C, dtype=acc)
+    elif opts == "table":
+        adjustment, groups = torch.randn(A, C, dtype=acc), torch.randint(0, A, (R,))
+    elif opts == "expand":
+        adjustment = torch.randn(C, dtype=acc).expand(R, C)
+    args = (logits, target, weight, -1, eps, adjustment, groups, True)
+    got = torch.ops.memfast.cross_entropy_fwd(*args)
+    want = reference.cross_entropy_fwd(*args)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype != torch.float64 else dict(atol=1e-12, rtol=1e-12)
+    for a, b, name in zip(got, want, ("loss", "row_stats", "grad")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if name == "grad":
+            tol_g = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(a.float(), b.float(), **tol_g, msg=name)
+        else:
+            torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=name)

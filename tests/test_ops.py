@@ -1,0 +1,96 @@
+"""The op registrations: schemas, build info, opcheck, torch.compile."""
+import pytest
+import torch
+
+import memfast
+from memfast import _ops, reference
+from memfast._stats import COUNTERS, KERNEL_STATS, ROW_STATS
+
+needs_ext = pytest.mark.skipif(not _ops.extension_available("cpu"), reason="compiled extension not available")
+NAMESPACES = ["memfast", "memfast_ref"]
+
+
+@needs_ext
+def test_python_schemas_equal_cpp_schemas():
+    for name, schema in _ops.SCHEMAS.items():
+        cpp = str(getattr(torch.ops.memfast, name).default._schema)
+        ref = str(getattr(torch.ops.memfast_ref, name).default._schema)
+        assert cpp == "memfast::" + schema
+        assert ref == "memfast_ref::" + schema
+
+
+@needs_ext
+def test_build_info():
+    info = memfast.build_info()
+    assert info["version"] == memfast.__version__
+    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert isinstance(info["with_cuda"], bool)
+    # the C++ enums and memfast/_stats.py agree in length (and the tests check the meaning)
+    assert (info["num_stats"], info["num_row_stats"], info["num_counters"]) == (
+        len(KERNEL_STATS), len(ROW_STATS), len(COUNTERS))
+
+
+def _fwd_samples():
+    R, C = 9, 6
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x = torch.randn(R, C, dtype=dtype, requires_grad=True)
+        y = torch.randint(0, C, (R,))
+        y[2] = -100
+        yield (x, y, None, -100, 0.0, None, None, True)
+        yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, torch.randn(3, C, dtype=acc), torch.randint(0, 3, (R,)), True)
+        yield (x.detach(), y, None, -100, 0.0, torch.randn(R, C, dtype=acc), None, False)
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck_forward_backward(ns):
+    if ns == "memfast" and not _ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    for args in _fwd_samples():
+        torch.library.opcheck(op.cross_entropy_fwd, args)
+    grad = torch.randn(5, 4)
+    torch.library.opcheck(op.cross_entropy_bwd, (grad, torch.randn(5)))
+    torch.library.opcheck(op.cross_entropy_bwd, (grad.double(), torch.randn(1, dtype=torch.float64).expand(5)))
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck_track(ns):
+    if ns == "memfast" and not _ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    t = memfast.SampleTracker(8, stats="all")
+    logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    _, row_stats, _ = reference.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False)
+    for ids in (torch.tensor([0, 1, 1, 7, 3, 1]), torch.tensor([2, 5])):
+        torch.library.opcheck(op.track_, (t.state, t.counters, row_stats, y, ids, -100, 4, t._stat_rows))
+
+
+def _loss(model, x, y, ids, tracker):
+    return memfast.cross_entropy(model(x), y, sample_ids=ids, tracker=tracker, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend, compile_backend):
+    if compile_backend == "inductor" and backend == "reference":
+        pytest.skip("aot_eager covers the reference ops; inductor is slow to compile on 2 cores")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y, ids = torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
+    y[1] = -100
+    eager_tracker = memfast.SampleTracker(7, stats="all")
+    compiled_tracker = memfast.SampleTracker(7, stats="all")
+    compiled = torch.compile(_loss, fullgraph=True, backend=compile_backend)
+    torch._dynamo.reset()
+    for _ in range(3):
+        model.zero_grad()
+        eager_loss = _loss(model, x, y, ids, eager_tracker)
+        eager_loss.backward()
+        eager_grad = model.weight.grad.clone()
+        model.zero_grad()
+        compiled_loss = compiled(model, x, y, ids, compiled_tracker)
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        torch.testing.assert_close(model.weight.grad, eager_grad)
+    torch.testing.assert_close(compiled_tracker.state, eager_tracker.state)
+    assert torch.equal(compiled_tracker.counters, eager_tracker.counters)

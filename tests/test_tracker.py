@@ -1,0 +1,279 @@
+"""SampleTracker: statistics against a straightforward Python computation over a
+scripted sequence of updates and epochs; persistence; bad input."""
+import math
+import os
+
+import pytest
+import torch
+
+import memfast
+from memfast import SampleTracker
+
+
+class Oracle:
+    """Every statistic computed the plain way, row by row, in float64."""
+
+    def __init__(self, n):
+        self.n = n
+        z = lambda v=0.0: [v] * n  # noqa: E731
+        self.s = dict(csl=z(), count=z(), last_loss=z(), loss_sq=z(), inconf=z(), ptrue_sq=z(), margin=z(),
+                      correct=z(), forgetting=z(), learned_epoch=z(-1.0), last_correct=z(-1.0), last_maxprob=z(),
+                      nonfinite=z())
+        self.epoch = 0
+
+    def update(self, logits, target, ids, ignore_index=-100, adjustment=None):
+        z = logits.double()
+        if adjustment is not None:
+            z = z + adjustment.double()
+        R = z.shape[0]
+        per = R // ids.numel()
+        last = {}
+        for r in range(R):
+            y = int(target[r])
+            if y == ignore_index:
+                continue
+            i = int(ids[r // per])
+            row = z[r]
+            lse = float(torch.logsumexp(row, 0))
+            nll = lse - float(row[y])
+            if not math.isfinite(nll):
+                self.s["nonfinite"][i] += 1
+                continue
+            others = torch.cat([row[:y], row[y + 1:]])
+            margin = float(row[y] - others.max()) if others.numel() else 0.0
+            correct = float(int(row.argmax()) == y)
+            p = math.exp(-nll)
+            for k, v in (("csl", nll), ("count", 1), ("loss_sq", nll * nll), ("inconf", 1 - p),
+                         ("ptrue_sq", p * p), ("margin", margin), ("correct", correct)):
+                self.s[k][i] += v
+            last[i] = (nll, correct, math.exp(float(row.max()) - lse))
+        for i, (nll, correct, maxprob) in last.items():
+            before = self.s["last_correct"][i]
+            if before == 1 and correct == 0:
+                self.s["forgetting"][i] += 1
+            if correct == 0:
+                self.s["learned_epoch"][i] = -1
+            elif before != 1:
+                self.s["learned_epoch"][i] = self.epoch
+            self.s["last_correct"][i] = correct
+            self.s["last_loss"][i] = nll
+            self.s["last_maxprob"][i] = maxprob
+
+
+def _assert_matches(tracker, oracle):
+    for name in tracker.stored_stats:
+        if name in oracle.s:
+            torch.testing.assert_close(tracker.stat(name).double(), torch.tensor(oracle.s[name], dtype=torch.float64),
+                                       atol=2e-4, rtol=1e-4, msg=name)
+
+
+def _scripted_batches(n, C, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        R = int(torch.randint(1, 3 * n, (1,), generator=g))
+        logits = torch.randn(R, C, generator=g) * 3
+        # drift towards the targets so samples get learned and sometimes forgotten
+        target = torch.randint(0, C, (R,), generator=g)
+        logits[torch.arange(R), target] += float(torch.rand(1, generator=g) * 6 - 2)
+        target[torch.rand(R, generator=g) < 0.1] = -100
+        ids = torch.randint(0, n, (R,), generator=g)  # repeats within a batch
+        if step % 4 == 3:
+            logits[0, 0] = math.inf  # a non-finite row
+        yield logits, target, ids, step % 3 == 2
+
+
+@pytest.mark.parametrize("free_mode", [True, False])
+def test_statistics_match_python(backend, free_mode):
+    n, C = 13, 5
+    tracker = SampleTracker(n, stats="all")
+    oracle = Oracle(n)
+    for logits, target, ids, end in _scripted_batches(n, C, 12, seed=3):
+        if free_mode:
+            x = logits.clone().requires_grad_(True)
+            memfast.cross_entropy(x, target, sample_ids=ids, tracker=tracker).backward()
+        else:
+            tracker.update(logits, target, ids)
+        oracle.update(logits, target, ids)
+        if end:
+            tracker.end_epoch()
+            oracle.epoch += 1
+    _assert_matches(tracker, oracle)
+    assert tracker.epoch == oracle.epoch
+
+
+def test_per_sequence_ids(backend):
+    B, T, V = 3, 7, 11
+    logits = torch.randn(B * T, V)
+    target = torch.randint(0, V, (B * T,))
+    target[5] = -100  # padding
+    ids = torch.tensor([4, 0, 2])
+    tracker = SampleTracker(5, stats="all")
+    per_token = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    tracker.update(logits, target, ids)
+    oracle = Oracle(5)
+    oracle.update(logits, target, ids)
+    _assert_matches(tracker, oracle)
+    csl = tracker.stat("csl")
+    for b in range(B):
+        torch.testing.assert_close(csl[ids[b]], per_token[b * T:(b + 1) * T].sum(), atol=1e-4, rtol=1e-5)
+    assert tracker.stat("count")[ids].tolist() == [6, 7, 7]
+
+
+def test_adjusted_logits_are_tracked(backend):
+    logits, target = torch.randn(6, 4), torch.randint(0, 4, (6,))
+    table, groups = torch.randn(2, 4), torch.randint(0, 2, (6,))
+    tracker = SampleTracker(6, stats="all")
+    memfast.cross_entropy(logits, target, sample_ids=torch.arange(6), tracker=tracker, adjustment=table, groups=groups)
+    oracle = Oracle(6)
+    oracle.update(logits, target, torch.arange(6), adjustment=table[groups])
+    _assert_matches(tracker, oracle)
+
+
+def test_spatial_input_with_per_image_ids(backend):
+    x = torch.randn(2, 3, 4)  # [N, C, d]
+    y = torch.randint(0, 3, (2, 4))
+    tracker = SampleTracker(2)
+    memfast.cross_entropy(x, y, sample_ids=torch.tensor([1, 0]), tracker=tracker)
+    per_pixel = torch.nn.functional.cross_entropy(x, y, reduction="none")
+    torch.testing.assert_close(tracker.stat("csl"), per_pixel.sum(1).flip(0), atol=1e-5, rtol=1e-5)
+
+
+def test_scores(backend):
+    tracker = SampleTracker(3, stats="all")
+    right = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    wrong = -right
+    y = torch.tensor([0, 1, 0])
+    ids = torch.arange(3)
+    tracker.update(wrong, y, ids)          # epoch 0: all wrong
+    tracker.end_epoch()
+    tracker.update(torch.stack([right[0], wrong[1], right[2]]), y, ids)  # epoch 1: 0 and 2 right
+    tracker.end_epoch()
+    tracker.update(torch.stack([right[0], right[1], wrong[2]]), y, ids)  # epoch 2: 2 forgotten, 1 learned
+    tracker.end_epoch()
+    s = tracker.scores()
+    assert s["forgetting"].tolist() == [0, 0, 1]
+    torch.testing.assert_close(s["learn_time"], torch.tensor([1 / 3, 2 / 3, 1.0]))
+    torch.testing.assert_close(s["accuracy"], torch.tensor([2 / 3, 1 / 3, 1 / 3]))
+    torch.testing.assert_close(s["cum_01_loss"], 1 - s["accuracy"])
+    torch.testing.assert_close(s["csl_mean"], s["csl"] / 3)
+    torch.testing.assert_close(s["aum"], torch.tensor([5 / 3, -5 / 3, -5 / 3]))
+    p_hi = 1 / (1 + math.exp(-5))
+    torch.testing.assert_close(s["inconf_final"], torch.tensor([1 - p_hi, 1 - p_hi, p_hi]))
+    torch.testing.assert_close(s["inconf_max"], torch.full((3,), 1 - p_hi))
+    q = 1 - p_hi  # p_true when wrong
+    p = torch.tensor([[q, q, q], [p_hi, q, p_hi], [p_hi, p_hi, q]])  # [epoch, sample]
+    torch.testing.assert_close(s["confidence"], p.mean(0))
+    torch.testing.assert_close(s["variability"], p.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_default_stats_and_memory():
+    t = SampleTracker(10)
+    assert t.stored_stats == ("csl", "count", "nonfinite")
+    assert t.memory_bytes == 3 * 10 * 4
+    assert set(t.scores()) == {"csl", "count", "csl_mean", "nonfinite"}
+    with pytest.raises(ValueError, match="unknown statistic"):
+        SampleTracker(10, stats=("csl", "nope"))
+    with pytest.raises(KeyError, match="margin"):
+        t.stat("margin")
+
+
+def test_save_load_round_trip(tmp_path, backend):
+    t = SampleTracker(50, stats="all")
+    for logits, target, ids, end in _scripted_batches(50, 4, 5, seed=1):
+        t.update(logits, target, ids)
+        if end:
+            t.end_epoch()
+    path = tmp_path / "tracker.pt"
+    t.save(path)
+    assert os.listdir(tmp_path) == ["tracker.pt"]  # no temp file left behind
+    u = SampleTracker.load(path)
+    assert torch.equal(u.state, t.state) and torch.equal(u.counters, t.counters)
+    assert u.user_stats == t.user_stats and u.epoch == t.epoch
+    v = SampleTracker(50, stats="all")
+    v.load_state_dict(t.state_dict())
+    assert torch.equal(v.state, t.state)
+
+
+def test_load_rejects_bad_files(tmp_path):
+    t = SampleTracker(20, stats=("csl", "count", "margin"))
+    t.update(torch.randn(5, 3), torch.randint(0, 3, (5,)), torch.arange(5))
+    path = tmp_path / "t.pt"
+    t.save(path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        SampleTracker.load(tmp_path / "truncated.pt")
+    corrupted = bytearray(data)
+    for i in range(len(corrupted) // 3, len(corrupted) // 3 + 64):
+        corrupted[i] ^= 0xFF
+    (tmp_path / "corrupted.pt").write_bytes(bytes(corrupted))
+    with pytest.raises(ValueError):
+        SampleTracker.load(tmp_path / "corrupted.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a memfast SampleTracker"):
+        SampleTracker.load(tmp_path / "other.pt")
+    other = SampleTracker(21, stats=("csl", "count", "margin"))
+    before = other.state.clone()
+    with pytest.raises(ValueError, match="20 samples"):
+        other.load_state_dict(t.state_dict())
+    assert torch.equal(other.state, before)
+    with pytest.raises(ValueError, match="keeps"):
+        SampleTracker(20).load_state_dict(t.state_dict())
+    sd = t.state_dict()
+    sd["state"] = sd["state"][:, :5]
+    with pytest.raises(ValueError, match="malformed"):
+        SampleTracker(20, stats=("csl", "count", "margin")).load_state_dict(sd)
+
+
+def test_save_failure_keeps_previous_file(tmp_path, monkeypatch):
+    t = SampleTracker(8)
+    t.update(torch.randn(8, 3), torch.randint(0, 3, (8,)), torch.arange(8))
+    path = tmp_path / "t.pt"
+    t.save(path)
+    good = path.read_bytes()
+    t.update(torch.randn(8, 3), torch.randint(0, 3, (8,)), torch.arange(8))
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        t.save(path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["t.pt"]
+
+
+def test_bad_ids_and_targets_leave_tracker_unchanged(backend):
+    t = SampleTracker(10, stats="all")
+    t.update(torch.randn(4, 3), torch.randint(0, 3, (4,)), torch.arange(4))
+    state, counters = t.state.clone(), t.counters.clone()
+    logits = torch.randn(4, 3, requires_grad=True)
+    for ids, target, match in ((torch.tensor([0, 1, 10, 2]), torch.zeros(4, dtype=torch.long), "sample_ids"),
+                               (torch.tensor([0, 1, -1, 2]), torch.zeros(4, dtype=torch.long), "sample_ids"),
+                               (torch.arange(4), torch.tensor([0, 3, 1, 1]), "target"),
+                               (torch.arange(4), torch.tensor([0, -2, 1, 1]), "target")):
+        with pytest.raises(IndexError, match=match):
+            memfast.cross_entropy(logits, target, sample_ids=ids, tracker=t)
+        assert torch.equal(t.state, state) and torch.equal(t.counters, counters)
+
+
+def test_argument_errors():
+    t = SampleTracker(10)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    with pytest.raises(TypeError, match="sample_ids"):
+        memfast.cross_entropy(x, y, sample_ids=torch.zeros(4), tracker=t)
+    with pytest.raises(ValueError, match="sample_ids"):
+        memfast.cross_entropy(x, y, sample_ids=torch.arange(3), tracker=t)
+    with pytest.raises(ValueError, match="together"):
+        memfast.cross_entropy(x, y, sample_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleTracker(-1)
+    meta = SampleTracker(10, device="meta")
+    with pytest.raises(ValueError, match="tracker is on meta"):
+        memfast.cross_entropy(x, y, sample_ids=torch.arange(4), tracker=meta)
+
+
+def test_empty_batch_counts_a_call(backend):
+    t = SampleTracker(4)
+    t.update(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert t.state.abs().sum() == 0
