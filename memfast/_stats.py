@@ -4,8 +4,12 @@ kernels (csrc/common/ce_math.h); the order is the enum order there."""
 # Per-sample statistics the kernels update, in StatRow order.
 KERNEL_STATS = (
     "csl", "count", "last_loss", "loss_sq", "inconf", "ptrue_sq", "margin", "correct",
-    "forgetting", "learned_epoch", "last_correct", "last_maxprob", "nonfinite",
+    "forgetting", "learned_epoch", "last_correct", "last_maxprob", "nonfinite", "last_update",
 )
+# Sums over updates (merged across ranks by addition); the other stored
+# statistics are per-sample state (merged from the rank that updated last).
+SUM_STATS = ("csl", "count", "loss_sq", "inconf", "ptrue_sq", "margin", "correct", "forgetting", "nonfinite",
+             "curv", "curv_count")
 # Statistics accumulated from Python (input curvature by memfast.score_curvature).
 EXTRA_STATS = ("curv", "curv_count")
 # Rows of the [NUM_ROW_STATS, R] tensor the forward op returns.
@@ -20,15 +24,15 @@ COUNTER = {name: i for i, name in enumerate(COUNTERS)}
 USER_STATS = {
     "csl": ("csl",),
     "count": ("count",),
-    "last_loss": ("last_loss",),
+    "last_loss": ("last_loss", "last_update"),
     "loss_sq": ("loss_sq",),
     "inconf": ("inconf",),
     "ptrue_sq": ("ptrue_sq",),
     "margin": ("margin",),
     "correct": ("correct",),
-    "forgetting": ("forgetting", "last_correct"),
-    "learn_time": ("learned_epoch", "last_correct"),
-    "last_maxprob": ("last_maxprob",),
+    "forgetting": ("forgetting", "last_correct", "last_update"),
+    "learn_time": ("learned_epoch", "last_correct", "last_update"),
+    "last_maxprob": ("last_maxprob", "last_update"),
     "nonfinite": ("nonfinite",),
     "curv": ("curv", "curv_count"),
 }

@@ -8,7 +8,7 @@ import zlib
 import torch
 
 from . import _ops
-from ._stats import ALL_USER_STATS, COUNTER, COUNTERS, EXTRA_STATS, KERNEL_STATS, USER_STATS
+from ._stats import ALL_USER_STATS, COUNTER, COUNTERS, EXTRA_STATS, KERNEL_STATS, SUM_STATS, USER_STATS
 
 _FORMAT = "memfast.SampleTracker"
 _VERSION = 1
@@ -63,6 +63,7 @@ class SampleTracker:
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.state = torch.zeros(len(self.stored_stats), num_samples, dtype=torch.float32, device=device)
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.int64, device=device)
+        self._synced_sums = None  # sums as of the last all_reduce
         self._init_state()
 
     def _init_state(self):
@@ -93,11 +94,14 @@ class SampleTracker:
         return self.state[self._row[name]]
 
     def to(self, device):
+        if self._synced_sums is not None:
+            self._synced_sums = self._synced_sums.to(device)
         self.state = self.state.to(device)
         self.counters = self.counters.to(device)
         return self
 
     def reset(self):
+        self._synced_sums = None
         self.state.zero_()
         self.counters.zero_()
         self._init_state()
@@ -159,8 +163,50 @@ class SampleTracker:
         self.check()
         self.counters[COUNTER["epoch"]] += 1
 
+    # ------------------------------------------------------------- distributed
+    def all_reduce(self, group=None):
+        """Merge the statistics of all ranks of a torch.distributed group, in place
+        on every rank (call it on all ranks, e.g. at each epoch end).
+
+        Sums (csl, count, ...) add: each rank contributes what it accumulated
+        since the previous all_reduce, so calling it repeatedly never double
+        counts. Per-sample state (latest loss, correctness, learned epoch)
+        comes from the rank that updated the sample last (its `last_update`
+        call index; ties go to the highest rank, as if the ranks' batches of
+        a step were concatenated in rank order). Ranks must make the same
+        number of tracker updates (as DDP's lockstep steps do) for call
+        indices to compare. Works with gloo (CPU) and NCCL (CUDA) groups.
+        """
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group)
+        sum_rows = [self._row[s] for s in self.stored_stats if s in SUM_STATS]
+        state_rows = [self._row[s] for s in self.stored_stats if s not in SUM_STATS]
+        if self._synced_sums is None:
+            self._synced_sums = torch.zeros(len(sum_rows), self.num_samples, device=self.device)
+        delta = self.state[sum_rows] - self._synced_sums
+        dist.all_reduce(delta, group=group)
+        merged = self._synced_sums + delta
+        self.state[sum_rows] = merged
+        self._synced_sums = merged
+        if state_rows:
+            last = self.stat("last_update")
+            newest = last.clone()
+            dist.all_reduce(newest, op=dist.ReduceOp.MAX, group=group)
+            owner = torch.where(last == newest, torch.full_like(last, rank), torch.full_like(last, -1))
+            dist.all_reduce(owner, op=dist.ReduceOp.MAX, group=group)
+            mine = (owner == rank).to(self.state.dtype)
+            values = self.state[state_rows] * mine
+            dist.all_reduce(values, group=group)
+            self.state[state_rows] = values
+        counters = self.counters.clone()
+        dist.all_reduce(counters, op=dist.ReduceOp.MAX, group=group)
+        self.counters[COUNTER["epoch"]] = counters[COUNTER["epoch"]]
+        self.counters[COUNTER["calls"]] = counters[COUNTER["calls"]]
+        return self
+
     # ------------------------------------------------------------------ scores
-    def scores(self):
+    def scores(self, sync=False, group=None):
         """A dict of [N] tensors: the raw statistics and the derived scores.
 
         csl (sum of loss), csl_mean, loss_var, inconf (sum of 1 - p_true),
@@ -171,7 +217,11 @@ class SampleTracker:
         after which the sample stayed correct, / epochs; 1 if not learned),
         curv (input curvature averaged over the scoring calls), count,
         nonfinite. Samples never updated get NaN means.
+
+        sync=True first merges all ranks (all_reduce) under torch.distributed.
         """
+        if sync:
+            self.all_reduce(group)
         self.check()
         out = {}
         has = self._row.__contains__
@@ -221,6 +271,8 @@ class SampleTracker:
             "state": state,
             "counters": counters,
             "crc32": _checksum(state, counters),
+            # sums as of the last all_reduce, so a resumed distributed run does not count them twice
+            "synced_sums": None if self._synced_sums is None else self._synced_sums.detach().cpu().clone(),
         }
 
     @staticmethod
@@ -257,6 +309,8 @@ class SampleTracker:
                              f"{list(self.user_stats)}")
         self.state.copy_(sd["state"])
         self.counters.copy_(sd["counters"])
+        synced = sd.get("synced_sums")
+        self._synced_sums = None if synced is None else synced.to(self.device, torch.float32).clone()
 
     def save(self, path):
         """Write atomically: a temporary file in the same folder, fsync, rename.

@@ -41,6 +41,7 @@ enum Stat : int {
   STAT_LAST_CORRECT,    // correctness at the latest update; -1 before the first
   STAT_LAST_MAXPROB,    // max softmax probability at the latest update
   STAT_NONFINITE,       // number of updates whose loss was not finite (not accumulated)
+  STAT_LAST_UPDATE,     // tracker call index (counters[calls]) of the latest update: merges ranks
   NUM_STATS
 };
 
@@ -177,8 +178,10 @@ MEMFAST_HD void add_row_sums(const StateView& s, int64_t id, const RowContributi
 
 // Per-sample state (latest loss, correctness transitions): applied once per
 // sample per update, from that sample's last finite row in the batch.
-MEMFAST_HD void apply_row_state(const StateView& s, int64_t id, const RowContribution& r, float epoch) {
+// `call` is the tracker's call index after this update (counters[calls]).
+MEMFAST_HD void apply_row_state(const StateView& s, int64_t id, const RowContribution& r, float epoch, float call) {
   float* p;
+  if ((p = s.row(STAT_LAST_UPDATE))) p[id] = call;
   if ((p = s.row(STAT_LAST_LOSS))) p[id] = r.nll;
   if ((p = s.row(STAT_LAST_MAXPROB))) p[id] = r.max_prob;
   float* last = s.row(STAT_LAST_CORRECT);

@@ -32,8 +32,10 @@ void track_cpu(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_st
   if (R == 0) return;
   const int64_t rows_per_id = R / n_ids;
   const float epoch = static_cast<float>(cnt[COUNTER_EPOCH]);
+  const float call = static_cast<float>(cnt[COUNTER_CALLS]);
   const StateView view{state.mutable_data_ptr<float>(), N, stat_rows.data()};
-  const bool has_state = view.row(STAT_LAST_LOSS) || view.row(STAT_LAST_MAXPROB) || view.row(STAT_LAST_CORRECT);
+  const bool has_state = view.row(STAT_LAST_LOSS) || view.row(STAT_LAST_MAXPROB) || view.row(STAT_LAST_CORRECT) ||
+                         view.row(STAT_LAST_UPDATE);
   float* nonfinite = view.row(STAT_NONFINITE);
   std::unordered_set<int64_t> seen;
   if (has_state) seen.reserve(static_cast<size_t>(n_ids));
@@ -51,7 +53,7 @@ void track_cpu(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_st
         continue;
       }
       add_row_sums(view, id, c, add);
-      if (has_state && seen.insert(id).second) apply_row_state(view, id, c, epoch);
+      if (has_state && seen.insert(id).second) apply_row_state(view, id, c, epoch, call);
     }
   });
 }

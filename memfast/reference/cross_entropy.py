@@ -129,6 +129,8 @@ def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_cla
     for name, v in (("last_loss", nll), ("last_maxprob", max_prob)):
         if row(name) is not None:
             row(name)[uniq] = v[last]
+    if row("last_update") is not None:
+        row("last_update")[uniq] = float(counters[COUNTER["calls"]])
     last_correct = row("last_correct")
     if last_correct is not None:
         c = correct[last]

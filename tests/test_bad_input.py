@@ -1,0 +1,158 @@
+"""Every kind of bad input: a clear exception naming the argument (or the
+documented behaviour), and the tracker unchanged afterwards."""
+import math
+
+import pytest
+import torch
+
+import memfast
+from memfast import SampleTracker
+
+
+@pytest.fixture
+def tracker():
+    t = SampleTracker(10, stats="all")
+    t.update(torch.randn(4, 3), torch.randint(0, 3, (4,)), torch.arange(4))
+    return t
+
+
+def _unchanged(t, before):
+    state, counters = before
+    assert torch.equal(t.state, state) and torch.equal(t.counters, counters)
+
+
+def _snapshot(t):
+    return t.state.clone(), t.counters.clone()
+
+
+BAD_CALLS = [
+    # (description, kwargs builder, exception, message fragment)
+    ("integer logits", lambda: dict(input=torch.randint(0, 3, (4, 3))), TypeError, "input"),
+    ("float targets", lambda: dict(target=torch.rand(4)), TypeError, "target"),
+    ("bool targets", lambda: dict(target=torch.ones(4, dtype=torch.bool)), TypeError, "target"),
+    ("float sample ids", lambda: dict(sample_ids=torch.zeros(4)), TypeError, "sample_ids"),
+    ("sample ids of the wrong length", lambda: dict(sample_ids=torch.arange(3)), ValueError, "sample_ids"),
+    ("targets of the wrong shape", lambda: dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
+    ("weight of the wrong size", lambda: dict(weight=torch.ones(4)), ValueError, "weight"),
+    ("label smoothing > 1", lambda: dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    ("bad reduction", lambda: dict(reduction="avg"), ValueError, "reduction"),
+    ("adjustment of the wrong shape", lambda: dict(adjustment=torch.zeros(4, 2)), ValueError, "adjustment"),
+    ("integer adjustment", lambda: dict(adjustment=torch.zeros(4, 3, dtype=torch.long)), TypeError, "adjustment"),
+    ("groups without a table", lambda: dict(groups=torch.zeros(4, dtype=torch.long)), ValueError, "groups"),
+    ("float groups", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.zeros(4)), TypeError, "groups"),
+    ("groups out of range", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.tensor([0, 1, 2, 0])),
+     IndexError, "groups"),
+    ("negative groups", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.tensor([0, -1, 1, 0])),
+     IndexError, "groups"),
+    ("sample id too large", lambda: dict(sample_ids=torch.tensor([0, 1, 10, 2])), IndexError, "sample_ids"),
+    ("negative sample id", lambda: dict(sample_ids=torch.tensor([0, -1, 3, 2])), IndexError, "sample_ids"),
+    ("target too large", lambda: dict(target=torch.tensor([0, 3, 1, 1])), IndexError, "target"),
+    ("negative target", lambda: dict(target=torch.tensor([0, -2, 1, 1])), IndexError, "target"),
+    ("sample ids without a tracker", lambda: dict(tracker=None), ValueError, "together"),
+]
+
+
+@pytest.mark.parametrize("what,build,exc,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_call_raises_and_leaves_tracker_unchanged(backend, tracker, what, build, exc, match):
+    kwargs = dict(input=torch.randn(4, 3, requires_grad=True), target=torch.tensor([0, 1, 2, 1]),
+                  sample_ids=torch.arange(4), tracker=tracker)
+    kwargs.update(build())
+    before = _snapshot(tracker)
+    with pytest.raises(exc, match=match):
+        memfast.cross_entropy(**kwargs)
+    _unchanged(tracker, before)
+
+
+def test_tracker_on_another_device(tracker):
+    meta = SampleTracker(10, device="meta")
+    with pytest.raises(ValueError, match="tracker is on meta"):
+        memfast.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), sample_ids=torch.arange(4),
+                              tracker=meta)
+    with pytest.raises(ValueError, match="sample_ids is on meta"):
+        memfast.cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                              sample_ids=torch.arange(4, device="meta"), tracker=tracker)
+
+
+def test_inputs_on_another_device():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="target is on meta"):
+        memfast.cross_entropy(x, torch.zeros(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="weight is on meta"):
+        memfast.cross_entropy(x, torch.zeros(4, dtype=torch.long), torch.ones(3, device="meta"))
+
+
+def test_non_finite_logits_are_counted_not_accumulated(backend, tracker):
+    before = _snapshot(tracker)
+    x = torch.randn(3, 3)
+    x[0, 1] = math.nan
+    x[1, 2] = math.inf
+    loss = memfast.cross_entropy(x, torch.tensor([0, 1, 2]), sample_ids=torch.tensor([5, 6, 7]), tracker=tracker,
+                                 reduction="none")
+    assert torch.isnan(loss[0]) and torch.isnan(loss[1]) and torch.isfinite(loss[2])
+    assert tracker.stat("nonfinite")[[5, 6, 7]].tolist() == [1, 1, 0]
+    assert tracker.stat("count")[[5, 6, 7]].tolist() == [0, 0, 1]
+    assert torch.equal(tracker.stat("csl")[:5], before[0][tracker._row["csl"], :5])
+
+
+def test_empty_batch(backend, tracker):
+    before = _snapshot(tracker)
+    out = memfast.cross_entropy(torch.randn(0, 3), torch.zeros(0, dtype=torch.long),
+                                sample_ids=torch.zeros(0, dtype=torch.long), tracker=tracker)
+    assert torch.isnan(out)  # the mean over no rows, as in PyTorch
+    assert torch.equal(tracker.state, before[0])
+
+
+def test_non_contiguous_and_expanded_inputs(backend):
+    a, b = SampleTracker(6, stats="all"), SampleTracker(6, stats="all")
+    x = torch.randn(6, 8)[:, ::2]
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])[::2]
+    memfast.cross_entropy(x, y, sample_ids=ids, tracker=a)
+    memfast.cross_entropy(x.contiguous(), y, sample_ids=ids.contiguous(), tracker=b)
+    assert torch.equal(a.state, b.state)
+    row = torch.randn(1, 4)
+    memfast.cross_entropy(row.expand(6, 4), y, sample_ids=torch.zeros(1, dtype=torch.long).expand(6), tracker=a)
+    memfast.cross_entropy(row.repeat(6, 1), y, sample_ids=torch.zeros(6, dtype=torch.long), tracker=b)
+    torch.testing.assert_close(a.state, b.state)
+
+
+def test_bad_tracker_arguments():
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleTracker(-1)
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleTracker(2.5)
+    with pytest.raises(ValueError, match="unknown statistic"):
+        SampleTracker(3, stats=("csl", "nope"))
+    with pytest.raises(TypeError, match="sample_ids"):
+        SampleTracker(3).update(torch.randn(2, 2), torch.zeros(2, dtype=torch.long), [0, 1])
+
+
+def test_load_rejects_bad_files(tmp_path):
+    t = SampleTracker(20, stats=("csl", "count", "margin"))
+    t.update(torch.randn(5, 3), torch.randint(0, 3, (5,)), torch.arange(5))
+    path = tmp_path / "t.pt"
+    t.save(path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        SampleTracker.load(tmp_path / "truncated.pt")
+    corrupted = bytearray(data)
+    for i in range(len(corrupted) // 3, len(corrupted) // 3 + 64):
+        corrupted[i] ^= 0xFF
+    (tmp_path / "corrupted.pt").write_bytes(bytes(corrupted))
+    with pytest.raises(ValueError):
+        SampleTracker.load(tmp_path / "corrupted.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a memfast SampleTracker"):
+        SampleTracker.load(tmp_path / "other.pt")
+    other = SampleTracker(21, stats=("csl", "count", "margin"))
+    before = other.state.clone()
+    with pytest.raises(ValueError, match="20 samples"):
+        other.load_state_dict(t.state_dict())
+    assert torch.equal(other.state, before)
+    with pytest.raises(ValueError, match="keeps"):
+        SampleTracker(20).load_state_dict(t.state_dict())
+    sd = t.state_dict()
+    sd["state"] = sd["state"][:, :5]
+    with pytest.raises(ValueError, match="malformed"):
+        SampleTracker(20, stats=("csl", "count", "margin")).load_state_dict(sd)
