@@ -1,0 +1,74 @@
+"""`memfast bench`: time one training step's loss (forward + backward +
+per-sample loss tracking) with memfast beside eager PyTorch doing the same job.
+
+The step functions here are also what bench/test_bench_cross_entropy.py times.
+"""
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import memfast
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(rows, classes, dtype, num_samples, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(rows, classes, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_(True)
+    target = torch.randint(0, classes, (rows,), generator=g).to(device)
+    ids = torch.randint(0, num_samples, (rows,), generator=g).to(device)
+    return logits, target, ids
+
+
+def eager_step(logits, target, ids, csl):
+    """What a user writes without memfast: per-sample CE, index_add_, mean, backward."""
+    per_sample = F.cross_entropy(logits, target, reduction="none")
+    csl.index_add_(0, ids, per_sample.detach().float())
+    per_sample.mean().backward()
+
+
+def memfast_step(logits, target, ids, tracker):
+    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker).backward()
+
+
+def time_step(fn, args, device, repeats=20, warmup=3):
+    """Median seconds of fn(*args) over `repeats` runs after warm-up."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn(*args)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="+", default=["256x10", "4096x1000", "1024x32000"],
+                        help="ROWSxCLASSES, e.g. 4096x1000")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--num-samples", type=int, default=100_000, help="tracker size")
+
+
+def run(args):
+    print(f"memfast {memfast.__version__} ({memfast.get_backend()}), torch {torch.__version__}, "
+          f"device {args.device}, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print("| shape | dtype | eager ms | memfast ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for shape in args.shapes:
+        rows, classes = (int(v) for v in shape.lower().split("x"))
+        for name in args.dtypes:
+            logits, target, ids = make_inputs(rows, classes, DTYPES[name], args.num_samples, args.device)
+            csl = torch.zeros(args.num_samples, device=args.device)
+            tracker = memfast.SampleTracker(args.num_samples, device=args.device)
+            eager = time_step(eager_step, (logits, target, ids, csl), args.device, args.repeats)
+            fast = time_step(memfast_step, (logits, target, ids, tracker), args.device, args.repeats)
+            print(f"| {rows}x{classes} | {name} | {eager * 1e3:.3f} | {fast * 1e3:.3f} | {eager / fast:.2f}x |")
+    return 0
