@@ -53,7 +53,9 @@ def class_balanced_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     rows (XRM's loss; its scale grows with the number of classes present).
     One fused memfast.cross_entropy call with class weights 1/count."""
     K = logits.shape[-1]
-    counts = torch.bincount(targets, minlength=K).to(torch.float32)
+    # index_add rather than bincount: no host synchronisation on CUDA
+    counts = torch.zeros(K, dtype=torch.float32, device=logits.device).index_add_(
+        0, targets, torch.ones(targets.shape, dtype=torch.float32, device=logits.device))
     weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
     if logits.dtype == torch.float64:
         weight = weight.double()

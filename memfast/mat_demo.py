@@ -194,7 +194,8 @@ class GroupDROLoss(nn.Module):
 
         losses = memfast.cross_entropy(logits, targets, reduction="none")
         g = self.groups[sample_ids]
-        counts = torch.bincount(g, minlength=self.num_groups).to(losses.dtype)
+        counts = torch.zeros(self.num_groups, dtype=losses.dtype, device=losses.device).index_add(
+            0, g, torch.ones_like(losses))
         group_loss = torch.zeros(self.num_groups, dtype=losses.dtype, device=losses.device).index_add(0, g, losses)
         group_loss = group_loss / counts.clamp_min(1)
         with torch.no_grad():
@@ -282,9 +283,17 @@ def _mean_std(values):
 
 # -- command line ----------------------------------------------------------------------------------------
 def run(args):
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args):
+    start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     if args.dataset == "spurious":
         epochs = 1000 if args.epochs is None else args.epochs
