@@ -104,9 +104,11 @@ class XRM(nn.Module):
     parameters are the twins'; give them to one optimizer.
 
     When both twins are ``nn.Linear`` of the same shape, one matmul computes
-    both (a ``[2K, D]`` weight); when they are otherwise identical modules
-    without buffers they run as one ``torch.func.vmap`` forward; else they run
-    one after the other (``fuse`` picks: "auto", "linear", "vmap", "none").
+    both (a ``[2K, D]`` weight). Otherwise identical modules without buffers
+    can run as one ``torch.func.vmap`` forward (``fuse="vmap"``); "auto" uses
+    it for CUDA inputs only, since on the CPU it measured ~35% slower than two
+    plain forwards for a small MLP. Else the twins run one after the other
+    (``fuse="none"``).
 
     State, persistent by sample id (buffers, in ``state_dict``):
     ``assignment`` (True: twin a trains on the id), ``labels`` (original,
@@ -143,8 +145,9 @@ class XRM(nn.Module):
         vmap_ok = (type(a) is type(b) and list(pa) == list(pb)
                    and all(pa[k].shape == pb[k].shape for k in pa)
                    and not list(a.buffers()) and not list(b.buffers()))
+        self._vmap_ok = vmap_ok
         if fuse == "auto":
-            return "linear" if linear_ok else "vmap" if vmap_ok else "none"
+            return "linear" if linear_ok else "auto" if vmap_ok else "none"
         if fuse == "linear" and not linear_ok:
             raise ValueError("fuse='linear' needs two nn.Linear twins of the same shape")
         if fuse == "vmap" and not vmap_ok:
@@ -156,13 +159,16 @@ class XRM(nn.Module):
     def twin_logits(self, x):
         """(logits of twin a, logits of twin b) for the same input, in one
         forward when the twins allow it."""
-        if self.fuse == "linear":
+        mode = self.fuse
+        if mode == "auto":
+            mode = "vmap" if isinstance(x, Tensor) and x.is_cuda else "none"
+        if mode == "linear":
             K = self.twin_a.out_features
             weight = torch.cat([self.twin_a.weight, self.twin_b.weight])
             bias = None if self.twin_a.bias is None else torch.cat([self.twin_a.bias, self.twin_b.bias])
             both = F.linear(x, weight, bias)
             return both[..., :K], both[..., K:]
-        if self.fuse == "vmap":
+        if mode == "vmap":
             names = [n for n, _ in self.twin_a.named_parameters()]
             pa, pb = dict(self.twin_a.named_parameters()), dict(self.twin_b.named_parameters())
             stacked = {n: torch.stack([pa[n], pb[n]]) for n in names}
