@@ -203,7 +203,9 @@ class XRM(nn.Module):
         label; after the optimizer step the dynamic labels of the batch flip
         to the held-out twin's argmax with probability (p_max − 1/K)·K/(K−1),
         from the held-out prediction of this (pre-step) forward. ``y`` are
-        the original labels (they initialise the dynamic ones)."""
+        the original labels (they initialise the dynamic ones). The flips
+        draw ``torch.rand(B)`` from a generator on the buffers' device seeded
+        with ``seed + 1`` (reproducible runs)."""
         _check_ids(sample_ids, self.num_samples)
         device = self.assignment.device
         ids = sample_ids.to(device=device, dtype=torch.long)
