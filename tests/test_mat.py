@@ -437,3 +437,24 @@ def test_colored_digits_colour_agreement():
     assert set(tr.y.unique().tolist()) == {0, 1}
     with pytest.raises(ValueError, match="split"):
         colored_digits("val")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fuse", ["auto", "none"])
+def test_xrm_on_cuda_matches_routing_and_flip_rule(fuse):
+    N, D, K = 64, 5, 3
+    a, b = _mlp(D, K, 1).cuda(), _mlp(D, K, 2).cuda()
+    xrm = mat.XRM(a, b, N, K, fuse=fuse).cuda()
+    x, y = torch.randn(N, D, device="cuda"), torch.randint(0, K, (N,), device="cuda")
+    opt = torch.optim.SGD(xrm.parameters(), lr=0.5)
+    for _ in range(5):
+        xrm.step(x, y, torch.arange(N, device="cuda"), opt)
+    assert xrm.flip_rate > 0
+    ho = xrm.held_out_logits([(x, y, torch.arange(N, device="cuda"))])
+    with torch.no_grad():
+        torch.testing.assert_close(ho, torch.where(xrm.assignment[:, None], b(x), a(x)))
+    shift = mat.shift_table(ho, y, 0.1)
+    logits = torch.randn(N, K, device="cuda", requires_grad=True)
+    loss = memfast.MATLoss(shift)(logits, y, torch.arange(N, device="cuda"))
+    torch.testing.assert_close(loss, F.cross_entropy(logits + shift, y))
