@@ -3,6 +3,8 @@ from ._version import __version__
 from ._ops import get_backend, set_backend
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
+from . import datasets, mat
+from .mat import MATLoss
 
 
 def build_info():
@@ -12,5 +14,5 @@ def build_info():
     return None if _ops.BUILD_INFO is None else dict(_ops.BUILD_INFO)
 
 
-__all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "build_info",
+__all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "mat", "datasets", "build_info",
            "set_backend", "get_backend"]
