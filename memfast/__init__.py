@@ -3,6 +3,7 @@ from ._version import __version__
 from ._ops import get_backend, set_backend
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
+from . import data, metrics, noise, report  # noqa: E402  (submodules: memfast.data.WithIndex, ...)
 
 
 def build_info():
@@ -13,4 +14,4 @@ def build_info():
 
 
 __all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "build_info",
-           "set_backend", "get_backend"]
+           "set_backend", "get_backend", "data", "metrics", "noise", "report"]
