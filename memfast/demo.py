@@ -53,6 +53,8 @@ def add_arguments(parser):
                         help="CPU threads; the models are tiny, so more threads mostly add overhead "
                         "(default: %(default)s)")
     parser.add_argument("--out", help="write scores.csv, summary.json and PNG plots here")
+    parser.add_argument("--no-plots", dest="plots", action="store_false",
+                        help="with --out, write scores.csv and summary.json only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -300,7 +302,8 @@ def run(args):
             written += report.write_report(folder, r["proxies"], r["rows"] if len(results) > 1 else table,
                                            given_labels=r["given"], true_labels=r["true"],
                                            noisy=r["masks"]["noisy"], duplicates=r["masks"]["duplicates"],
-                                           images=r["images"], top_key="csl_free", extra={**extra, "seed": r["seed"]})
+                                           images=r["images"], top_key="csl_free", extra={**extra, "seed": r["seed"]},
+                                           plots=args.plots)
         if len(results) > 1:
             path = os.path.join(args.out, "summary.json")
             report.write_summary_json(path, table, **extra)
