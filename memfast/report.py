@@ -133,6 +133,12 @@ def detection_table(proxy_dict, noisy=None, duplicates=None):
     return rows
 
 
+def mislabeled(scores, noisy, duplicates=None, **proxy_kwargs):
+    """The detection table straight from ``tracker.scores()`` and a mask of
+    known mislabeled samples (see proxies() for the optional inputs)."""
+    return detection_table(proxies(scores, **proxy_kwargs), noisy, duplicates)
+
+
 def aggregate(tables):
     """Mean ± std (ddof=1) over seeds of tables with the same rows. Each metric
     becomes {"mean", "std", "values"}; a metric missing in any seed is None."""
