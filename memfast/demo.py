@@ -134,7 +134,8 @@ def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv
     score_loader = _loader(x, y, 4096, shuffle=False, seed=seed)
     memorized_at = None
     score_each_epoch = eval_tracker is not None or fit_mask is not None
-    bar = tqdm(range(cfg.epochs if epochs is None else epochs), desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(cfg.epochs if epochs is None else epochs), desc=desc, disable=quiet, leave=False,
+               dynamic_ncols=True)
     for epoch in bar:
         model.train()
         for xb, yb, sid in loader:
@@ -182,8 +183,9 @@ def confident_learning(cfg, x, given, seed, folds=3, quiet=True):
     probabilities of the same network and recipe trained for cfg.cl_epochs
     (the CSL paper's baseline; fewer epochs than the main run because
     held-out probabilities from a model that has not yet memorized its own
-    noise are the better ones for CL, and to keep the demo fast). The ranked label issues become a score: the first-ranked issue
-    1, falling linearly over the flagged samples; unflagged samples 0.
+    noise are the better ones for CL, and to keep the demo fast). The ranked
+    label issues become a score: the first-ranked issue 1, falling linearly
+    over the flagged samples; unflagged samples 0.
     Returns None when cleanlab is not installed."""
     try:
         from cleanlab.filter import find_label_issues
@@ -241,15 +243,16 @@ def run_seed(cfg, seed):
              "duplicates": data["duplicate"].numpy() if cfg.duplicates > 0 else None}
     rows = report.detection_table(proxy_dict, masks["noisy"], masks["duplicates"])
     return {"seed": seed, "proxies": proxy_dict, "rows": rows, "masks": masks, "given": data["given"].numpy(),
-            "true": data["true"].numpy(), "images": data["x"].reshape(n, 8, 8).numpy(), "train_accuracy": train_acc,
-            "train_accuracy_non_duplicates": train_acc_nondup, "memorized_at_epoch": memorized_at, "seconds_train": t_train, "seconds": time.perf_counter() - t0,
+            "true": data["true"].numpy(), "images": data["x"].reshape(n, 8, 8).numpy(),
+            "train_accuracy": train_acc, "train_accuracy_non_duplicates": train_acc_nondup,
+            "memorized_at_epoch": memorized_at, "seconds_train": t_train, "seconds": time.perf_counter() - t0,
             "num_noisy": int(data["noisy"].sum()), "num_duplicates": int(data["duplicate"].sum()), "num_samples": n}
 
 
 def _config(args):
-    return {k: getattr(args, k) for k in ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates",
-                                          "eval_pass", "curv_every", "confident_learning", "cl_epochs", "seeds", "device",
-                                          "threads")}
+    keys = ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates", "eval_pass", "curv_every",
+            "confident_learning", "cl_epochs", "seeds", "device", "threads")
+    return {k: getattr(args, k) for k in keys}
 
 
 def _check(args):

@@ -136,6 +136,12 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     for name in ("histograms.png", "roc.png", "top_csl.png", "csl_vs_learning_time.png"):
         assert (out / name).read_bytes()[:8] == PNG
 
+    # A second (eval-pass) tracker adds the CSL (eval) row.
+    assert main(["report", str(tmp_path / "tracker.pt"), "--labels", str(tmp_path / "labels.pt"), "--noisy",
+                 str(tmp_path / "noisy.npy"), "--eval-tracker", str(tmp_path / "tracker.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "CSL (free)" in text and "CSL (eval)" in text
+
     # Without a mask: the distribution of each proxy instead of detection metrics.
     assert main(["report", str(tmp_path / "tracker.pt"), "--labels", str(tmp_path / "labels.pt")]) == 0
     text = capsys.readouterr().out
