@@ -25,7 +25,7 @@ from .data import WithIndex
 # Adam learning rate per model: both fit every noisy label well before epoch 200.
 DEFAULT_LR = {"mlp": 2e-2, "cnn": 3e-2}
 DEFAULTS = dict(model="mlp", epochs=200, lr=None, width=256, batch_size=0, noise=0.1, duplicates=20,
-                curv_every=10, cl_epochs=50, seeds=[0], device="cpu", threads=1)
+                curv_every=10, curv_probes=10, curv_h=1e-3, cl_epochs=50, seeds=[0], device="cpu", threads=1)
 
 
 def add_arguments(parser):
@@ -45,6 +45,10 @@ def add_arguments(parser):
                         help="skip the eval-mode scoring pass per epoch (the CSL (eval) row)")
     parser.add_argument("--curv-every", type=int, default=d["curv_every"],
                         help="score input curvature every k epochs; 0 = never (default: %(default)s)")
+    parser.add_argument("--curv-probes", type=int, default=d["curv_probes"],
+                        help="Rademacher probes per curvature estimate (default: %(default)s)")
+    parser.add_argument("--curv-h", type=float, default=d["curv_h"],
+                        help="finite-difference step of the curvature estimate (default: %(default)s)")
     parser.add_argument("--no-cl", dest="confident_learning", action="store_false",
                         help="skip the confident-learning baseline (3 extra trainings)")
     parser.add_argument("--cl-epochs", type=int, default=d["cl_epochs"],
@@ -167,7 +171,8 @@ def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", train_acc=f"{train_acc:.3f}", refresh=False)
         if curv_tracker is not None and cfg.curv_every > 0 and (epoch + 1) % cfg.curv_every == 0:
             model.eval()
-            memfast.score_curvature(model, score_loader, curv_tracker)
+            memfast.score_curvature(model, score_loader, curv_tracker, n_probes=cfg.curv_probes, h=cfg.curv_h,
+                                    progress=False)
     model.eval()
     return model, memorized_at
 
@@ -251,7 +256,7 @@ def run_seed(cfg, seed):
 
 def _config(args):
     keys = ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates", "eval_pass", "curv_every",
-            "confident_learning", "cl_epochs", "seeds", "device", "threads")
+            "curv_probes", "curv_h", "confident_learning", "cl_epochs", "seeds", "device", "threads")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -262,8 +267,10 @@ def _check(args):
         raise SystemExit("memfast demo: --epochs and --cl-epochs must be at least 1")
     if not 0.0 <= args.noise < 1.0:
         raise SystemExit("memfast demo: --noise must be in [0, 1)")
-    if args.duplicates < 0 or args.curv_every < 0 or args.batch_size < 0 or args.threads < 1:
-        raise SystemExit("memfast demo: --duplicates, --curv-every and --batch-size must be >= 0, --threads >= 1")
+    if args.duplicates < 0 or args.curv_every < 0 or args.batch_size < 0:
+        raise SystemExit("memfast demo: --duplicates, --curv-every and --batch-size must be >= 0")
+    if args.threads < 1 or args.curv_probes < 1 or not args.curv_h > 0:
+        raise SystemExit("memfast demo: --threads and --curv-probes must be >= 1, --curv-h > 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("memfast demo: --device cuda but CUDA is not available")
 

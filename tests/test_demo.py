@@ -34,7 +34,7 @@ def test_with_index_items_and_batches():
         WithIndex(5)
 
 
-def _fake_score_curvature(model, loader, tracker):
+def _fake_score_curvature(model, loader, tracker, **kwargs):
     """Stands in for memfast.score_curvature: any per-sample value, averaged."""
     with torch.no_grad():
         for x, y, sid in loader:
