@@ -305,11 +305,14 @@ def plot_roc(path, proxy_dict, noisy=None, duplicates=None):
         return False
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.6), squeeze=False)
     for ax, (title, pos, keep) in zip(axes.flat, tasks):
-        for key, s in _available(proxy_dict):
+        colors = plt.get_cmap("tab20").colors
+        for j, (key, s) in enumerate(_available(proxy_dict)):
             if np.isnan(s[keep]).any():
                 continue
             fpr, tpr = metrics.roc_curve(s[keep], pos[keep])
-            ax.plot(fpr, tpr, lw=1.2, label=f"{LABELS.get(key, key)} ({metrics.auroc(s[keep], pos[keep]):.3f})")
+            ax.plot(fpr, tpr, lw=2.0 if key.startswith("csl") else 1.1, color=colors[(2 * j) % 20 + (2 * j) // 20],
+                    ls="-" if j < 10 else "--",
+                    label=f"{LABELS.get(key, key)} ({metrics.auroc(s[keep], pos[keep]):.3f})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.6, ls=":")
         ax.set_xlabel("false-positive rate")
         ax.set_ylabel("true-positive rate")
