@@ -153,3 +153,12 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a readable"):
         (tmp_path / "bad.pt").write_bytes(b"junk")
         main(["report", str(tmp_path / "bad.pt"), "--labels", str(tmp_path / "labels.pt")])
+
+
+def test_mislabeled_shortcut_matches_the_table():
+    s = _fake_scores(80, seed=3)
+    noisy = np.zeros(80, bool)
+    noisy[::7] = True
+    rows = report.mislabeled(s, noisy)
+    assert rows == report.detection_table(report.proxies(s), noisy)
+    assert rows[0]["key"] == "csl" and rows[0]["mislabeled_auroc"] == pytest.approx(metrics.auroc(s["csl"], noisy))
