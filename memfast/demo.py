@@ -298,11 +298,11 @@ def run(args):
           f"{r0['num_duplicates']} duplicates ({args.duplicates} pairs); {args.model}, {args.epochs} epochs, "
           f"backend {memfast.get_backend()}, device {args.device}{curv_note}")
     for r in results:
-        mem = (f"memorized: every label outside the duplicate pairs fitted from epoch {r['memorized_at_epoch']}"
-               if r["memorized_at_epoch"] else "NOT memorized: some labels outside the duplicate pairs never fitted")
-        print(f"seed {r['seed']}: train accuracy on the given labels {r['train_accuracy']:.4f} "
-              f"({r['train_accuracy_non_duplicates']:.4f} outside the duplicate pairs, of which one member "
-              f"each can be fitted); {mem}; {r['seconds']:.1f} s")
+        mem = (f"memorized at epoch {r['memorized_at_epoch']}" if r["memorized_at_epoch"]
+               else "NOT memorized")
+        print(f"seed {r['seed']}: {mem}: train accuracy on the given labels {r['train_accuracy_non_duplicates']:.4f} "
+              f"outside the duplicate pairs, {r['train_accuracy']:.4f} overall (one input, two labels: only one "
+              f"member of a pair can be fitted); {r['seconds']:.1f} s")
     print(report.format_table(table))
     if len(args.seeds) > 1:
         print(f"mean ± std over seeds {args.seeds}")
