@@ -3,7 +3,7 @@ from ._version import __version__
 from ._ops import get_backend, set_backend
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
-from . import datasets, mat
+from . import data, datasets, mat, metrics, noise, report
 from .mat import MATLoss
 
 
@@ -14,5 +14,5 @@ def build_info():
     return None if _ops.BUILD_INFO is None else dict(_ops.BUILD_INFO)
 
 
-__all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "mat", "datasets", "build_info",
-           "set_backend", "get_backend"]
+__all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "build_info",
+           "set_backend", "get_backend", "data", "datasets", "mat", "metrics", "noise", "report"]
