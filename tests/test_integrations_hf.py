@@ -74,8 +74,14 @@ class OracleTrainer(MemfastTrainer):
         return super().compute_loss(model, inputs, *a, **kw)
 
 
-def test_csl_is_the_models_own_per_token_loss_summed(tmp_path):
-    train = add_sample_ids(make_examples())
+@pytest.mark.parametrize("container", ["list", "datasets"])
+def test_csl_is_the_models_own_per_token_loss_summed(tmp_path, container):
+    if container == "list":
+        train = add_sample_ids(make_examples())
+    else:  # a datasets.Dataset with a column the model does not take: the Trainer drops it, not the sample ids
+        datasets = pytest.importorskip("datasets")
+        rows = [{**{k: v.tolist() for k, v in e.items()}, "text": "unused"} for e in make_examples()]
+        train = add_sample_ids(datasets.Dataset.from_list(rows))
     tracker = memfast.SampleTracker(N, stats=("csl", "count", "inconf"))
     trainer = OracleTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=train, tracker=tracker)
     assert trainer.shift_labels is True
@@ -170,3 +176,17 @@ def test_sequence_classification_unshifted(tmp_path):
     trainer.train()
     torch.testing.assert_close(tracker.stat("count"), torch.ones(N))
     torch.testing.assert_close(tracker.stat("csl").double(), seen, rtol=1e-5, atol=1e-5)
+
+
+def test_add_sample_ids():
+    examples = make_examples()[:3]
+    wrapped = add_sample_ids(examples)
+    assert len(wrapped) == 3 and wrapped[2]["sample_id"] == 2 and torch.equal(wrapped[2]["input_ids"],
+                                                                              examples[2]["input_ids"])
+    with pytest.raises(ValueError, match="sample_id"):
+        add_sample_ids(wrapped)[0]
+    with pytest.raises(TypeError, match="dicts"):
+        add_sample_ids([(1, 2)])[0]
+    datasets = pytest.importorskip("datasets")
+    table = add_sample_ids(datasets.Dataset.from_dict({"x": [5, 6, 7]}))
+    assert table["sample_id"] == [0, 1, 2]

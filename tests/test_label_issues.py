@@ -162,3 +162,14 @@ def test_digits_injected_noise_precision_recall(one_thread):
     flagged = df["is_label_issue"].to_numpy()
     assert flagged.sum() == round(truth.mean() * n)
     assert (flagged & truth).sum() / flagged.sum() >= 0.9
+
+
+def test_integrations_package_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, memfast.integrations as mi, memfast.integrations.cleanlab, memfast.integrations.cartography; "
+            "assert mi.label_issues is memfast.integrations.cleanlab.label_issues; "
+            "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning', 'pandas', 'matplotlib') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
