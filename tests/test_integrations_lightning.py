@@ -25,11 +25,10 @@ def one_thread():
 
 
 class Tiny(pl.LightningModule):
-    def __init__(self, validate=False):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Linear(8, 4)
-        self.validate = validate
         self.recorded = torch.zeros(N, dtype=torch.float64)  # per-sample losses, the plain way
 
     def training_step(self, batch, batch_idx):
@@ -39,12 +38,14 @@ class Tiny(pl.LightningModule):
             self.recorded.index_add_(0, ids, F.cross_entropy(logits.double(), y, reduction="none"))
         return memfast.cross_entropy(logits, y, sample_ids=ids, tracker=self.tracker)
 
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class TinyWithValidation(Tiny):
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         self.log("val_loss", memfast.cross_entropy(self.net(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
 def loader():
@@ -62,7 +63,7 @@ def trainer(epochs, callbacks, root, validate=False):
 
 
 def fit(epochs, callbacks, root, validate=False, ckpt_path=None, module=None):
-    module = module or Tiny(validate)
+    module = module or (TinyWithValidation() if validate else Tiny())
     kwargs = {"val_dataloaders": loader()} if validate else {}
     trainer(epochs, callbacks, root, validate).fit(module, loader(), ckpt_path=ckpt_path, **kwargs)
     return module
