@@ -132,6 +132,7 @@ class MemfastTrainer(Trainer):
       ignore_index: the label that is not a target (-100).
 
     Only training batches update the tracker; evaluation batches do not.
+    The tracker moves to the logits' device on the first training step.
     ``args.label_smoothing_factor`` applies to the loss (the tracked loss is
     unsmoothed). Gradient accumulation is handled as the model's own loss
     does: the sum over tokens is divided by the number of target tokens in
