@@ -1,0 +1,219 @@
+"""Hugging Face ``transformers`` Trainer with memfast's loss and tracker.
+
+    from memfast.integrations.hf import MemfastTrainer, add_sample_ids
+
+    train = add_sample_ids(train_dataset)                 # a "sample_id" column 0..N-1
+    tracker = memfast.SampleTracker(len(train), device="cuda")
+    trainer = MemfastTrainer(model=model, args=args, train_dataset=train, tracker=tracker)
+    trainer.train()                                       # or train(resume_from_checkpoint=True)
+    tracker.scores()["csl"]                               # per-sequence cumulative loss
+
+The loss is ``memfast.cross_entropy`` over the model's logits (shifted for
+causal language models: the logits at position t predict the label at t + 1;
+labels of -100 are ignored), with one sample id per sequence, so a sequence's
+CSL is the sum over training steps of the sum of its tokens' losses. The
+tracker is saved in every checkpoint folder (``memfast_tracker.pt``) and
+restored when training resumes from one; its epoch counter follows the
+Trainer's epochs.
+
+Single process: under multi-process data parallelism each rank's tracker
+sees only that rank's batches, and only rank 0's is saved.
+"""
+import os
+import warnings
+
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+import memfast
+
+TRACKER_FILE = "memfast_tracker.pt"
+
+
+def add_sample_ids(dataset, column="sample_id"):
+    """A dataset whose examples carry their index in ``column``.
+
+    A ``datasets.Dataset`` gets a new column; any other map-style dataset of
+    dict examples (e.g. a list of dicts or a torch Dataset) is wrapped."""
+    if hasattr(dataset, "add_column") and hasattr(dataset, "column_names"):
+        if column in dataset.column_names:
+            raise ValueError(f"add_sample_ids: the dataset already has a {column!r} column")
+        return dataset.add_column(column, list(range(len(dataset))))
+    return _WithSampleIds(dataset, column)
+
+
+class _WithSampleIds:
+    def __init__(self, dataset, column):
+        self.dataset, self.column = dataset, column
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        example = self.dataset[i]
+        if not isinstance(example, dict):
+            raise TypeError(f"add_sample_ids: examples must be dicts (the Trainer's format), got {type(example)}")
+        if self.column in example:
+            raise ValueError(f"add_sample_ids: the examples already have a {self.column!r} key")
+        return {**example, self.column: i}
+
+
+def _epoch_complete(state):
+    """Whether the Trainer is exactly at the end of an epoch (state.epoch is
+    epoch + (step + 1) / steps_in_epoch, an integer only after the last batch)."""
+    return state.epoch is not None and state.epoch > 0 and abs(state.epoch - round(state.epoch)) < 1e-9
+
+
+class TrackerCallback(TrainerCallback):
+    """Ends the tracker's epochs with the Trainer's and saves it into each
+    checkpoint folder. (MemfastTrainer adds one; the resume side is in
+    MemfastTrainer.train.)"""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self._epoch_ended_at_step = -1
+
+    def _end_epoch_once(self, state):
+        # An epoch's end can be seen twice: by a step-based save on its last
+        # step (on_save runs before on_epoch_end) and by on_epoch_end.
+        if _epoch_complete(state) and self._epoch_ended_at_step != state.global_step:
+            self.tracker.end_epoch()
+            self._epoch_ended_at_step = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Training cut short by max_steps also ends here, mid-epoch: not an epoch.
+        self._end_epoch_once(state)
+
+    def on_save(self, args, state, control, **kwargs):
+        # A checkpoint saved on an epoch's last step is resumed as "epoch
+        # complete" and that epoch's on_epoch_end never runs: end it now.
+        self._end_epoch_once(state)
+        if not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            warnings.warn(f"memfast: checkpoint folder {folder} not found; the tracker was not saved with it")
+            return
+        self.tracker.save(os.path.join(folder, TRACKER_FILE))
+
+
+def load_tracker(checkpoint_dir, tracker):
+    """Restore ``tracker`` from a checkpoint folder written by MemfastTrainer."""
+    path = os.path.join(os.fspath(checkpoint_dir), TRACKER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the checkpoint was not written by MemfastTrainer with a "
+                                f"tracker, so resuming would restart the tracker's totals from zero")
+    tracker.load_state_dict(memfast.SampleTracker.load(path).state_dict())
+    return tracker
+
+
+def _is_causal_lm(model):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+class MemfastTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is ``memfast.cross_entropy`` with a
+    tracker keyed by a per-example sample id.
+
+    Extra keyword arguments:
+      tracker: a :class:`memfast.SampleTracker` with one entry per training
+        example (None: memfast's loss without tracking).
+      sample_id_column: the dataset column holding each example's index
+        (see :func:`add_sample_ids`); the Trainer keeps it although the
+        model's forward does not take it, and it is removed before the
+        forward.
+      shift_labels: True for causal LMs (logits[:, :-1] predict
+        labels[:, 1:]), False when logits and labels are aligned (sequence or
+        token classification). "auto": True for the architectures
+        transformers lists as causal LMs.
+      ignore_index: the label that is not a target (-100).
+
+    Only training batches update the tracker; evaluation batches do not.
+    The tracker moves to the logits' device on the first training step.
+    ``args.label_smoothing_factor`` applies to the loss (the tracked loss is
+    unsmoothed). Gradient accumulation is handled as the model's own loss
+    does: the sum over tokens is divided by the number of target tokens in
+    the accumulated batch.
+    """
+
+    def __init__(self, *args, tracker=None, sample_id_column="sample_id", shift_labels="auto", ignore_index=-100,
+                 **kwargs):
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("MemfastTrainer computes the loss itself (memfast.cross_entropy); "
+                             "compute_loss_func cannot be combined with it")
+        if len(args) > 7:
+            raise TypeError("MemfastTrainer: pass compute_loss_func, callbacks and later Trainer arguments by keyword")
+        if tracker is not None and not isinstance(tracker, memfast.SampleTracker):
+            raise TypeError(f"MemfastTrainer: tracker must be a memfast.SampleTracker, got {type(tracker)}")
+        if shift_labels not in ("auto", True, False):
+            raise ValueError(f"MemfastTrainer: shift_labels must be 'auto', True or False, got {shift_labels!r}")
+        self.tracker = tracker
+        self.sample_id_column = sample_id_column
+        self.ignore_index = ignore_index
+        self._batch_sample_ids = None
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if tracker is not None:
+            callbacks.append(TrackerCallback(tracker))
+        super().__init__(*args, compute_loss_func=self._memfast_loss, callbacks=callbacks, **kwargs)
+        self.shift_labels = _is_causal_lm(self.model) if shift_labels == "auto" else shift_labels
+
+    # The Trainer drops the dataset columns the model's forward does not take;
+    # keep the sample ids (compute_loss removes them before the forward).
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and self.sample_id_column not in self._signature_columns:
+            self._signature_columns.append(self.sample_id_column)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint and self.tracker is not None:
+            load_tracker(resume_from_checkpoint, self.tracker)
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        sample_ids = inputs.pop(self.sample_id_column, None)
+        if self.tracker is not None and model.training:
+            if sample_ids is None:
+                raise KeyError(f"MemfastTrainer: the batch has no {self.sample_id_column!r}: give the training set "
+                               f"a sample id column (memfast.integrations.hf.add_sample_ids)")
+            self._batch_sample_ids = sample_ids
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch, **kwargs)
+        finally:
+            self._batch_sample_ids = None
+
+    def _memfast_loss(self, outputs, labels, num_items_in_batch=None):
+        if labels is None:
+            raise ValueError("MemfastTrainer: the batch has no labels")
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        labels = labels.to(logits.device)
+        if self.shift_labels:
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        num_classes = logits.shape[-1]
+        logits, labels = logits.reshape(-1, num_classes), labels.reshape(-1)
+        tracker, ids = self.tracker, self._batch_sample_ids
+        if ids is not None:
+            if tracker.device != logits.device:
+                tracker.to(logits.device)
+            ids = ids.to(logits.device)
+        else:
+            tracker = None
+        smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)
+        if num_items_in_batch is None:
+            return memfast.cross_entropy(logits, labels, ignore_index=self.ignore_index, label_smoothing=smoothing,
+                                         sample_ids=ids, tracker=tracker)
+        total = memfast.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum",
+                                      label_smoothing=smoothing, sample_ids=ids, tracker=tracker)
+        if hasattr(num_items_in_batch, "to"):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+
+
+__all__ = ["MemfastTrainer", "TrackerCallback", "add_sample_ids", "load_tracker", "TRACKER_FILE"]

@@ -1,0 +1,192 @@
+"""MemfastTrainer on a tiny randomly initialised GPT-2: per-sequence CSL equals
+the sum of the per-token losses the model itself computes (shifted labels,
+-100 ignored) at every step; resuming from a checkpoint (mid-epoch and at an
+epoch's last step) continues the same totals."""
+import pytest
+import torch
+
+import memfast
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from memfast.integrations.hf import TRACKER_FILE, MemfastTrainer, add_sample_ids  # noqa: E402
+
+N, T, V, BATCH, EPOCHS = 16, 12, 64, 4, 2  # 4 steps per epoch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_examples(seed=0):
+    """Right-padded sequences of random lengths; padding and a random prompt
+    prefix are labelled -100."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(N):
+        length = int(torch.randint(4, T + 1, (1,), generator=g))
+        ids = torch.zeros(T, dtype=torch.long)
+        ids[:length] = torch.randint(1, V, (length,), generator=g)
+        mask = (torch.arange(T) < length).long()
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        labels[: int(torch.randint(0, 3, (1,), generator=g))] = -100  # an unlabelled prompt
+        examples.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return examples
+
+
+def make_model(cls_name="GPT2LMHeadModel", seed=0, **extra):
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, **extra)
+    torch.manual_seed(seed)
+    return getattr(transformers, cls_name)(config)
+
+
+def make_args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS, learning_rate=5e-3,
+                lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                logging_strategy="no", seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+class OracleTrainer(MemfastTrainer):
+    """Before each training step, the model's own loss per sequence (one forward
+    per sequence with its labels: the mean over its shifted target tokens)
+    times its number of target tokens, summed per sample id in float64."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.oracle = torch.zeros(N, dtype=torch.float64)
+        self.oracle_tokens = torch.zeros(N, dtype=torch.float64)
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        if model.training:
+            with torch.no_grad():
+                for b, sid in enumerate(inputs["sample_id"].tolist()):
+                    one = {k: inputs[k][b:b + 1] for k in ("input_ids", "attention_mask", "labels")}
+                    targets = int((one["labels"][0, 1:] != -100).sum())
+                    self.oracle[sid] += float(model(**one).loss) * targets
+                    self.oracle_tokens[sid] += targets
+        return super().compute_loss(model, inputs, *a, **kw)
+
+
+@pytest.mark.parametrize("container", ["list", "datasets"])
+def test_csl_is_the_models_own_per_token_loss_summed(tmp_path, container):
+    if container == "list":
+        train = add_sample_ids(make_examples())
+    else:  # a datasets.Dataset with a column the model does not take: the Trainer drops it, not the sample ids
+        datasets = pytest.importorskip("datasets")
+        rows = [{**{k: v.tolist() for k, v in e.items()}, "text": "unused"} for e in make_examples()]
+        train = add_sample_ids(datasets.Dataset.from_list(rows))
+    tracker = memfast.SampleTracker(N, stats=("csl", "count", "inconf"))
+    trainer = OracleTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=train, tracker=tracker)
+    assert trainer.shift_labels is True
+    trainer.train()
+    s = tracker.scores()
+    assert tracker.epoch == EPOCHS
+    assert trainer.oracle_tokens.min() > 0
+    torch.testing.assert_close(s["count"].double(), trainer.oracle_tokens)
+    torch.testing.assert_close(s["csl"].double(), trainer.oracle, rtol=1e-5, atol=1e-4)
+    # the loss the Trainer optimised decreased the tracked loss: training happened
+    assert trainer.state.global_step == EPOCHS * N // BATCH
+    # evaluation batches do not touch the tracker
+    before = tracker.state.clone()
+    trainer.evaluate(eval_dataset=train)
+    assert torch.equal(tracker.state, before)
+
+
+def test_missing_sample_ids_raise(tmp_path):
+    trainer = MemfastTrainer(model=make_model(), args=make_args(tmp_path, max_steps=1), train_dataset=make_examples(),
+                             tracker=memfast.SampleTracker(N))
+    with pytest.raises(KeyError, match="sample_id"):
+        trainer.train()
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        MemfastTrainer(model=make_model(), args=make_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("stop_step", [3, 4], ids=["mid-epoch", "epoch-last-step"])
+def test_resume_continues_the_totals(tmp_path, stop_step):
+    stats = ("csl", "count", "correct", "learn_time")
+    train = add_sample_ids(make_examples())
+    straight = memfast.SampleTracker(N, stats=stats)
+    MemfastTrainer(model=make_model(), args=make_args(tmp_path / "straight"), train_dataset=train,
+                   tracker=straight).train()
+
+    out = tmp_path / "resumed"
+    first = memfast.SampleTracker(N, stats=stats)
+    MemfastTrainer(model=make_model(), args=make_args(out, save_strategy="steps", save_steps=stop_step),
+                   train_dataset=train, tracker=first, callbacks=[StopAt(stop_step)]).train()
+    checkpoint = out / f"checkpoint-{stop_step}"
+    assert (checkpoint / TRACKER_FILE).is_file()
+    saved = memfast.SampleTracker.load(checkpoint / TRACKER_FILE)
+    assert saved.epoch == stop_step // (N // BATCH)
+    assert 0 < float(saved.stat("count").sum()) < float(straight.stat("count").sum())
+
+    resumed = memfast.SampleTracker(N, stats=stats)
+    MemfastTrainer(model=make_model(seed=1), args=make_args(out, save_strategy="steps", save_steps=stop_step),
+                   train_dataset=train, tracker=resumed).train(resume_from_checkpoint=True)
+    assert resumed.epoch == straight.epoch == EPOCHS
+    torch.testing.assert_close(resumed.stat("count"), straight.stat("count"))
+    torch.testing.assert_close(resumed.stat("csl"), straight.stat("csl"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(resumed.scores()["learn_time"], straight.scores()["learn_time"])
+
+
+def test_resume_without_tracker_file_raises(tmp_path):
+    train = add_sample_ids(make_examples())
+    MemfastTrainer(model=make_model(), args=make_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2),
+                   train_dataset=train).train()  # no tracker: nothing saved
+    trainer = MemfastTrainer(model=make_model(), args=make_args(tmp_path), train_dataset=train,
+                             tracker=memfast.SampleTracker(N))
+    with pytest.raises(FileNotFoundError, match=TRACKER_FILE):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_sequence_classification_unshifted(tmp_path):
+    examples = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "labels": int(i % 3)}
+                for i, e in enumerate(make_examples())]
+    model = make_model("GPT2ForSequenceClassification", num_labels=3, pad_token_id=0)
+    tracker = memfast.SampleTracker(N)
+    seen = torch.zeros(N, dtype=torch.float64)
+
+    class Oracle(MemfastTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            if model.training:
+                with torch.no_grad():
+                    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                    loss = torch.nn.functional.cross_entropy(logits.double(), inputs["labels"], reduction="none")
+                    seen.index_add_(0, inputs["sample_id"], loss)
+            return super().compute_loss(model, inputs, *a, **kw)
+
+    trainer = Oracle(model=model, args=make_args(tmp_path, num_train_epochs=1), train_dataset=add_sample_ids(examples),
+                     tracker=tracker)
+    assert trainer.shift_labels is False
+    trainer.train()
+    torch.testing.assert_close(tracker.stat("count"), torch.ones(N))
+    torch.testing.assert_close(tracker.stat("csl").double(), seen, rtol=1e-5, atol=1e-5)
+
+
+def test_add_sample_ids():
+    examples = make_examples()[:3]
+    wrapped = add_sample_ids(examples)
+    assert len(wrapped) == 3 and wrapped[2]["sample_id"] == 2 and torch.equal(wrapped[2]["input_ids"],
+                                                                              examples[2]["input_ids"])
+    with pytest.raises(ValueError, match="sample_id"):
+        add_sample_ids(wrapped)[0]
+    with pytest.raises(TypeError, match="dicts"):
+        add_sample_ids([(1, 2)])[0]
+    datasets = pytest.importorskip("datasets")
+    table = add_sample_ids(datasets.Dataset.from_dict({"x": [5, 6, 7]}))
+    assert table["sample_id"] == [0, 1, 2]
