@@ -84,6 +84,7 @@ def test_forward_options(dtype, C, opts):
     if "smooth" in opts:
         kw["eps"] = 0.1
     if opts == "ignore=2":
+        y[y == -100] = 0
         y[1::3] = 2
         kw["ignore_index"] = 2
     check_forward(x, y, **kw)
@@ -178,16 +179,19 @@ def test_api_matches_pytorch(dtype, reduction, C):
     x, y = random_case(R, C, dtype)
     w = torch.rand(C, device=DEV) + 0.1
     for kw in ({}, dict(weight=w), dict(label_smoothing=0.1), dict(weight=w, label_smoothing=0.2, ignore_index=3)):
+        if kw.get("ignore_index") == 3:
+            y = torch.where(y == -100, 3, y)
         xa = x.detach().clone().requires_grad_(True)
-        xb = x.detach().float().requires_grad_(True)
+        xb = x.detach().double().requires_grad_(True)  # fp64 PyTorch: fp32 PyTorch is less exact than the kernel
         a = memfast.cross_entropy(xa, y, reduction=reduction, **kw)
-        b = F.cross_entropy(xb, y, reduction=reduction, **kw)
+        kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+        b = F.cross_entropy(xb, y, reduction=reduction, **kw64)
         tol = max(TOL[dtype], 2e-5)
-        torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol)
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
         up = torch.randn_like(b)
         (ga,) = torch.autograd.grad(a, xa, up.to(a.dtype))
         (gb,) = torch.autograd.grad(b, xb, up)
-        torch.testing.assert_close(ga.float(), gb, atol=tol, rtol=tol)
+        torch.testing.assert_close(ga.double(), gb, atol=tol, rtol=tol)
 
 
 def test_api_spatial_and_adjustment_table():
@@ -237,7 +241,7 @@ def test_track_matches_reference_over_epochs(stats):
         got.end_epoch()
         want.end_epoch()
     assert_trackers_close(got, want)
-    assert got.stat("nonfinite").sum() > 0 if "nonfinite" in got.stored_stats else True
+    assert got.stat("nonfinite").sum() == 12  # row 5 of every batch
 
 
 def test_track_sorted_and_shuffled_repeats():
@@ -325,8 +329,9 @@ def test_empty_batch_counts_a_call():
 
 # -------------------------------------------------------- torch integration
 def test_opcheck():
+    # No ignored rows: opcheck's AOT comparison treats their NaN statistics as a mismatch.
     C = 37
-    x, y = random_case(12, C, torch.bfloat16)
+    x, y = random_case(12, C, torch.bfloat16, ignore_every=0)
     w = torch.rand(C, device=DEV) + 0.5
     table, groups = torch.randn(3, C, device=DEV), torch.randint(0, 3, (12,), device=DEV)
     for args in ((x, y, None, -100, 0.0, None, None, True), (x.float(), y, w, -100, 0.1, None, None, True),
@@ -387,13 +392,12 @@ def test_cuda_graph_replay():
     assert int(tracker.counters[COUNTER["calls"]]) == 5
 
 
-def _train_step(model, x, y, ids, tracker):
-    loss = memfast.cross_entropy(model(x).float(), y, sample_ids=ids, tracker=tracker, label_smoothing=0.1)
-    loss.backward()
-    return loss.detach()
+def _loss_step(model, x, y, ids, tracker):
+    return memfast.cross_entropy(model(x).float(), y, sample_ids=ids, tracker=tracker, label_smoothing=0.1)
 
 
 def test_torch_compile_fullgraph_matches_eager():
+    """Forward + tracker scatter compiled as one graph (backward through the compiled graph)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 1000).to(DEV)
     x, y = torch.randn(256, 64, device=DEV), torch.randint(0, 1000, (256,), device=DEV)
@@ -401,14 +405,16 @@ def test_torch_compile_fullgraph_matches_eager():
     y[1] = -100
     eager_tracker = memfast.SampleTracker(100, stats="all", device=DEV)
     compiled_tracker = memfast.SampleTracker(100, stats="all", device=DEV)
-    step = torch.compile(_train_step, fullgraph=True)
+    step = torch.compile(_loss_step, fullgraph=True)
     torch._dynamo.reset()
     for _ in range(3):
         model.zero_grad()
-        eager_loss = _train_step(model, x, y, ids, eager_tracker)
+        eager_loss = _loss_step(model, x, y, ids, eager_tracker)
+        eager_loss.backward()
         eager_grad = model.weight.grad.clone()
         model.zero_grad()
         compiled_loss = step(model, x, y, ids, compiled_tracker)
+        compiled_loss.backward()
         torch.testing.assert_close(compiled_loss, eager_loss)
         torch.testing.assert_close(model.weight.grad, eager_grad)
     torch.testing.assert_close(compiled_tracker.state, eager_tracker.state)

@@ -140,8 +140,8 @@ __device__ __forceinline__ bool row_begin(const FwdArgs<acc_t>& a, int64_t row, 
 
 // Pass-1 bookkeeping for one (adjusted) logit: the largest other logit and
 // whether an other class beats the target under "argmax = first maximal index".
-template <typename acc_t>
-__device__ __forceinline__ void visit(acc_t v, int64_t c, int64_t y, acc_t z_y, acc_t& max_other, acc_t& beaten) {
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ void visit(acc_t v, index_t c, index_t y, acc_t z_y, acc_t& max_other, acc_t& beaten) {
   if (c == y) return;
   max_other = v > max_other ? v : max_other;
   const bool beats = c < y ? v >= z_y : v > z_y;
@@ -170,8 +170,8 @@ __device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row,
 }
 
 // d loss / d z_c from e_c = exp(z_c - max); the target term in acc_t, rounded once by the caller.
-template <typename acc_t>
-__device__ __forceinline__ acc_t grad_value(const FwdArgs<acc_t>& a, acc_t e, int64_t c, int64_t y,
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t grad_value(const FwdArgs<acc_t>& a, acc_t e, index_t c, index_t y,
                                             const GradCoef<acc_t>& k, acc_t scale) {
   const acc_t w_c = (a.weight && a.eps > acc_t(0)) ? a.weight[c] : acc_t(1);
   acc_t g = e * scale - k.eps_w * w_c;
@@ -214,20 +214,42 @@ __device__ __forceinline__ void cluster_sync_if(int cs) {
 }
 
 // Threads per block of the resident kernel and how many blocks the compiler
-// should fit on one SM (register budget: 64k registers per SM).
+// should fit on one SM (64k registers per SM). A held vector costs 4 registers
+// whatever the dtype (it stays packed); ~48 more hold pointers, indices and
+// the pass in flight (fp64: +32). Checked with -Xptxas -v: few or no spills.
 template <typename scalar_t, int G, int NVEC>
 struct ResidentConfig {
-  using acc_t = at::opmath_type<scalar_t>;
   static constexpr int kThreads = G > 32 ? G : 256;
-  static constexpr int kHeldRegs = NVEC * vec_width<scalar_t>() * static_cast<int>(sizeof(acc_t) / 4);
-  static constexpr int kEstRegs = kHeldRegs + 32;
+  static constexpr int kEstRegs = 4 * NVEC + 48 + (sizeof(at::opmath_type<scalar_t>) == 8 ? 32 : 0);
   static constexpr int kFit = 65536 / (kThreads * kEstRegs);
   static constexpr int kMaxBlocks = 2048 / kThreads;
   static constexpr int kMinBlocks = kFit < 1 ? 1 : (kFit > kMaxBlocks ? kMaxBlocks : kFit);
 };
 
-// The row held in registers. G threads per row (G <= 32: 256 / G rows per
-// block; G > 32: one row per block, or per cluster of `cs` blocks).
+// Widen one held 16-byte vector and add the adjustment row (if any).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void widen(const uint4& raw, const acc_t* adj, int c0, acc_t* x) {
+  constexpr int VEC = vec_width<scalar_t>();
+  const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) x[j] = static_cast<acc_t>(s[j]) + (adj ? adj[c0 + j] : acc_t(0));
+}
+
+// Hide the held vectors' values from the optimiser between passes, so that it
+// re-widens them instead of keeping widened fp32 copies alive across a pass
+// (which would double the registers the row needs). Emits no instruction.
+template <int NVEC>
+__device__ __forceinline__ void keep_packed(uint4 (&raw)[NVEC]) {
+#pragma unroll
+  for (int i = 0; i < NVEC; ++i) asm volatile("" : "+r"(raw[i].x), "+r"(raw[i].y), "+r"(raw[i].z), "+r"(raw[i].w));
+}
+
+// The row held in registers, as loaded (packed 16-byte vectors: 8 bf16 in 4
+// registers), widened again in each pass; exp is evaluated twice per element
+// (pass 2 and 3), which the SFU affords at HBM rate, in exchange for half the
+// registers of an fp32 copy and so two 512-thread blocks per SM.
+// G threads per row (G <= 32: 256 / G rows per block; G > 32: one row per
+// block, or per cluster of `cs` blocks). Column indices fit in 32 bits.
 template <typename scalar_t, int G, int NVEC>
 __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
                                   ResidentConfig<scalar_t, G, NVEC>::kMinBlocks)
@@ -254,94 +276,93 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
   Row<scalar_t, acc_t> r;
   // Uniform over the group / block / cluster: leaving here touches no shared memory.
   if (!row_begin(a, row, writer, rank * G + lane, G * cs, r)) return;
+  const int y = static_cast<int>(r.y);
+  const int nv = static_cast<int>(r.nv);
+  const int head = r.head;
+  const acc_t z_y = r.z_y;
+  const acc_t* adj = r.adj;
 
-  acc_t x[NVEC][VEC];
+  uint4 raw[NVEC];
 #pragma unroll
   for (int i = 0; i < NVEC; ++i) {
-    const int64_t v = static_cast<int64_t>(i * cs + rank) * G + lane;
-    if (v < r.nv) {
-      load_vec<scalar_t, acc_t>(r.z + r.head + v * VEC, x[i]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) x[i][j] = neg_inf<acc_t>();
-    }
+    const int v = (i * cs + rank) * G + lane;
+    raw[i] = v < nv ? *reinterpret_cast<const uint4*>(r.z + head + v * VEC) : make_uint4(0, 0, 0, 0);
   }
   // Scalar head and tail elements (block / cluster rank 0; lane < head, lane < ntail).
-  const bool has_head = rank == 0 && lane < r.head;
+  const bool has_head = rank == 0 && lane < head;
   const bool has_tail = rank == 0 && lane < r.ntail;
-  const int64_t c_head = lane, c_tail = r.tail_start + lane;
-  acc_t xh = has_head ? static_cast<acc_t>(r.z[c_head]) : neg_inf<acc_t>();
-  acc_t xt = has_tail ? static_cast<acc_t>(r.z[c_tail]) : neg_inf<acc_t>();
+  const int c_head = lane, c_tail = static_cast<int>(r.tail_start) + lane;
+  const acc_t xh = has_head ? static_cast<acc_t>(r.z[c_head]) + (adj ? adj[c_head] : acc_t(0)) : acc_t(0);
+  const acc_t xt = has_tail ? static_cast<acc_t>(r.z[c_tail]) + (adj ? adj[c_tail] : acc_t(0)) : acc_t(0);
 
-  acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};  // largest other logit, beaten
+  // Pass 1: largest other logit, and whether another class beats the target.
+  acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};
 #pragma unroll
   for (int i = 0; i < NVEC; ++i) {
-    const int64_t v = static_cast<int64_t>(i * cs + rank) * G + lane;
-    if (v < r.nv) {
-      const int64_t c0 = r.head + v * VEC;
+    const int v = (i * cs + rank) * G + lane;
+    if (v < nv) {
+      const int c0 = head + v * VEC;
+      acc_t x[VEC];
+      widen<scalar_t>(raw[i], adj, c0, x);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if (r.adj) x[i][j] += r.adj[c0 + j];
-        visit(x[i][j], c0 + j, r.y, r.z_y, stage1[0], stage1[1]);
-      }
+      for (int j = 0; j < VEC; ++j) visit<acc_t>(x[j], c0 + j, y, z_y, stage1[0], stage1[1]);
     }
   }
-  if (has_head) {
-    if (r.adj) xh += r.adj[c_head];
-    visit(xh, c_head, r.y, r.z_y, stage1[0], stage1[1]);
-  }
-  if (has_tail) {
-    if (r.adj) xt += r.adj[c_tail];
-    visit(xt, c_tail, r.y, r.z_y, stage1[0], stage1[1]);
-  }
+  if (has_head) visit<acc_t>(xh, c_head, y, z_y, stage1[0], stage1[1]);
+  if (has_tail) visit<acc_t>(xt, c_tail, y, z_y, stage1[0], stage1[1]);
   row_reduce<G, NT, 2>(stage1, MaxOp(), red_smem[0], cl_smem[0], cs);
   const acc_t max_other = stage1[0];
-  const acc_t m = r.z_y > max_other ? r.z_y : max_other;
+  const acc_t m = z_y > max_other ? z_y : max_other;
+  keep_packed(raw);
 
+  // Pass 2: sum of exp(z - m) (and sum w * z for label smoothing).
   const bool smooth = a.eps > acc_t(0);
-  acc_t stage2[2] = {acc_t(0), acc_t(0)};  // sum exp, sum w * z
+  const acc_t* w = a.weight;
+  acc_t stage2[2] = {acc_t(0), acc_t(0)};
 #pragma unroll
   for (int i = 0; i < NVEC; ++i) {
-    const int64_t v = static_cast<int64_t>(i * cs + rank) * G + lane;
-    if (v < r.nv) {
-      const int64_t c0 = r.head + v * VEC;
+    const int v = (i * cs + rank) * G + lane;
+    if (v < nv) {
+      const int c0 = head + v * VEC;
+      acc_t x[VEC];
+      widen<scalar_t>(raw[i], adj, c0, x);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        if (smooth) stage2[1] += (a.weight ? a.weight[c0 + j] : acc_t(1)) * x[i][j];
-        x[i][j] = fast_exp(x[i][j] - m);
-        stage2[0] += x[i][j];
+        if (smooth) stage2[1] += (w ? w[c0 + j] : acc_t(1)) * x[j];
+        stage2[0] += fast_exp(x[j] - m);
       }
     }
   }
   if (has_head) {
-    if (smooth) stage2[1] += (a.weight ? a.weight[c_head] : acc_t(1)) * xh;
-    xh = fast_exp(xh - m);
-    stage2[0] += xh;
+    if (smooth) stage2[1] += (w ? w[c_head] : acc_t(1)) * xh;
+    stage2[0] += fast_exp(xh - m);
   }
   if (has_tail) {
-    if (smooth) stage2[1] += (a.weight ? a.weight[c_tail] : acc_t(1)) * xt;
-    xt = fast_exp(xt - m);
-    stage2[0] += xt;
+    if (smooth) stage2[1] += (w ? w[c_tail] : acc_t(1)) * xt;
+    stage2[0] += fast_exp(xt - m);
   }
   row_reduce<G, NT, 2>(stage2, SumOp(), red_smem[1], cl_smem[1], cs);
+  keep_packed(raw);
 
   acc_t w_y, scale;
   GradCoef<acc_t> k;
-  row_finish(a, row, writer, r.y, r.z_y, max_other, stage1[1], m, stage2[0], stage2[1], w_y, k, scale);
+  row_finish(a, row, writer, r.y, z_y, max_other, stage1[1], m, stage2[0], stage2[1], w_y, k, scale);
+  // Pass 3: the gradient, one rounding per element, 16-byte stores.
   if (r.g) {
 #pragma unroll
     for (int i = 0; i < NVEC; ++i) {
-      const int64_t v = static_cast<int64_t>(i * cs + rank) * G + lane;
-      if (v < r.nv) {
-        const int64_t c0 = r.head + v * VEC;
-        acc_t out[VEC];
+      const int v = (i * cs + rank) * G + lane;
+      if (v < nv) {
+        const int c0 = head + v * VEC;
+        acc_t x[VEC];
+        widen<scalar_t>(raw[i], adj, c0, x);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) out[j] = grad_value(a, x[i][j], c0 + j, r.y, k, scale);
-        store_vec<scalar_t, acc_t>(r.g + c0, out);
+        for (int j = 0; j < VEC; ++j) x[j] = grad_value(a, fast_exp(x[j] - m), c0 + j, y, k, scale);
+        store_vec<scalar_t, acc_t>(r.g + c0, x);
       }
     }
-    if (has_head) r.g[c_head] = static_cast<scalar_t>(grad_value(a, xh, c_head, r.y, k, scale));
-    if (has_tail) r.g[c_tail] = static_cast<scalar_t>(grad_value(a, xt, c_tail, r.y, k, scale));
+    if (has_head) r.g[c_head] = static_cast<scalar_t>(grad_value(a, fast_exp(xh - m), c_head, y, k, scale));
+    if (has_tail) r.g[c_tail] = static_cast<scalar_t>(grad_value(a, fast_exp(xt - m), c_tail, y, k, scale));
   }
   // No block of the cluster may leave while another still reads its shared memory.
   cluster_sync_if(cs);
@@ -596,6 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
   const int64_t R = logits.size(0), C = logits.size(1);
+  TORCH_CHECK_VALUE(C < (int64_t{1} << 31) - 16, "memfast.cross_entropy: at most 2^31 - 17 classes, got ", C);
   const int vec = static_cast<int>(16 / logits.element_size());
   // The vectorised gradient stores need the logits row and the (dense) gradient
   // row to share their alignment: true for dense, aligned logits; otherwise copy.
