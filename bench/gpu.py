@@ -105,7 +105,8 @@ def make_methods(case, liger):
             buf.index_add_(0, row_ids(case, ids), loss.detach().float())
         return loss.mean()
 
-    compiled_loss = torch.compile(eager_loss)
+    torch._dynamo.reset()  # a fresh cache per case: no recompile limit across the cases
+    compiled_loss = torch.compile(eager_loss, dynamic=False)
     methods = {"memfast": mf, "eager": eager_loss, "compile": compiled_loss}
     if liger is not None and not case.table:
         def liger_loss(x, y, ids, table, groups):
@@ -163,6 +164,49 @@ def time_method(fn, case, inputs, warmup, iters):
     value = float(loss)
     del work
     return statistics.median(times), extra, value
+
+
+def kernel_times(case, inputs, warmup, iters, rate):
+    """The forward and backward ops alone, with each forward variant (env switches),
+    as ms and as a fraction of the copy rate (bytes: logits read + gradient written)."""
+    import os
+
+    pristine, targets, _, _, _ = inputs
+    copies = len(pristine)
+    out = {}
+
+    def timed(fn):
+        for i in range(warmup):
+            fn(i % copies)
+        torch.cuda.synchronize()
+        times = []
+        for i in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(i % copies)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    nbytes = 2 * case.logits_bytes
+    variants = {"fwd": {}, "fwd cluster=0": {"MEMFAST_CE_CLUSTER": "0"}, "fwd stream": {"MEMFAST_CE_KERNEL": "stream"}}
+    for name, env in variants.items():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ms = timed(lambda k: torch.ops.memfast.cross_entropy_fwd(pristine[k], targets[k], None, -100, 0.0, None,
+                                                                      None, True))
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        out[name] = (ms, nbytes / (ms / 1e3) / rate)
+    grads = [torch.ops.memfast.cross_entropy_fwd(p, t, None, -100, 0.0, None, None, True)[2]
+             for p, t in zip(pristine, targets)]
+    scale = torch.rand(case.rows, device="cuda")
+    ms = timed(lambda k: torch.ops.memfast.cross_entropy_bwd(grads[k], scale))
+    out["bwd"] = (ms, nbytes / (ms / 1e3) / rate)
+    return out
 
 
 def cases(quick):
@@ -226,11 +270,27 @@ def main(argv=None):
             except Exception as e:  # a peer failing on a shape must not stop the run
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             torch.cuda.empty_cache()
+        if not case.table and case.tracking and not case.seq_len:
+            try:
+                row["kernels"] = kernel_times(case, inputs, warmup, iters, rate)
+            except Exception as e:
+                row["kernels"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         results.append(row)
         print(json.dumps(row))
         del inputs
         torch.cuda.empty_cache()
 
+    print()
+    print("Ops alone: median ms (fraction of the copy rate for logits read + gradient written)")
+    print()
+    names = ["fwd", "fwd cluster=0", "fwd stream", "bwd"]
+    print("| case | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for row in results:
+        k = row.get("kernels")
+        if not k or "error" in k:
+            continue
+        print(f"| {row['case']} | " + " | ".join(f"{k[n][0]:.3f} ({100 * k[n][1]:.0f}%)" for n in names) + " |")
     methods = ["memfast", "eager", "compile", "liger"]
     print()
     print(f"{props.name}, copy {rate / 1e12:.2f} TB/s; median ms of forward + backward (+ tracking); "
