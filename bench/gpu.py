@@ -161,7 +161,7 @@ def time_method(fn, case, inputs, warmup, iters):
     loss = run(0)
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    value = float(loss)
+    value = float(loss.detach())
     del work
     return statistics.median(times), extra, value
 
