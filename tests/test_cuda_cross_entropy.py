@@ -426,8 +426,11 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.slow
-def test_64bit_indexing_bf16():
+@pytest.mark.parametrize("kernel", ["auto", "stream"])
+def test_64bit_indexing_bf16(monkeypatch, kernel):
     """R * C >= 2^31 elements: rows past the 32-bit boundary are right."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
     C = 131072 + 3
     R = (1 << 31) // C + 64
     assert R * C >= 1 << 31
