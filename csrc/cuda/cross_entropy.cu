@@ -1,0 +1,714 @@
+// CUDA kernels of memfast::cross_entropy_fwd / cross_entropy_bwd.
+//
+// Goal: one read of the logits and one write of the gradient. A row is split
+// over a group of threads (8 or 32 lanes of a warp for short rows, a block of
+// up to 512 threads, or a cluster of 2-8 blocks on sm_90 for long rows); each
+// thread loads its part of the row with 16-byte loads and keeps it in
+// registers, widened to fp32 (fp64 for fp64 logits):
+//   pass 1 (registers): target logit known up front -> largest other logit and
+//     "some other class beats the target" -> group reduction;
+//   pass 2 (registers): e = exp(z - max), sum e (and sum w*z when smoothing)
+//     -> group reduction;
+//   pass 3 (registers): the gradient e * scale - eps/C * w (- (1-eps) w_y at
+//     the target, formed in fp32 and rounded once), one 16-byte store.
+// Rows longer than the register budget (fp32 > 64k classes, fp64 > 32k, or
+// any row when clusters are off and the row is > 32k bf16) use a streaming
+// kernel: pass 1 reads the row with an online max/sum, pass 2 re-reads it
+// (mostly from L2) and writes the gradient.
+//
+// Unlike the CPU kernel (which raises), a target out of range (and not
+// ignore_index) or a group out of range cannot raise here without a host
+// synchronisation: such a row gets a NaN loss and NaN row statistics and a zero
+// gradient row, and never reads or writes out of bounds; the tracker op counts
+// it on the device and SampleTracker.check() raises.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <cooperative_groups.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "../common/ce_math.h"
+#include "../common/checks.h"
+#include "../common/cuda_utils.cuh"
+
+namespace memfast {
+namespace {
+
+using cuda::block_reduce;
+using cuda::group_reduce;
+using cuda::load_vec;
+using cuda::MaxOp;
+using cuda::store_vec;
+using cuda::SumOp;
+using cuda::vec_width;
+
+template <typename acc_t>
+struct FwdArgs {
+  const void* logits;
+  int64_t ld;  // elements between two rows of the logits
+  int64_t R, C;
+  const int64_t* target;
+  const acc_t* weight;      // [C] or nullptr
+  const acc_t* weight_sum;  // device scalar sum(weight) when weight && eps > 0, else nullptr (sum = C)
+  const acc_t* adj;         // adjustment rows or nullptr
+  int64_t adj_ld;           // 0 for an expanded [C] shift
+  const int64_t* groups;    // row -> adjustment row, or nullptr (row r uses adjustment row r)
+  int64_t A;                // adjustment rows (bounds for groups)
+  acc_t* loss;              // [R]
+  acc_t* stats;             // [NUM_ROW_STATS, R]
+  void* grad;               // [R, C] contiguous or nullptr
+  int64_t ignore_index;
+  acc_t eps;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// What every thread of a row's group knows about the row.
+template <typename scalar_t, typename acc_t>
+struct Row {
+  const scalar_t* z;  // logits row
+  const acc_t* adj;   // adjustment row or nullptr
+  scalar_t* g;        // gradient row or nullptr
+  int64_t y;
+  acc_t z_y;
+  int head;            // scalar elements before the first 16-byte aligned one
+  int ntail;           // scalar elements after the last full vector
+  int64_t nv;          // full vectors
+  int64_t tail_start;  // index of the first tail element
+};
+
+// Reads the row's target (and group) and, for a row that is ignored or has an
+// out-of-range target / group, writes its outputs (loss 0 or NaN, zero
+// gradient part of thread `t` of `nt`) and returns false.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ bool row_begin(const FwdArgs<acc_t>& a, int64_t row, bool writer, int t, int nt,
+                                          Row<scalar_t, acc_t>& r) {
+  constexpr int VEC = vec_width<scalar_t>();
+  const int64_t C = a.C;
+  r.y = a.target[row];
+  r.g = a.grad ? static_cast<scalar_t*>(a.grad) + row * C : nullptr;
+  const bool ignored = r.y == a.ignore_index;
+  bool bad = !ignored && (r.y < 0 || r.y >= C);
+  int64_t adj_row = row;
+  if (!ignored && a.groups) {
+    adj_row = a.groups[row];
+    bad = bad || adj_row < 0 || adj_row >= a.A;
+  }
+  if (ignored || bad) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    if (writer) {
+      a.loss[row] = ignored ? acc_t(0) : nan;
+      a.stats[ROW_LSE * a.R + row] = nan;
+      a.stats[ROW_TARGET_LOGIT * a.R + row] = nan;
+      a.stats[ROW_MAX_OTHER * a.R + row] = nan;
+      a.stats[ROW_WEIGHT * a.R + row] = ignored ? acc_t(0) : nan;
+      a.stats[ROW_CORRECT * a.R + row] = ignored ? acc_t(0) : nan;
+    }
+    if (r.g) {
+      // The gradient row has its own alignment (it is dense, the logits may not be).
+      const int mis = static_cast<int>((reinterpret_cast<uintptr_t>(r.g) / sizeof(scalar_t)) % VEC);
+      const int64_t head = mis ? (VEC - mis < C ? VEC - mis : C) : 0;
+      const int64_t nv = (C - head) / VEC;
+      const acc_t zero[VEC] = {};
+      for (int64_t c = t; c < head; c += nt) r.g[c] = scalar_t(0);
+      for (int64_t v = t; v < nv; v += nt) store_vec<scalar_t, acc_t>(r.g + head + v * VEC, zero);
+      for (int64_t c = head + nv * VEC + t; c < C; c += nt) r.g[c] = scalar_t(0);
+    }
+    return false;
+  }
+  r.z = static_cast<const scalar_t*>(a.logits) + row * a.ld;
+  r.adj = a.adj ? a.adj + adj_row * a.adj_ld : nullptr;
+  r.z_y = static_cast<acc_t>(r.z[r.y]) + (r.adj ? r.adj[r.y] : acc_t(0));
+  const int mis = static_cast<int>((reinterpret_cast<uintptr_t>(r.z) / sizeof(scalar_t)) % VEC);
+  r.head = mis ? static_cast<int>(VEC - mis < C ? VEC - mis : C) : 0;
+  r.nv = (C - r.head) / VEC;
+  r.tail_start = r.head + r.nv * VEC;
+  r.ntail = static_cast<int>(C - r.tail_start);
+  return true;
+}
+
+// Pass-1 bookkeeping for one (adjusted) logit: the largest other logit and
+// whether an other class beats the target under "argmax = first maximal index".
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ void visit(acc_t v, index_t c, index_t y, acc_t z_y, acc_t& max_other, acc_t& beaten) {
+  if (c == y) return;
+  max_other = v > max_other ? v : max_other;
+  const bool beats = c < y ? v >= z_y : v > z_y;
+  beaten = beats ? acc_t(1) : beaten;
+}
+
+// Loss and row statistics from the reduced values; returns the gradient
+// coefficients through k and scale (= k.scale_p / sum).
+template <typename acc_t>
+__device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row, bool writer, int64_t y, acc_t z_y,
+                                           acc_t max_other, acc_t beaten, acc_t m, acc_t sum, acc_t weighted_sum,
+                                           acc_t& w_y, GradCoef<acc_t>& k, acc_t& scale) {
+  w_y = a.weight ? a.weight[y] : acc_t(1);
+  const acc_t weight_sum = a.weight_sum ? *a.weight_sum : static_cast<acc_t>(a.C);
+  const acc_t lse = m + log(sum);
+  if (writer) {
+    a.loss[row] = row_loss(lse, z_y, w_y, weight_sum, weighted_sum, a.eps, a.C);
+    a.stats[ROW_LSE * a.R + row] = lse;
+    a.stats[ROW_TARGET_LOGIT * a.R + row] = z_y;
+    a.stats[ROW_MAX_OTHER * a.R + row] = max_other;  // -inf when C == 1
+    a.stats[ROW_WEIGHT * a.R + row] = w_y;
+    a.stats[ROW_CORRECT * a.R + row] = beaten == acc_t(0) ? acc_t(1) : acc_t(0);
+  }
+  k = grad_coefficients(w_y, weight_sum, a.eps, a.C);
+  scale = k.scale_p / sum;
+}
+
+// d loss / d z_c from e_c = exp(z_c - max); the target term in acc_t, rounded once by the caller.
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t grad_value(const FwdArgs<acc_t>& a, acc_t e, index_t c, index_t y,
+                                            const GradCoef<acc_t>& k, acc_t scale) {
+  const acc_t w_c = (a.weight && a.eps > acc_t(0)) ? a.weight[c] : acc_t(1);
+  acc_t g = e * scale - k.eps_w * w_c;
+  return c == y ? g - k.target_w : g;
+}
+
+// Reduce K values over the row's threads: a lane group (G <= 32), a block, or
+// a cluster of `cs` blocks (distributed shared memory, sm_90). `cl` is a K-entry
+// slot of this block's shared memory, one per stage.
+template <int G, int NT, int K, typename T, typename Op>
+__device__ __forceinline__ void row_reduce(T (&v)[K], Op op, T* smem, T* cl, int cs) {
+  if constexpr (G <= 32) {
+    group_reduce<G, K>(v, op);
+  } else {
+    block_reduce<NT, K>(v, op, smem);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (cs > 1) {
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) cl[k] = v[k];
+      }
+      cluster.sync();
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        T r = *cluster.map_shared_rank(cl + k, 0);
+        for (int q = 1; q < cs; ++q) r = op(r, *cluster.map_shared_rank(cl + k, q));
+        v[k] = r;
+      }
+    }
+#endif
+  }
+}
+
+__device__ __forceinline__ void cluster_sync_if(int cs) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cs > 1) cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// Threads per block of the resident kernel and how many blocks the compiler
+// should fit on one SM (64k registers per SM). A held vector costs 4 registers
+// whatever the dtype (it stays packed); ~48 more hold pointers, indices and
+// the pass in flight (fp64: +32). Checked with -Xptxas -v: few or no spills.
+template <typename scalar_t, int G, int NVEC>
+struct ResidentConfig {
+  static constexpr int kThreads = G > 32 ? G : 256;
+  static constexpr int kEstRegs = 4 * NVEC + 48 + (sizeof(at::opmath_type<scalar_t>) == 8 ? 32 : 0);
+  static constexpr int kFit = 65536 / (kThreads * kEstRegs);
+  static constexpr int kMaxBlocks = 2048 / kThreads;
+  static constexpr int kMinBlocks = kFit < 1 ? 1 : (kFit > kMaxBlocks ? kMaxBlocks : kFit);
+};
+
+// Widen one held 16-byte vector and add the adjustment row (if any).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void widen(const uint4& raw, const acc_t* adj, int c0, acc_t* x) {
+  constexpr int VEC = vec_width<scalar_t>();
+  const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) x[j] = static_cast<acc_t>(s[j]) + (adj ? adj[c0 + j] : acc_t(0));
+}
+
+// Hide the held vectors' values from the optimiser between passes, so that it
+// re-widens them instead of keeping widened fp32 copies alive across a pass
+// (which would double the registers the row needs). Emits no instruction.
+template <int NVEC>
+__device__ __forceinline__ void keep_packed(uint4 (&raw)[NVEC]) {
+#pragma unroll
+  for (int i = 0; i < NVEC; ++i) asm volatile("" : "+r"(raw[i].x), "+r"(raw[i].y), "+r"(raw[i].z), "+r"(raw[i].w));
+}
+
+// The row held in registers, as loaded (packed 16-byte vectors: 8 bf16 in 4
+// registers), widened again in each pass; exp is evaluated twice per element
+// (pass 2 and 3), which the SFU affords at HBM rate, in exchange for half the
+// registers of an fp32 copy and so two 512-thread blocks per SM.
+// G threads per row (G <= 32: 256 / G rows per block; G > 32: one row per
+// block, or per cluster of `cs` blocks). Column indices fit in 32 bits.
+template <typename scalar_t, int G, int NVEC>
+__global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
+                                  ResidentConfig<scalar_t, G, NVEC>::kMinBlocks)
+    ce_fwd_resident_kernel(const FwdArgs<at::opmath_type<scalar_t>> a, const int cs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  constexpr int NT = ResidentConfig<scalar_t, G, NVEC>::kThreads;
+  constexpr int NW = NT / 32;
+  __shared__ acc_t red_smem[2][2 * NW];
+  __shared__ acc_t cl_smem[2][2];
+
+  int64_t row;
+  int lane, rank = 0;
+  if constexpr (G > 32) {
+    row = blockIdx.x / cs;
+    rank = static_cast<int>(blockIdx.x % cs);
+    lane = threadIdx.x;
+  } else {
+    row = static_cast<int64_t>(blockIdx.x) * (NT / G) + threadIdx.x / G;
+    lane = threadIdx.x % G;
+    if (row >= a.R) return;  // whole lane groups leave; shuffles are per group
+  }
+  const bool writer = rank == 0 && lane == 0;
+  Row<scalar_t, acc_t> r;
+  // Uniform over the group / block / cluster: leaving here touches no shared memory.
+  if (!row_begin(a, row, writer, rank * G + lane, G * cs, r)) return;
+  const int y = static_cast<int>(r.y);
+  const int nv = static_cast<int>(r.nv);
+  const int head = r.head;
+  const acc_t z_y = r.z_y;
+  const acc_t* adj = r.adj;
+
+  uint4 raw[NVEC];
+#pragma unroll
+  for (int i = 0; i < NVEC; ++i) {
+    const int v = (i * cs + rank) * G + lane;
+    raw[i] = v < nv ? *reinterpret_cast<const uint4*>(r.z + head + v * VEC) : make_uint4(0, 0, 0, 0);
+  }
+  // Scalar head and tail elements (block / cluster rank 0; lane < head, lane < ntail).
+  const bool has_head = rank == 0 && lane < head;
+  const bool has_tail = rank == 0 && lane < r.ntail;
+  const int c_head = lane, c_tail = static_cast<int>(r.tail_start) + lane;
+  const acc_t xh = has_head ? static_cast<acc_t>(r.z[c_head]) + (adj ? adj[c_head] : acc_t(0)) : acc_t(0);
+  const acc_t xt = has_tail ? static_cast<acc_t>(r.z[c_tail]) + (adj ? adj[c_tail] : acc_t(0)) : acc_t(0);
+
+  // Pass 1: largest other logit, and whether another class beats the target.
+  acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};
+#pragma unroll
+  for (int i = 0; i < NVEC; ++i) {
+    const int v = (i * cs + rank) * G + lane;
+    if (v < nv) {
+      const int c0 = head + v * VEC;
+      acc_t x[VEC];
+      widen<scalar_t>(raw[i], adj, c0, x);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) visit<acc_t>(x[j], c0 + j, y, z_y, stage1[0], stage1[1]);
+    }
+  }
+  if (has_head) visit<acc_t>(xh, c_head, y, z_y, stage1[0], stage1[1]);
+  if (has_tail) visit<acc_t>(xt, c_tail, y, z_y, stage1[0], stage1[1]);
+  row_reduce<G, NT, 2>(stage1, MaxOp(), red_smem[0], cl_smem[0], cs);
+  const acc_t max_other = stage1[0];
+  const acc_t m = z_y > max_other ? z_y : max_other;
+  keep_packed(raw);
+
+  // Pass 2: sum of exp(z - m) (and sum w * z for label smoothing).
+  const bool smooth = a.eps > acc_t(0);
+  const acc_t* w = a.weight;
+  acc_t stage2[2] = {acc_t(0), acc_t(0)};
+#pragma unroll
+  for (int i = 0; i < NVEC; ++i) {
+    const int v = (i * cs + rank) * G + lane;
+    if (v < nv) {
+      const int c0 = head + v * VEC;
+      acc_t x[VEC];
+      widen<scalar_t>(raw[i], adj, c0, x);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (smooth) stage2[1] += (w ? w[c0 + j] : acc_t(1)) * x[j];
+        stage2[0] += fast_exp(x[j] - m);
+      }
+    }
+  }
+  if (has_head) {
+    if (smooth) stage2[1] += (w ? w[c_head] : acc_t(1)) * xh;
+    stage2[0] += fast_exp(xh - m);
+  }
+  if (has_tail) {
+    if (smooth) stage2[1] += (w ? w[c_tail] : acc_t(1)) * xt;
+    stage2[0] += fast_exp(xt - m);
+  }
+  row_reduce<G, NT, 2>(stage2, SumOp(), red_smem[1], cl_smem[1], cs);
+  keep_packed(raw);
+
+  acc_t w_y, scale;
+  GradCoef<acc_t> k;
+  row_finish(a, row, writer, r.y, z_y, max_other, stage1[1], m, stage2[0], stage2[1], w_y, k, scale);
+  // Pass 3: the gradient, one rounding per element, 16-byte stores.
+  if (r.g) {
+#pragma unroll
+    for (int i = 0; i < NVEC; ++i) {
+      const int v = (i * cs + rank) * G + lane;
+      if (v < nv) {
+        const int c0 = head + v * VEC;
+        acc_t x[VEC];
+        widen<scalar_t>(raw[i], adj, c0, x);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) x[j] = grad_value(a, fast_exp(x[j] - m), c0 + j, y, k, scale);
+        store_vec<scalar_t, acc_t>(r.g + c0, x);
+      }
+    }
+    if (has_head) r.g[c_head] = static_cast<scalar_t>(grad_value(a, fast_exp(xh - m), c_head, y, k, scale));
+    if (has_tail) r.g[c_tail] = static_cast<scalar_t>(grad_value(a, fast_exp(xt - m), c_tail, y, k, scale));
+  }
+  // No block of the cluster may leave while another still reads its shared memory.
+  cluster_sync_if(cs);
+}
+
+// Any row length: one block per row, two reads of the row (the second mostly from L2).
+constexpr int kStreamThreads = 512;
+constexpr int kStreamUnroll = 4;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const FwdArgs<at::opmath_type<scalar_t>> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  constexpr int NT = kStreamThreads;
+  constexpr int U = kStreamUnroll;
+  __shared__ acc_t red_smem[2][2 * (NT / 32)];
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x;
+  const bool writer = lane == 0;
+  Row<scalar_t, acc_t> r;
+  if (!row_begin(a, row, writer, lane, NT, r)) return;
+  const bool smooth = a.eps > acc_t(0);
+
+  acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};  // largest other logit, beaten
+  acc_t run_max = neg_inf<acc_t>(), run_sum = acc_t(0), weighted_sum = acc_t(0);
+  // Online softmax over a few values: rescale the running sum once per vector.
+  auto absorb = [&](const acc_t* x, int n, int64_t c0) {
+    acc_t vmax = neg_inf<acc_t>();
+    for (int j = 0; j < n; ++j) {
+      visit(x[j], c0 + j, r.y, r.z_y, stage1[0], stage1[1]);
+      vmax = x[j] > vmax ? x[j] : vmax;
+      if (smooth) weighted_sum += (a.weight ? a.weight[c0 + j] : acc_t(1)) * x[j];
+    }
+    const acc_t new_max = vmax > run_max ? vmax : run_max;
+    if (new_max == neg_inf<acc_t>()) return;
+    acc_t s = run_sum * fast_exp(run_max - new_max);
+    for (int j = 0; j < n; ++j) s += fast_exp(x[j] - new_max);
+    run_sum = s;
+    run_max = new_max;
+  };
+  for (int64_t v0 = lane; v0 < r.nv; v0 += static_cast<int64_t>(U) * NT) {
+    acc_t x[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * NT;
+      if (v < r.nv) load_vec<scalar_t, acc_t>(r.z + r.head + v * VEC, x[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * NT;
+      if (v < r.nv) {
+        const int64_t c0 = r.head + v * VEC;
+        if (r.adj) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) x[u][j] += r.adj[c0 + j];
+        }
+        absorb(x[u], VEC, c0);
+      }
+    }
+  }
+  if (lane < r.head) {
+    acc_t x = static_cast<acc_t>(r.z[lane]) + (r.adj ? r.adj[lane] : acc_t(0));
+    absorb(&x, 1, lane);
+  }
+  if (lane < r.ntail) {
+    const int64_t c = r.tail_start + lane;
+    acc_t x = static_cast<acc_t>(r.z[c]) + (r.adj ? r.adj[c] : acc_t(0));
+    absorb(&x, 1, c);
+  }
+  block_reduce<NT, 2>(stage1, MaxOp(), red_smem[0]);
+  const acc_t max_other = stage1[0];
+  const acc_t m = r.z_y > max_other ? r.z_y : max_other;
+  acc_t stage2[2] = {run_max == neg_inf<acc_t>() ? acc_t(0) : run_sum * fast_exp(run_max - m), weighted_sum};
+  block_reduce<NT, 2>(stage2, SumOp(), red_smem[1]);
+
+  acc_t w_y, scale;
+  GradCoef<acc_t> k;
+  row_finish(a, row, writer, r.y, r.z_y, max_other, stage1[1], m, stage2[0], stage2[1], w_y, k, scale);
+  if (!r.g) return;
+  for (int64_t v0 = lane; v0 < r.nv; v0 += static_cast<int64_t>(U) * NT) {
+    acc_t x[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * NT;
+      if (v < r.nv) load_vec<scalar_t, acc_t>(r.z + r.head + v * VEC, x[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * NT;
+      if (v < r.nv) {
+        const int64_t c0 = r.head + v * VEC;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t z = x[u][j] + (r.adj ? r.adj[c0 + j] : acc_t(0));
+          x[u][j] = grad_value(a, fast_exp(z - m), c0 + j, r.y, k, scale);
+        }
+        store_vec<scalar_t, acc_t>(r.g + c0, x[u]);
+      }
+    }
+  }
+  auto scalar_grad = [&](int64_t c) {
+    const acc_t z = static_cast<acc_t>(r.z[c]) + (r.adj ? r.adj[c] : acc_t(0));
+    r.g[c] = static_cast<scalar_t>(grad_value(a, fast_exp(z - m), c, r.y, k, scale));
+  };
+  if (lane < r.head) scalar_grad(lane);
+  if (lane < r.ntail) scalar_grad(r.tail_start + lane);
+}
+
+// sum(weight), on the device (needed only with label smoothing).
+template <typename acc_t>
+__global__ void __launch_bounds__(256) weight_sum_kernel(const acc_t* w, int64_t C, acc_t* out) {
+  __shared__ acc_t smem[256 / 32];
+  acc_t v[1] = {acc_t(0)};
+  for (int64_t c = threadIdx.x; c < C; c += 256) v[0] += w[c];
+  block_reduce<256, 1>(v, SumOp(), smem);
+  if (threadIdx.x == 0) *out = v[0];
+}
+
+// A zero stays zero (ignored rows) even when the row's grad_loss is inf/NaN,
+// e.g. a mean over no rows (as the CPU kernel and the reference).
+template <typename acc_t>
+__device__ __forceinline__ acc_t scale_grad(acc_t v, acc_t s) {
+  return v == acc_t(0) ? acc_t(0) : v * s;
+}
+
+// out = grad * grad_loss[:, None]; G threads per row as in the forward.
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(G > 32 ? G : 256)
+    ce_bwd_kernel(const scalar_t* __restrict__ grad, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                  int64_t grad_loss_stride, scalar_t* __restrict__ out, int64_t R, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  constexpr int NT = G > 32 ? G : 256;
+  constexpr int U = 4;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (NT / G) + threadIdx.x / G;
+  const int lane = threadIdx.x % G;
+  if (row >= R) return;
+  const acc_t s = grad_loss[row * grad_loss_stride];
+  const scalar_t* g = grad + row * C;
+  scalar_t* o = out + row * C;  // same alignment as g (host checks)
+  const int mis = static_cast<int>((reinterpret_cast<uintptr_t>(g) / sizeof(scalar_t)) % VEC);
+  const int64_t head = mis ? (VEC - mis < C ? VEC - mis : C) : 0;
+  const int64_t nv = (C - head) / VEC;
+  for (int64_t v0 = lane; v0 < nv; v0 += static_cast<int64_t>(U) * G) {
+    acc_t x[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * G;
+      if (v < nv) load_vec<scalar_t, acc_t>(g + head + v * VEC, x[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = v0 + static_cast<int64_t>(u) * G;
+      if (v < nv) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) x[u][j] = scale_grad(x[u][j], s);
+        store_vec<scalar_t, acc_t>(o + head + v * VEC, x[u]);
+      }
+    }
+  }
+  if (lane < head) o[lane] = static_cast<scalar_t>(scale_grad(static_cast<acc_t>(g[lane]), s));
+  const int64_t c = head + nv * VEC + lane;
+  if (c < C) o[c] = static_cast<scalar_t>(scale_grad(static_cast<acc_t>(g[c]), s));
+}
+
+// Compute capability major of the current device (a host query, no synchronisation).
+int device_major() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+template <typename scalar_t, int G, int NVEC>
+void launch_resident(const FwdArgs<at::opmath_type<scalar_t>>& a, int cs, cudaStream_t stream) {
+  constexpr int NT = ResidentConfig<scalar_t, G, NVEC>::kThreads;
+  auto kernel = ce_fwd_resident_kernel<scalar_t, G, NVEC>;
+  if (G <= 32) {
+    const int64_t blocks = (a.R + NT / G - 1) / (NT / G);
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "memfast.cross_entropy: too many rows");
+    kernel<<<static_cast<unsigned>(blocks), NT, 0, stream>>>(a, 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t blocks = a.R * cs;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "memfast.cross_entropy: too many rows");
+  if (cs == 1) {
+    kernel<<<static_cast<unsigned>(blocks), NT, 0, stream>>>(a, 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
+  config.blockDim = dim3(NT, 1, 1);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(cs);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a, cs));
+}
+
+// Pick the kernel for a row of C elements: the smallest register-resident
+// configuration that holds C / VEC vectors, else the streaming kernel.
+// MEMFAST_CE_KERNEL=stream forces the streaming kernel; MEMFAST_CE_CLUSTER=0
+// turns thread-block clusters off (both read per call, for tests and benchmarks).
+template <typename scalar_t>
+void launch_forward(const FwdArgs<at::opmath_type<scalar_t>>& a, cudaStream_t stream) {
+  constexpr int VEC = vec_width<scalar_t>();
+  const int64_t need = a.C / VEC;
+  const bool stream_only = env_is("MEMFAST_CE_KERNEL", "stream");
+  const bool clusters = !env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9;
+  if (!stream_only) {
+    if (need <= 8 * 1) return launch_resident<scalar_t, 8, 1>(a, 1, stream);
+    if (need <= 32 * 2) return launch_resident<scalar_t, 32, 2>(a, 1, stream);
+    if (need <= 32 * 4) return launch_resident<scalar_t, 32, 4>(a, 1, stream);
+    if (need <= 128 * 4) return launch_resident<scalar_t, 128, 4>(a, 1, stream);
+    if (need <= 256 * 4) return launch_resident<scalar_t, 256, 4>(a, 1, stream);
+    if (need <= 512 * 4) return launch_resident<scalar_t, 512, 4>(a, 1, stream);
+    if (clusters) {
+      for (int cs = 2; cs <= 8; cs *= 2) {
+        if (need <= 512 * 4 * cs) return launch_resident<scalar_t, 512, 4>(a, cs, stream);
+      }
+    } else if (need <= 512 * 8) {
+      return launch_resident<scalar_t, 512, 8>(a, 1, stream);
+    }
+  }
+  TORCH_CHECK(a.R <= std::numeric_limits<int32_t>::max(), "memfast.cross_entropy: too many rows");
+  ce_fwd_stream_kernel<scalar_t><<<static_cast<unsigned>(a.R), kStreamThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
+    int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad) {
+  const at::Tensor weight = weight_opt.value_or(at::Tensor());
+  const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
+  const at::Tensor groups = groups_opt.value_or(at::Tensor());
+  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups);
+  const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
+  const int64_t R = logits.size(0), C = logits.size(1);
+  TORCH_CHECK_VALUE(C < (int64_t{1} << 31) - 16, "memfast.cross_entropy: at most 2^31 - 17 classes, got ", C);
+  const int vec = static_cast<int>(16 / logits.element_size());
+  // The vectorised gradient stores need the logits row and the (dense) gradient
+  // row to share their alignment: true for dense, aligned logits; otherwise copy.
+  const int64_t ld = logits.size(0) > 1 ? logits.stride(0) : C;
+  if (compute_grad && R > 0 && C > 0 && (!aligned16(logits.const_data_ptr()) || ld % vec != C % vec)) {
+    logits = logits.clone(at::MemoryFormat::Contiguous);
+  }
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  at::Tensor loss = at::empty({R}, logits.options().dtype(acc_dtype));
+  at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
+  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
+  if (R == 0) return {loss, row_stats, grad};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor weight_sum;
+  if (weight.defined() && label_smoothing > 0.0) weight_sum = at::empty({1}, logits.options().dtype(acc_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FwdArgs<acc_t> a;
+    a.logits = logits.const_data_ptr();
+    a.ld = logits.size(0) > 1 ? logits.stride(0) : C;
+    a.R = R;
+    a.C = C;
+    a.target = target.const_data_ptr<int64_t>();
+    a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    a.weight_sum = nullptr;
+    if (weight_sum.defined()) {
+      weight_sum_kernel<acc_t><<<1, 256, 0, stream>>>(a.weight, C, weight_sum.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      a.weight_sum = weight_sum.const_data_ptr<acc_t>();
+    }
+    a.adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
+    a.adj_ld = adjustment.defined() && adjustment.size(0) > 1 ? adjustment.stride(0) : 0;
+    a.groups = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
+    a.A = adjustment.defined() ? adjustment.size(0) : 0;
+    a.loss = loss.mutable_data_ptr<acc_t>();
+    a.stats = row_stats.mutable_data_ptr<acc_t>();
+    a.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
+    a.ignore_index = ignore_index;
+    a.eps = static_cast<acc_t>(label_smoothing);
+    launch_forward<scalar_t>(a, stream);
+  });
+  return {loss, row_stats, grad};
+}
+
+template <typename scalar_t, int G>
+void launch_backward(const scalar_t* g, const at::opmath_type<scalar_t>* go, int64_t go_stride, scalar_t* out,
+                     int64_t R, int64_t C, cudaStream_t stream) {
+  constexpr int NT = G > 32 ? G : 256;
+  const int64_t blocks = (R + NT / G - 1) / (NT / G);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "memfast.cross_entropy backward: too many rows");
+  ce_bwd_kernel<scalar_t, G><<<static_cast<unsigned>(blocks), NT, 0, stream>>>(g, go, go_stride, out, R, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_backward_args(grad, grad_loss);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  at::Tensor g = grad.contiguous();
+  // Output rows and input rows must share their 16-byte alignment.
+  if (!aligned16(g.const_data_ptr())) g = g.clone();
+  at::Tensor out = at::empty({g.size(0), g.size(1)}, g.options());
+  const int64_t R = g.size(0), C = g.size(1);
+  if (g.numel() == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "memfast_cross_entropy_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int VEC = vec_width<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
+    const int64_t gl_stride = grad_loss.stride(0);
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t vectors = C / VEC;
+    if (vectors <= 8 * 4) {
+      launch_backward<scalar_t, 8>(gp, gl, gl_stride, op, R, C, stream);
+    } else if (vectors <= 32 * 8) {
+      launch_backward<scalar_t, 32>(gp, gl, gl_stride, op, R, C, stream);
+    } else if (vectors <= 128 * 8) {
+      launch_backward<scalar_t, 128>(gp, gl, gl_stride, op, R, C, stream);
+    } else {
+      launch_backward<scalar_t, 512>(gp, gl, gl_stride, op, R, C, stream);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memfast, CUDA, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+}
+
+}  // namespace memfast

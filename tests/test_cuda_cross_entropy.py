@@ -1,0 +1,451 @@
+"""The CUDA kernels of cross_entropy_fwd / cross_entropy_bwd / track_ against
+the pure-PyTorch reference (memfast.reference), on fresh random inputs.
+Skipped without a CUDA device."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memfast
+from memfast import _ops
+from memfast import reference as ref
+from memfast._stats import COUNTER, ROW
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CLASSES = [1, 2, 10, 1000, 32000, 50257]
+# Gradient / loss tolerances: the kernels use __expf and fp32 sums in another
+# order than PyTorch; bf16 / fp16 gradients are one rounding of an fp32 value.
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def test_cuda_kernels_are_built():
+    info = memfast.build_info()
+    assert info is not None and info["with_cuda"], "build with MEMFAST_CUDA=1 to test the CUDA kernels"
+
+
+def rows_for(C, budget=1 << 21):
+    return max(3, min(64, budget // C))
+
+
+def random_case(R, C, dtype, ignore_every=5, scale=3.0):
+    x = (torch.randn(R, C, device=DEV) * scale).to(dtype)
+    y = torch.randint(0, C, (R,), device=DEV)
+    if ignore_every:
+        y[::ignore_every] = -100
+    return x, y
+
+
+def check_forward(x, y, weight=None, ignore_index=-100, eps=0.0, adjustment=None, groups=None, compute_grad=True):
+    got = torch.ops.memfast.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad)
+    want = ref.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad)
+    tol = TOL[x.dtype]
+    loss_tol = max(tol, 1e-5) if x.dtype != torch.float64 else tol
+    torch.testing.assert_close(got[0], want[0], atol=loss_tol, rtol=loss_tol, equal_nan=True)
+    for name, k in ROW.items():
+        if name == "correct":
+            assert torch.equal(got[1][k], want[1][k]), "argmax differs"
+        else:
+            torch.testing.assert_close(got[1][k], want[1][k], atol=loss_tol, rtol=loss_tol, equal_nan=True,
+                                       msg=lambda m: f"row stat {name}: {m}")
+    assert got[2].shape == want[2].shape and got[2].dtype == x.dtype
+    if compute_grad:
+        torch.testing.assert_close(got[2].to(acc_dtype(x.dtype)), want[2].to(acc_dtype(x.dtype)), atol=tol,
+                                   rtol=tol, equal_nan=True)
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", CLASSES)
+def test_forward_matches_reference(dtype, C):
+    x, y = random_case(rows_for(C), C, dtype)
+    check_forward(x, y)
+    check_forward(x, y, compute_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [10, 1000, 32000, 50257])
+@pytest.mark.parametrize("opts", ["smooth", "weight", "weight+smooth", "ignore=2"])
+def test_forward_options(dtype, C, opts):
+    x, y = random_case(rows_for(C), C, dtype)
+    kw = {}
+    if "weight" in opts:
+        kw["weight"] = torch.rand(C, device=DEV, dtype=acc_dtype(dtype)) + 0.1
+    if "smooth" in opts:
+        kw["eps"] = 0.1
+    if opts == "ignore=2":
+        y[y == -100] = 0
+        y[1::3] = 2
+        kw["ignore_index"] = 2
+    check_forward(x, y, **kw)
+
+
+@pytest.mark.parametrize("kernel", ["stream", "no-cluster"])
+@pytest.mark.parametrize("C", [10, 1000, 4097, 32000, 70001])
+def test_forced_kernel_paths(monkeypatch, kernel, C):
+    """The streaming kernel (any row length) and the cluster-free resident kernel."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    else:
+        monkeypatch.setenv("MEMFAST_CE_CLUSTER", "0")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = random_case(rows_for(C), C, dtype)
+        check_forward(x, y, eps=0.05, adjustment=torch.randn(4, C, device=DEV), groups=torch.randint(0, 4, y.shape,
+                                                                                                        device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [7, 1001, 32003, 50257, 140001])
+def test_strided_and_misaligned_rows(dtype, C):
+    """Rows with a stride > C and a start that is not 16-byte aligned (scalar head and tail)."""
+    R = rows_for(C)
+    wide = (torch.randn(R, C + 5, device=DEV) * 2).to(dtype)
+    y = torch.randint(0, C, (R,), device=DEV)
+    y[0] = -100
+    for x in (wide[:, :C], wide[:, 1:C + 1], wide[:, 3:C + 3]):
+        check_forward(x, y)
+        check_forward(x, y, compute_grad=False)
+    x = wide[:, 1:C + 1].contiguous()[1:]  # a dense view that starts one element in
+    check_forward(x, y[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [10, 1000, 32000, 50257])
+@pytest.mark.parametrize("form", ["dense", "expanded", "table"])
+def test_adjustment(dtype, C, form):
+    R = rows_for(C)
+    x, y = random_case(R, C, dtype)
+    acc = acc_dtype(dtype)
+    groups = None
+    if form == "dense":
+        adjustment = torch.randn(R, C, device=DEV, dtype=acc)
+    elif form == "expanded":
+        adjustment = torch.randn(C, device=DEV, dtype=acc).expand(R, C)
+    else:
+        adjustment = torch.randn(8, C, device=DEV, dtype=acc)
+        groups = torch.randint(0, 8, (R,), device=DEV)
+    check_forward(x, y, adjustment=adjustment, groups=groups)
+    check_forward(x, y, eps=0.1, adjustment=adjustment, groups=groups)
+
+
+def test_bad_targets_and_groups_give_nan_rows_without_error():
+    """On CUDA an out-of-range target / group cannot raise without a sync: NaN loss and stats, zero gradient."""
+    C = 100
+    x, y = random_case(6, C, torch.float32, ignore_every=0)
+    y[1], y[4] = C, -7
+    groups = torch.tensor([0, 1, 5, 0, 1, 0], device=DEV)
+    loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, torch.randn(2, C, device=DEV),
+                                                            groups, True)
+    torch.cuda.synchronize()
+    bad = torch.tensor([False, True, True, False, True, False], device=DEV)
+    assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
+    assert torch.isnan(stats[:, bad]).all()
+    assert (grad[bad] == 0).all() and (grad[~bad] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 10, 1000, 32003])
+def test_backward_matches_reference(dtype, C):
+    R = rows_for(C)
+    g = torch.randn(R, C, device=DEV).to(dtype)
+    g[2] = 0
+    go = torch.randn(R, device=DEV, dtype=acc_dtype(dtype))
+    go[2] = math.inf  # a zero gradient row stays zero
+
+    def direct(g, grad_loss):  # a zero stays zero even under an inf / NaN upstream gradient
+        acc = g.to(acc_dtype(dtype))
+        return torch.where(acc == 0, torch.zeros_like(acc), acc * grad_loss[:, None]).to(dtype)
+
+    for grad_loss in (go, go[:1].expand(R), torch.randn(2 * R, device=DEV, dtype=acc_dtype(dtype))[::2]):
+        got = torch.ops.memfast.cross_entropy_bwd(g, grad_loss)
+        assert got.dtype == dtype and got.shape == g.shape
+        torch.testing.assert_close(got, direct(g, grad_loss), atol=0, rtol=0, equal_nan=True)
+    strided = torch.randn(R, C + 3, device=DEV).to(dtype)[:, 1:C + 1]
+    torch.testing.assert_close(torch.ops.memfast.cross_entropy_bwd(strided, go), direct(strided, go), atol=0, rtol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("C", [10, 1000, 32000])
+def test_api_matches_pytorch(dtype, reduction, C):
+    R = rows_for(C, 1 << 20)
+    x, y = random_case(R, C, dtype)
+    w = torch.rand(C, device=DEV) + 0.1
+    for kw in ({}, dict(weight=w), dict(label_smoothing=0.1), dict(weight=w, label_smoothing=0.2, ignore_index=3)):
+        if kw.get("ignore_index") == 3:
+            y = torch.where(y == -100, 3, y)
+        xa = x.detach().clone().requires_grad_(True)
+        xb = x.detach().double().requires_grad_(True)  # fp64 PyTorch: fp32 PyTorch is less exact than the kernel
+        a = memfast.cross_entropy(xa, y, reduction=reduction, **kw)
+        kw64 = {k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()}
+        b = F.cross_entropy(xb, y, reduction=reduction, **kw64)
+        tol = max(TOL[dtype], 2e-5)
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+        up = torch.randn_like(b)
+        (ga,) = torch.autograd.grad(a, xa, up.to(a.dtype))
+        (gb,) = torch.autograd.grad(b, xb, up)
+        torch.testing.assert_close(ga.double(), gb, atol=tol, rtol=tol)
+
+
+def test_api_spatial_and_adjustment_table():
+    B, T, V = 4, 33, 1000
+    x = torch.randn(B, T, V, device=DEV, dtype=torch.bfloat16)
+    y = torch.randint(0, V, (B, T), device=DEV)
+    table = torch.randn(8, V, device=DEV)
+    groups = torch.randint(0, 8, (B, T), device=DEV)
+    xa = x.clone().requires_grad_(True)
+    xb = x.float().requires_grad_(True)
+    a = memfast.cross_entropy(xa.transpose(1, 2), y, adjustment=table, groups=groups)
+    b = F.cross_entropy(xb.transpose(1, 2) + table[groups].transpose(1, 2), y)
+    torch.testing.assert_close(a.float(), b, atol=1e-2, rtol=1e-2)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(xa.grad.float(), xb.grad, atol=1e-3, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- tracking
+def reference_track(tracker, row_stats, y, ids, ignore_index, C):
+    torch.ops.memfast_ref.track_(tracker.state, tracker.counters, row_stats, y, ids, ignore_index, C,
+                                 tracker._stat_rows)
+
+
+def fresh_pair(N, stats="all"):
+    return memfast.SampleTracker(N, stats=stats, device=DEV), memfast.SampleTracker(N, stats=stats, device=DEV)
+
+
+def assert_trackers_close(got, want):
+    torch.testing.assert_close(got.state, want.state, atol=1e-4, rtol=1e-5, equal_nan=True)
+    assert torch.equal(got.counters, want.counters)
+
+
+@pytest.mark.parametrize("stats", ["all", ("csl", "count"), ("last_loss", "forgetting", "learn_time")])
+def test_track_matches_reference_over_epochs(stats):
+    N, C, B = 300, 50, 128
+    got, want = fresh_pair(N, stats)
+    for epoch in range(3):
+        for _ in range(4):
+            x, y = random_case(B, C, torch.float32, ignore_every=7)
+            ids = torch.randint(0, N, (B,), device=DEV)
+            ids[10:20] = ids[0]  # repeated ids add; the last finite row sets the state
+            x[5, 3] = math.nan   # a non-finite row only counts
+            _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+            got._scatter(row_stats, y, ids, -100, C)
+            reference_track(want, row_stats, y, ids, -100, C)
+        got.end_epoch()
+        want.end_epoch()
+    assert_trackers_close(got, want)
+    assert got.stat("nonfinite").sum() == 12  # row 5 of every batch
+
+
+def test_track_sorted_and_shuffled_repeats():
+    """Runs of equal ids inside a warp, across warps, and interleaved (A B A) all add."""
+    N, C = 40, 10
+    got, want = fresh_pair(N)
+    for ids in (torch.arange(1000, device=DEV) // 37 % N, torch.randint(0, 3, (1000,), device=DEV),
+                torch.arange(1000, device=DEV) % 3, torch.full((1000,), 7, device=DEV)):
+        x, y = random_case(1000, C, torch.float32, ignore_every=9)
+        _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+        got._scatter(row_stats, y, ids, -100, C)
+        reference_track(want, row_stats, y, ids, -100, C)
+    assert_trackers_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_per_sequence_ids(dtype):
+    """[B, T, V] token rows with one id per sequence: the tokens add into their sample."""
+    B, T, V, N = 8, 300, 1000, 20
+    got, want = fresh_pair(N)
+    for _ in range(3):
+        x = torch.randn(B, T, V, device=DEV).to(dtype)
+        y = torch.randint(0, V, (B, T), device=DEV)
+        y[:, -17:] = -100  # padding
+        y[3] = -100        # a fully padded sequence
+        ids = torch.randint(0, N, (B,), device=DEV)
+        ids[5] = ids[6]
+        memfast.cross_entropy(x.view(-1, V), y.view(-1), sample_ids=ids, tracker=got)
+        _, row_stats, _ = ref.cross_entropy_fwd(x.view(-1, V), y.view(-1), None, -100, 0.0, None, None, False)
+        reference_track(want, row_stats, y.view(-1), ids, -100, V)
+    torch.testing.assert_close(got.state, want.state, atol=5e-3, rtol=1e-4, equal_nan=True)
+    assert torch.equal(got.counters, want.counters)
+
+
+def test_tracked_values_match_through_api():
+    N, C = 64, 1000
+    got, want = fresh_pair(N)
+    x, y = random_case(256, C, torch.bfloat16)
+    ids = torch.randint(0, N, (256,), device=DEV)
+    memfast.cross_entropy(x, y, sample_ids=ids, tracker=got, label_smoothing=0.1)
+    _, row_stats, _ = ref.cross_entropy_fwd(x, y, None, -100, 0.1, None, None, False)
+    reference_track(want, row_stats, y, ids, -100, C)
+    torch.testing.assert_close(got.state, want.state, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("what", ["id", "id-per-sequence", "target"])
+def test_bad_values_write_nothing_and_raise_at_check(what):
+    N, C = 16, 10
+    tracker = memfast.SampleTracker(N, stats="all", device=DEV)
+    x, y = random_case(8, C, torch.float32, ignore_every=0)
+    ids = torch.arange(8, device=DEV)
+    memfast.cross_entropy(x, y, sample_ids=ids, tracker=tracker)
+    before = tracker.state.clone()
+    if what == "id":
+        ids = ids.clone()
+        ids[3] = N
+    elif what == "id-per-sequence":
+        ids = torch.tensor([0, -1], device=DEV)
+    else:
+        y = y.clone()
+        y[2] = C + 3
+    _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+    tracker._scatter(row_stats, y, ids, -100, C)  # no exception here: no host sync
+    torch.cuda.synchronize()
+    assert torch.equal(tracker.state, before)
+    c = tracker.counters.tolist()
+    assert c[COUNTER["calls"]] == 2
+    if what == "id":
+        assert c[COUNTER["bad_ids"]] == 1
+    elif what == "id-per-sequence":
+        assert c[COUNTER["bad_ids"]] == 4  # the 4 rows of the bad sequence
+    else:
+        assert c[COUNTER["bad_targets"]] == 1
+    with pytest.raises(IndexError, match="out of range"):
+        tracker.check()
+    tracker.check()  # the flags were cleared
+
+
+def test_empty_batch_counts_a_call():
+    tracker = memfast.SampleTracker(4, stats="all", device=DEV)
+    memfast.cross_entropy(torch.randn(0, 3, device=DEV), torch.zeros(0, dtype=torch.long, device=DEV),
+                          sample_ids=torch.zeros(0, dtype=torch.long, device=DEV), tracker=tracker)
+    assert int(tracker.counters[COUNTER["calls"]]) == 1
+
+
+# -------------------------------------------------------- torch integration
+def test_opcheck():
+    # No ignored rows: opcheck's AOT comparison treats their NaN statistics as a mismatch.
+    C = 37
+    x, y = random_case(12, C, torch.bfloat16, ignore_every=0)
+    w = torch.rand(C, device=DEV) + 0.5
+    table, groups = torch.randn(3, C, device=DEV), torch.randint(0, 3, (12,), device=DEV)
+    for args in ((x, y, None, -100, 0.0, None, None, True), (x.float(), y, w, -100, 0.1, None, None, True),
+                 (x, y, None, -100, 0.0, table, groups, False)):
+        torch.library.opcheck(torch.ops.memfast.cross_entropy_fwd, args)
+    torch.library.opcheck(torch.ops.memfast.cross_entropy_bwd, (x, torch.randn(12, device=DEV)))
+    t = memfast.SampleTracker(8, stats="all", device=DEV)
+    _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+    for ids in (torch.tensor([0, 1, 1, 7, 3, 1, 0, 0, 2, 2, 5, 6], device=DEV), torch.tensor([2, 5], device=DEV)):
+        torch.library.opcheck(torch.ops.memfast.track_, (t.state, t.counters, row_stats, y, ids, -100, C,
+                                                         t._stat_rows))
+
+
+def test_cuda_graph_replay():
+    """Forward + backward + tracking captured once, replayed on new data."""
+    N, B, C = 100, 64, 1000
+    tracker = memfast.SampleTracker(N, stats="all", device=DEV)
+    want = memfast.SampleTracker(N, stats="all", device=DEV)
+    static_x = torch.randn(B, C, device=DEV, requires_grad=True)
+    static_y = torch.randint(0, C, (B,), device=DEV)
+    static_ids = torch.randint(0, N, (B,), device=DEV)
+
+    def step():
+        loss = memfast.cross_entropy(static_x, static_y, sample_ids=static_ids, tracker=tracker)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    tracker.reset()
+    for _ in range(5):
+        x = torch.randn(B, C, device=DEV)
+        y = torch.randint(0, C, (B,), device=DEV)
+        y[::11] = -100
+        ids = torch.randint(0, N, (B,), device=DEV)
+        with torch.no_grad():
+            static_x.copy_(x)
+        static_y.copy_(y)
+        static_ids.copy_(ids)
+        graph.replay()
+        xr = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(xr, y)
+        loss.backward()
+        torch.testing.assert_close(static_loss, loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(static_x.grad, xr.grad, atol=1e-6, rtol=1e-5)
+        _, row_stats, _ = ref.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+        reference_track(want, row_stats, y, ids, -100, C)
+    assert_trackers_close(tracker, want)
+    assert int(tracker.counters[COUNTER["calls"]]) == 5
+
+
+def _loss_step(model, x, y, ids, tracker):
+    return memfast.cross_entropy(model(x).float(), y, sample_ids=ids, tracker=tracker, label_smoothing=0.1)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """Forward + tracker scatter compiled as one graph (backward through the compiled graph)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 1000).to(DEV)
+    x, y = torch.randn(256, 64, device=DEV), torch.randint(0, 1000, (256,), device=DEV)
+    ids = torch.randint(0, 100, (256,), device=DEV)
+    y[1] = -100
+    eager_tracker = memfast.SampleTracker(100, stats="all", device=DEV)
+    compiled_tracker = memfast.SampleTracker(100, stats="all", device=DEV)
+    step = torch.compile(_loss_step, fullgraph=True)
+    torch._dynamo.reset()
+    for _ in range(3):
+        model.zero_grad()
+        eager_loss = _loss_step(model, x, y, ids, eager_tracker)
+        eager_loss.backward()
+        eager_grad = model.weight.grad.clone()
+        model.zero_grad()
+        compiled_loss = step(model, x, y, ids, compiled_tracker)
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        torch.testing.assert_close(model.weight.grad, eager_grad)
+    torch.testing.assert_close(compiled_tracker.state, eager_tracker.state)
+    assert torch.equal(compiled_tracker.counters, eager_tracker.counters)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["auto", "stream"])
+def test_64bit_indexing_bf16(monkeypatch, kernel):
+    """R * C >= 2^31 elements: rows past the 32-bit boundary are right."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    C = 131072 + 3
+    R = (1 << 31) // C + 64
+    assert R * C >= 1 << 31
+    if torch.cuda.get_device_properties(0).total_memory < 3 * R * C * 2 + (4 << 30):
+        pytest.skip("not enough GPU memory")
+    x = torch.empty(R, C, device=DEV, dtype=torch.bfloat16).normal_(0, 2)
+    y = torch.randint(0, C, (R,), device=DEV)
+    loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True)
+    for rows in (slice(0, 4), slice(R - 70, R)):
+        want = ref.cross_entropy_fwd(x[rows], y[rows], None, -100, 0.0, None, None, True)
+        torch.testing.assert_close(loss[rows], want[0], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(grad[rows].float(), want[2].float(), atol=1e-2, rtol=1e-2)
+    go = torch.randn(R, device=DEV)
+    out = torch.ops.memfast.cross_entropy_bwd(grad, go)
+    rows = slice(R - 70, R)
+    torch.testing.assert_close(out[rows], ref.cross_entropy_bwd(grad[rows], go[rows]), atol=0, rtol=0)
+    del x, grad, out
+    torch.cuda.empty_cache()
