@@ -106,14 +106,11 @@ __device__ __forceinline__ bool row_begin(const FwdArgs<acc_t>& a, int64_t row, 
     bad = bad || adj_row < 0 || adj_row >= a.A;
   }
   if (ignored || bad) {
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    // Ignored rows: zeros everywhere, as on the CPU. Bad rows: NaN (loud, and the tracker op skips them).
+    const acc_t fill = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
     if (writer) {
-      a.loss[row] = ignored ? acc_t(0) : nan;
-      a.stats[ROW_LSE * a.R + row] = nan;
-      a.stats[ROW_TARGET_LOGIT * a.R + row] = nan;
-      a.stats[ROW_MAX_OTHER * a.R + row] = nan;
-      a.stats[ROW_WEIGHT * a.R + row] = ignored ? acc_t(0) : nan;
-      a.stats[ROW_CORRECT * a.R + row] = ignored ? acc_t(0) : nan;
+      a.loss[row] = fill;
+      for (int k = 0; k < NUM_ROW_STATS; ++k) a.stats[k * a.R + row] = fill;
     }
     if (r.g) {
       // The gradient row has its own alignment (it is dense, the logits may not be).

@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // add_row_sums into registers: every statistic present, row s at acc + s.
 __device__ __forceinline__ void row_sums_local(const RowContribution& c, float (&acc)[NUM_STATS]) {
-  constexpr int64_t identity[NUM_STATS] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
-  static_assert(NUM_STATS == 13, "update the identity map");
+  constexpr int64_t identity[NUM_STATS] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13};
+  static_assert(NUM_STATS == 14, "update the identity map");
   const StateView local{acc, 1, identity};
   add_row_sums(local, 0, c, [](float* p, float v) { *p += v; });
 }
@@ -199,11 +199,12 @@ __global__ void __launch_bounds__(kThreads)
                        int64_t n_ids, const int64_t* __restrict__ counters) {
   const StateView view{state, N, rows.rows};
   const float epoch = static_cast<float>(counters[COUNTER_EPOCH]);
+  const float call = static_cast<float>(counters[COUNTER_CALLS]);  // already counted by the validation kernel
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n_ids;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t id = keys[i];
     if (id >= N || (i + 1 < n_ids && keys[i + 1] == id)) continue;
-    apply_row_state(view, id, read_row(st, R, last_rows[i]), epoch);
+    apply_row_state(view, id, read_row(st, R, last_rows[i]), epoch, call);
   }
 }
 
@@ -243,7 +244,7 @@ void track_cuda(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_s
   StatRows rows;
   for (int s = 0; s < NUM_STATS; ++s) rows.rows[s] = stat_rows[s];
   const bool keeps_state = rows.rows[STAT_LAST_LOSS] >= 0 || rows.rows[STAT_LAST_MAXPROB] >= 0 ||
-                           rows.rows[STAT_LAST_CORRECT] >= 0;
+                           rows.rows[STAT_LAST_CORRECT] >= 0 || rows.rows[STAT_LAST_UPDATE] >= 0;
   at::Tensor last_row;
   if (keeps_state) last_row = at::full({n_ids}, -1, sample_ids.options());
   float* st_ptr = state.mutable_data_ptr<float>();
