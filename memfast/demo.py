@@ -247,7 +247,7 @@ def run_seed(cfg, seed):
     masks = {"noisy": data["noisy"].numpy() if cfg.noise > 0 else None,
              "duplicates": data["duplicate"].numpy() if cfg.duplicates > 0 else None}
     rows = report.detection_table(proxy_dict, masks["noisy"], masks["duplicates"])
-    return {"seed": seed, "proxies": proxy_dict, "rows": rows, "masks": masks, "given": data["given"].numpy(),
+    return {"seed": seed, "proxies": proxy_dict, "rows": rows, "scores": scores, "masks": masks, "given": data["given"].numpy(),
             "true": data["true"].numpy(), "images": data["x"].reshape(n, 8, 8).numpy(),
             "train_accuracy": train_acc, "train_accuracy_non_duplicates": train_acc_nondup,
             "memorized_at_epoch": memorized_at, "seconds_train": t_train, "seconds": time.perf_counter() - t0,
@@ -320,7 +320,7 @@ def run(args):
                                            given_labels=r["given"], true_labels=r["true"],
                                            noisy=r["masks"]["noisy"], duplicates=r["masks"]["duplicates"],
                                            images=r["images"], top_key="csl_free", extra={**extra, "seed": r["seed"]},
-                                           plots=args.plots)
+                                           plots=args.plots, tracker_scores=r["scores"])
         if len(results) > 1:
             path = os.path.join(args.out, "summary.json")
             report.write_summary_json(path, table, **extra)

@@ -45,6 +45,14 @@ METRICS = ("mislabeled_auroc", "mislabeled_aupr", "mislabeled_fpr95", "duplicate
 _HEADERS = ("mislabeled AUROC", "AUPR", "FPR@95%TPR", "duplicates AUROC")
 
 
+def label_issues(scores, labels, **kwargs):
+    """Label issues in cleanlab's convention (a pandas DataFrame); see
+    memfast.integrations.cleanlab.label_issues."""
+    from .integrations.cleanlab import label_issues as _label_issues
+
+    return _label_issues(scores, labels, **kwargs)
+
+
 def _numpy(x):
     if x is None:
         return None
@@ -405,9 +413,11 @@ def plot_csl_vs_learning_time(path, csl, learn_time, bins=20):
 
 
 def write_report(out_dir, proxy_dict, rows=None, *, given_labels=None, true_labels=None, noisy=None,
-                 duplicates=None, images=None, top_key=None, extra=None, plots=True):
+                 duplicates=None, images=None, top_key=None, extra=None, plots=True, tracker_scores=None):
     """Write scores.csv, summary.json and the PNG plots into out_dir; return the
-    paths written. `rows` defaults to detection_table(proxy_dict, noisy, duplicates)."""
+    paths written. `rows` defaults to detection_table(proxy_dict, noisy, duplicates).
+    `tracker_scores` (``tracker.scores()`` with confidence and variability) adds
+    the dataset-cartography map, cartography.png."""
     os.makedirs(out_dir, exist_ok=True)
     if rows is None:
         rows = detection_table(proxy_dict, noisy, duplicates)
@@ -435,6 +445,12 @@ def write_report(out_dir, proxy_dict, rows=None, *, given_labels=None, true_labe
     if top_key is not None and proxy_dict.get("learn_time") is not None:
         p = os.path.join(out_dir, "csl_vs_learning_time.png")
         plot_csl_vs_learning_time(p, proxy_dict[top_key], proxy_dict["learn_time"])
+        written.append(p)
+    if tracker_scores is not None and {"confidence", "variability"} <= set(tracker_scores):
+        from .integrations.cartography import cartography_plot
+
+        p = os.path.join(out_dir, "cartography.png")
+        cartography_plot(tracker_scores, p, labels=given_labels, noisy=noisy)
         written.append(p)
     return written
 
@@ -508,6 +524,7 @@ def run(args):
         written = write_report(args.out, proxy_dict, rows, given_labels=labels, true_labels=true_labels,
                                noisy=noisy, duplicates=duplicates, images=images,
                                extra={"command": "report", "tracker": os.path.abspath(args.tracker),
-                                      "num_samples": n, "epochs": tracker.epoch}, plots=args.plots)
+                                      "num_samples": n, "epochs": tracker.epoch}, plots=args.plots,
+                               tracker_scores=scores)
         print("wrote " + ", ".join(written))
     return 0

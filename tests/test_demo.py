@@ -63,7 +63,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     except ImportError:
         assert rows["confident_learning"]["mislabeled_auroc"] is None
     assert summary["num_noisy"] == int(0.1 * 1797) and summary["num_duplicates"] == 40
-    for name in ("histograms.png", "roc.png", "top_csl.png", "csl_vs_learning_time.png"):
+    for name in ("histograms.png", "roc.png", "top_csl.png", "csl_vs_learning_time.png", "cartography.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     lines = (out / "scores.csv").read_text().splitlines()
     assert len(lines) == 1798 and lines[0].startswith("id,label,given_label,is_noisy,is_duplicate,csl_free")

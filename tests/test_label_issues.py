@@ -173,3 +173,15 @@ def test_integrations_package_imports_no_framework():
             "bad = [m for m in ('transformers', 'lightning', 'pytorch_lightning', 'pandas', 'matplotlib') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_report_exposes_label_issues():
+    import memfast
+
+    assert memfast.report.label_issues.__doc__ and callable(memfast.report.label_issues)
+    tracker = memfast.SampleTracker(4)
+    logits = torch.tensor([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])  # sample 1 contradicts its label
+    labels = torch.tensor([0, 1, 0, 1])
+    tracker.update(logits, labels, torch.arange(4))
+    via_report = memfast.report.label_issues(tracker.scores(), labels, num_issues=1)
+    assert via_report["is_label_issue"].tolist() == [False, True, False, False]

@@ -133,7 +133,7 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     assert rows["csl"]["mislabeled_auroc"] == pytest.approx(expected)
     assert summary["epochs"] == 6 and summary["num_samples"] == 120
     assert (out / "scores.csv").exists()
-    for name in ("histograms.png", "roc.png", "top_csl.png", "csl_vs_learning_time.png"):
+    for name in ("histograms.png", "roc.png", "top_csl.png", "csl_vs_learning_time.png", "cartography.png"):
         assert (out / name).read_bytes()[:8] == PNG
 
     # A second (eval-pass) tracker adds the CSL (eval) row.
