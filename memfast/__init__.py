@@ -1,6 +1,7 @@
 """memfast: fast memorization measurement and memorization-aware training."""
 from ._version import __version__
 from ._ops import get_backend, set_backend
+from .curvature import input_curvature, score_curvature
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
 
@@ -13,4 +14,4 @@ def build_info():
 
 
 __all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "build_info",
-           "set_backend", "get_backend"]
+           "set_backend", "get_backend", "input_curvature", "score_curvature"]

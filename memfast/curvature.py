@@ -121,7 +121,9 @@ def _loss_and_grad(model, x, y, scale, check_targets=False):
             bad = y[(y < 0) | (y >= num_classes)][0].item()
             raise IndexError(f"input_curvature: targets contain {bad}, out of range for {num_classes} classes")
     graph_bytes = (torch.cuda.memory_allocated(x.device) - before) if x.is_cuda else 0
-    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    loss = F.cross_entropy(logits, y, reduction="sum")
     if scale != 1.0:
         loss = loss * scale
     (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
@@ -189,26 +191,28 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
     dtype = torch.float64 if inputs.dtype == torch.float64 or _model_dtype(model) == torch.float64 else torch.float32
     B = inputs.shape[0]
     n_probes = int(n_probes)
-    sums = torch.zeros(3, B, dtype=torch.float32, device=device)
-    if B > 0:
-        op = _ops.ops(device)
-        x = inputs.detach().to(dtype).contiguous()
-        y = targets.detach().long()
-        autocast_off = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") \
-            else contextlib.nullcontext()
-        with torch.inference_mode(False), torch.enable_grad(), autocast_off, _exact_fp32(), _eval_mode(model):
-            if x.is_inference():
-                x = x.clone()
-                y = y.clone()
-            g0, graph_bytes = _loss_and_grad(model, x.detach(), y, scale, check_targets=True)
-            g0 = g0.detach().contiguous()
-            chunk = int(chunk_size) if chunk_size is not None else _default_chunk(device, n_probes, graph_bytes)
-            for first in range(0, n_probes, chunk):
-                count = min(chunk, n_probes - first)
-                xp = op.curvature_perturb(x, seed, first, count, float(h))
-                grads, _ = _loss_and_grad(model, xp, y.repeat(count), scale)
-                sums += op.curvature_reduce(grads.detach(), g0, seed, first)
-                del xp, grads
+    if B == 0:
+        empty = inputs.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if return_trace else empty
+    op = _ops.ops(device)
+    x = inputs.detach().to(dtype).contiguous()
+    y = targets.detach().long()
+    autocast_off = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") \
+        else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), autocast_off, _exact_fp32(), _eval_mode(model):
+        if x.is_inference():
+            x = x.clone()
+            y = y.clone()
+        sums = torch.zeros(3, B, dtype=torch.float32, device=device)
+        g0, graph_bytes = _loss_and_grad(model, x.detach(), y, scale, check_targets=True)
+        g0 = g0.detach().contiguous()
+        chunk = int(chunk_size) if chunk_size is not None else _default_chunk(device, n_probes, graph_bytes)
+        for first in range(0, n_probes, chunk):
+            count = min(chunk, n_probes - first)
+            xp = op.curvature_perturb(x, seed, first, count, float(h))
+            grads, _ = _loss_and_grad(model, xp, y.repeat(count), scale)
+            sums += op.curvature_reduce(grads.detach(), g0, seed, first)
+            del xp, grads
     score = (sums[1] if squared else sums[0]) / n_probes
     if return_trace:
         return score, sums[2] / n_probes

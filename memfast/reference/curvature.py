@@ -8,6 +8,8 @@ sample, probe, 0); one call gives the signs of 128 consecutive elements of a
 sample's flattened input, element i of the block taking bit i % 32 of word
 i // 32 (1 -> +1, 0 -> -1).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,7 +77,7 @@ def curvature_perturb(x, seed, probe_offset, num_probes, h):
         raise ValueError("memfast.curvature_perturb: x must have a batch dimension, got a 0-d tensor")
     _check_probe_range("curvature_perturb", probe_offset, num_probes)
     B = x.shape[0]
-    flat = x.reshape(B, -1)
+    flat = x.reshape(B, math.prod(x.shape[1:]))
     v = probe_signs(seed, B, flat.shape[1], probe_offset, num_probes, x.device)
     acc = _opmath(x.dtype)
     # The step is rounded to the op-math type first, as in the kernels.
@@ -100,9 +102,10 @@ def curvature_reduce(grads, g0, seed, probe_offset):
     P = grads.shape[0] // B if B else 0
     _check_probe_range("curvature_reduce", probe_offset, P)
     acc = _opmath(g0.dtype)
-    d = grads.reshape(P, B, -1).to(acc) - g0.reshape(1, B, -1).to(acc)
+    D = math.prod(g0.shape[1:])
+    d = grads.reshape(P, B, D).to(acc) - g0.reshape(1, B, D).to(acc)
     d = d.double()
-    v = probe_signs(seed, B, d.shape[2], probe_offset, P, g0.device)
+    v = probe_signs(seed, B, D, probe_offset, P, g0.device)
     sq = (d * d).sum(-1)
     dot = (d * v).sum(-1)
     return torch.stack([sq.sqrt().sum(0), sq.sum(0), dot.sum(0)]).float()
