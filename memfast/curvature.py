@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from . import _ops
 
-# Probes per chunk on CPU: a chunk of B samples per probe stays in cache;
-# bench/test_bench_curvature.py compares chunk sizes.
-CPU_CHUNK = 1
+# On CPU a chunk holds about this many input elements (two CIFAR batches of
+# 64): larger stacked chunks fall out of cache and run slower per probe
+# (bench/test_bench_curvature.py compares chunk sizes).
+CPU_CHUNK_ELEMENTS = 2 * 64 * 3 * 32 * 32
 # On CUDA the chunk is all probes unless the activations of that many probes
 # (estimated from the unperturbed pass) exceed this share of free memory.
 CUDA_MEMORY_SHARE = 0.7
@@ -132,9 +133,9 @@ def _loss_and_grad(model, x, y, scale, check_targets=False):
     return grad, graph_bytes
 
 
-def _default_chunk(device, n_probes, graph_bytes):
+def _default_chunk(device, n_probes, graph_bytes, input_numel):
     if device.type != "cuda":
-        return min(n_probes, CPU_CHUNK)
+        return max(1, min(n_probes, CPU_CHUNK_ELEMENTS // max(1, input_numel)))
     if graph_bytes <= 0:
         return n_probes
     free, _ = torch.cuda.mem_get_info(device)
@@ -175,8 +176,10 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
       squared: average ||g_k - g0||^2 instead of ||g_k - g0||.
       return_trace: also return mean_k v_k . (g_k - g0) (~ h tr(H)).
       chunk_size: probes per forward/backward (memory is about chunk_size
-        times one batch's activations). Default: 1 on CPU; on CUDA all probes
-        unless that would not fit in free memory.
+        times one batch's activations). Default: on CPU about 400k input
+        elements per chunk (2 probes of a CIFAR batch of 64), which stays in
+        cache; on CUDA all probes unless that would not fit in free memory.
+        Inputs in channels_last memory format keep it (faster on CPU).
       seed: probe seed (same seed, same probes on CPU and CUDA, whatever the
         chunk size). Default: drawn from torch's default generator.
       scale: multiplies the loss; 1/B reproduces the reference scorers' mean
@@ -195,7 +198,11 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
         empty = inputs.new_zeros(0, dtype=torch.float32)
         return (empty, empty.clone()) if return_trace else empty
     op = _ops.ops(device)
-    x = inputs.detach().to(dtype).contiguous()
+    # Inputs in channels_last stay so (faster convolutions on CPU); the ops
+    # work on the standard layout, which keys the probes.
+    layout = (torch.channels_last if inputs.dim() == 4 and not inputs.is_contiguous()
+              and inputs.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    x = inputs.detach().to(dtype).contiguous(memory_format=layout)
     y = targets.detach().long()
     autocast_off = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") \
         else contextlib.nullcontext()
@@ -205,13 +212,13 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
             y = y.clone()
         sums = torch.zeros(3, B, dtype=torch.float32, device=device)
         g0, graph_bytes = _loss_and_grad(model, x.detach(), y, scale, check_targets=True)
-        g0 = g0.detach().contiguous()
-        chunk = int(chunk_size) if chunk_size is not None else _default_chunk(device, n_probes, graph_bytes)
+        g0 = g0.detach().contiguous()  # the ops' layout
+        chunk = int(chunk_size) if chunk_size is not None else _default_chunk(device, n_probes, graph_bytes, x.numel())
         for first in range(0, n_probes, chunk):
             count = min(chunk, n_probes - first)
-            xp = op.curvature_perturb(x, seed, first, count, float(h))
+            xp = op.curvature_perturb(x, seed, first, count, float(h)).contiguous(memory_format=layout)
             grads, _ = _loss_and_grad(model, xp, y.repeat(count), scale)
-            sums += op.curvature_reduce(grads.detach(), g0, seed, first)
+            sums += op.curvature_reduce(grads.detach().contiguous(), g0, seed, first)
             del xp, grads
     score = (sums[1] if squared else sums[0]) / n_probes
     if return_trace:

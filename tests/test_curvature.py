@@ -279,6 +279,22 @@ def test_chunk_size_invariance(chunks):
         torch.testing.assert_close(trace, results[0][1], rtol=1e-6, atol=1e-9)
 
 
+def test_channels_last_inputs_keep_probes():
+    model = small_cnn()
+    x, y = cnn_batch()
+    seen = []
+
+    def spy(t):
+        seen.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        return model(t)
+
+    plain = memfast.input_curvature(model, x, y, n_probes=4, seed=8, chunk_size=2)
+    last = memfast.input_curvature(spy, x.contiguous(memory_format=torch.channels_last), y, n_probes=4, seed=8,
+                                   chunk_size=2)
+    assert seen == [True, True, True]
+    torch.testing.assert_close(last, plain, rtol=1e-6, atol=0)
+
+
 def test_determinism_and_seed():
     model = small_cnn(torch.float32)
     x, y = cnn_batch(dtype=torch.float32)

@@ -1,0 +1,95 @@
+"""CPU benchmark of memfast.input_curvature against the reference code's probe
+loop (two forwards and one backward per probe) on a small CNN.
+
+    .venv/bin/python -m pytest bench/test_bench_curvature.py --benchmark-enable \
+        --benchmark-columns=median,iqr,rounds --benchmark-group-by=group
+
+Setting (the CIFAR scorers'): 32x32 RGB inputs, B = 64, 10 probes, h = 1e-3,
+eval mode, fp32. test_speedup_report prints the speedup over the reference
+loop (add -s to see it).
+"""
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memfast
+from memfast.reference import reference_probe_loop
+
+B, N_PROBES, H = 64, 10, 1e-3
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 conv layers with ReLU and 2x2 max-pooling, then a linear head."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(64 * 8 * 8, classes)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.head(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(B, 3, 32, 32)
+    y = torch.randint(0, 10, (B,))
+    return model, x, y
+
+
+def _median_seconds(fn, rounds=3, clock=time.perf_counter):
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.benchmark(group="curvature-cpu")
+def test_reference_loop(benchmark, setup):
+    model, x, y = setup
+    benchmark.pedantic(reference_probe_loop, args=(model, x, y, N_PROBES, H), rounds=3, iterations=1,
+                       warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="curvature-cpu")
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 5, 10], ids=lambda c: f"chunk={c}")
+def test_memfast(benchmark, setup, chunk_size):
+    model, x, y = setup
+    benchmark.pedantic(memfast.input_curvature, args=(model, x, y),
+                       kwargs=dict(n_probes=N_PROBES, h=H, chunk_size=chunk_size, seed=0),
+                       rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_speedup_report(setup, capsys, layout):
+    """Both methods timed back to back and the speedup printed (measured, not
+    asserted): wall time with torch's threads, and process CPU time with one
+    thread (steadier on a shared machine)."""
+    model, x, y = setup
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference = lambda: reference_probe_loop(model, x, y, N_PROBES, H)  # noqa: E731
+    fast = lambda: memfast.input_curvature(model, x, y, n_probes=N_PROBES, h=H, seed=0)  # noqa: E731
+    threads = torch.get_num_threads()
+    wall = [_median_seconds(reference), _median_seconds(fast)]
+    torch.set_num_threads(1)
+    try:
+        cpu = [_median_seconds(reference, clock=time.process_time), _median_seconds(fast, clock=time.process_time)]
+    finally:
+        torch.set_num_threads(threads)
+    with capsys.disabled():
+        print(f"\ncurvature CPU, {layout}, B={B}, {N_PROBES} probes: "
+              f"wall ({threads} threads) reference {wall[0] * 1e3:.0f} ms, memfast {wall[1] * 1e3:.0f} ms, "
+              f"{wall[0] / wall[1]:.2f}x; CPU time (1 thread) reference {cpu[0] * 1e3:.0f} ms, "
+              f"memfast {cpu[1] * 1e3:.0f} ms, {cpu[0] / cpu[1]:.2f}x")
