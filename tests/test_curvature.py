@@ -280,7 +280,7 @@ def test_chunk_size_invariance(chunks):
 
 
 def test_channels_last_inputs_keep_probes():
-    model = small_cnn()
+    model = small_cnn().eval()  # the spy is a plain function: input_curvature cannot set its mode
     x, y = cnn_batch()
     seen = []
 
