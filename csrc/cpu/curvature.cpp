@@ -20,6 +20,19 @@ namespace {
 // Elements per parallel task, so that small inputs do not pay for threading.
 constexpr int64_t GRAIN_ELEMENTS = 32768;
 
+// dst[j] = src[j] + (+-step) for the N sign bits of `word`. Written so that
+// the compiler vectorises it (a variable shift and a multiply by +-1, which
+// is exact).
+template <typename scalar_t, int N>
+inline void perturb_word(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, uint32_t word,
+                         at::opmath_type<scalar_t> step) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int j = 0; j < N; ++j) {
+    const opmath_t sign = static_cast<opmath_t>(static_cast<int32_t>((word >> j) & 1u) * 2 - 1);
+    dst[j] = static_cast<scalar_t>(static_cast<opmath_t>(src[j]) + sign * step);
+  }
+}
+
 at::Tensor curvature_perturb_cpu(const at::Tensor& x_in, int64_t seed, int64_t probe_offset, int64_t num_probes,
                                  double h) {
   check_perturb_args(x_in, probe_offset, num_probes);
@@ -45,9 +58,15 @@ at::Tensor curvature_perturb_cpu(const at::Tensor& x_in, int64_t seed, int64_t p
         for (int64_t e0 = 0, block = 0; e0 < D; e0 += PROBE_BLOCK, ++block) {
           const Philox4 signs = probe_signs(seed, b, probe_offset + k, block);
           const int64_t n = std::min(PROBE_BLOCK, D - e0);
-          for (int64_t i = 0; i < n; ++i) {
-            const bool plus = (signs.w[i >> 5] >> (i & 31)) & 1u;
-            dst[e0 + i] = static_cast<scalar_t>(static_cast<opmath_t>(src[e0 + i]) + (plus ? step : -step));
+          if (n == PROBE_BLOCK) {
+            for (int word = 0; word < 4; ++word) {
+              perturb_word<scalar_t, 32>(src + e0 + 32 * word, dst + e0 + 32 * word, signs.w[word], step);
+            }
+          } else {
+            for (int64_t i = 0; i < n; ++i) {
+              const bool plus = (signs.w[i >> 5] >> (i & 31)) & 1u;
+              dst[e0 + i] = static_cast<scalar_t>(static_cast<opmath_t>(src[e0 + i]) + (plus ? step : -step));
+            }
           }
         }
       }
@@ -56,27 +75,45 @@ at::Tensor curvature_perturb_cpu(const at::Tensor& x_in, int64_t seed, int64_t p
   return out;
 }
 
-// Sums over one probe's row: ||d||^2 and v . d with d = g_k - g0 (d formed in
-// the inputs' op-math type, like the reference; sums in double).
+// Accumulates d * d and (+-1) * d over the N sign bits of `word`, with
+// d = g - g0 formed in the op-math type (as the reference does) and sums in
+// double, in LANES interleaved partial sums (a fixed order: deterministic;
+// vectorisable).
+constexpr int LANES = 8;
+
+template <typename scalar_t, int N>
+inline void reduce_word(const scalar_t* __restrict__ g, const scalar_t* __restrict__ g0, uint32_t word,
+                        double* __restrict__ sq, double* __restrict__ dot) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  for (int j = 0; j < N; ++j) {
+    const double d = static_cast<double>(static_cast<opmath_t>(g[j]) - static_cast<opmath_t>(g0[j]));
+    const double sign = static_cast<double>(static_cast<int32_t>((word >> j) & 1u) * 2 - 1);
+    sq[j % LANES] += d * d;
+    dot[j % LANES] += sign * d;
+  }
+}
+
+// ||d||^2 and v . d over one probe's row.
 template <typename scalar_t>
 void reduce_row(const scalar_t* g, const scalar_t* g0, int64_t D, int64_t seed, int64_t sample, int64_t probe,
-                double& sq, double& dot) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  // Four interleaved partial sums in a fixed order: deterministic, and short
-  // dependency chains.
-  double s[4] = {0, 0, 0, 0}, t[4] = {0, 0, 0, 0};
+                double& sq_out, double& dot_out) {
+  double sq[LANES] = {}, dot[LANES] = {};
   for (int64_t e0 = 0, block = 0; e0 < D; e0 += PROBE_BLOCK, ++block) {
     const Philox4 signs = probe_signs(seed, sample, probe, block);
     const int64_t n = std::min(PROBE_BLOCK, D - e0);
-    for (int64_t i = 0; i < n; ++i) {
-      const double d = static_cast<double>(static_cast<opmath_t>(g[e0 + i]) - static_cast<opmath_t>(g0[e0 + i]));
-      const bool plus = (signs.w[i >> 5] >> (i & 31)) & 1u;
-      s[i & 3] += d * d;
-      t[i & 3] += plus ? d : -d;
+    if (n == PROBE_BLOCK) {
+      for (int word = 0; word < 4; ++word) {
+        reduce_word<scalar_t, 32>(g + e0 + 32 * word, g0 + e0 + 32 * word, signs.w[word], sq, dot);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        reduce_word<scalar_t, 1>(g + e0 + i, g0 + e0 + i, signs.w[i >> 5] >> (i & 31), sq + (i % LANES),
+                                 dot + (i % LANES));
+      }
     }
   }
-  sq = (s[0] + s[1]) + (s[2] + s[3]);
-  dot = (t[0] + t[1]) + (t[2] + t[3]);
+  sq_out = ((sq[0] + sq[1]) + (sq[2] + sq[3])) + ((sq[4] + sq[5]) + (sq[6] + sq[7]));
+  dot_out = ((dot[0] + dot[1]) + (dot[2] + dot[3])) + ((dot[4] + dot[5]) + (dot[6] + dot[7]));
 }
 
 at::Tensor curvature_reduce_cpu(const at::Tensor& grads_in, const at::Tensor& g0_in, int64_t seed,
