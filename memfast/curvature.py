@@ -275,9 +275,11 @@ def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None,
         if ids.is_floating_point() or ids.dtype == torch.bool or ids.shape != (len(x),):
             raise ValueError(f"score_curvature: sample_ids must be an integer vector with one id per sample, got "
                              f"{ids.dtype} {list(ids.shape)}")
-        ids = ids.to(tracker.device).long()
+        ids = ids.long()
+        # Checked where the loader made them (usually the CPU: no device sync).
         if len(ids) and bool((ids.min() < 0) | (ids.max() >= tracker.num_samples)):
             raise IndexError(f"score_curvature: sample_ids out of range [0, {tracker.num_samples}) in batch {index}")
+        ids = ids.to(tracker.device, non_blocking=True)
         score = input_curvature(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                 n_probes=n_probes, h=h, squared=squared, chunk_size=chunk_size,
                                 seed=_batch_seed(seed, index), scale=scale)
