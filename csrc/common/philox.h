@@ -15,8 +15,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MEMFAST_HOST_DEVICE __host__ __device__ __forceinline__
+#define MEMFAST_UNROLL_ROUNDS _Pragma("unroll")
 #else
 #define MEMFAST_HOST_DEVICE inline
+#define MEMFAST_UNROLL_ROUNDS _Pragma("GCC unroll 10")
 #endif
 
 namespace memfast {
@@ -42,7 +44,7 @@ MEMFAST_HOST_DEVICE uint32_t philox_mulhi(uint32_t a, uint32_t b) {
 
 MEMFAST_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                                           uint32_t k1) {
-#pragma unroll
+  MEMFAST_UNROLL_ROUNDS
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = philox_mulhi(PHILOX_M0, c0), lo0 = PHILOX_M0 * c0;
     const uint32_t hi1 = philox_mulhi(PHILOX_M1, c2), lo1 = PHILOX_M1 * c2;
