@@ -190,6 +190,9 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
     _check_args(model, inputs, targets, n_probes, h, chunk_size, scale)
     if seed is None:
         seed = _new_seed()
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"input_curvature: seed must be an int or None, got {seed!r}")
+    seed = (int(seed) + 2**63) % 2**64 - 2**63  # any int, as the ops' int64 (the generator uses 64 bits)
     device = inputs.device
     dtype = torch.float64 if inputs.dtype == torch.float64 or _model_dtype(model) == torch.float64 else torch.float32
     B = inputs.shape[0]

@@ -303,6 +303,10 @@ def test_determinism_and_seed():
     c = memfast.input_curvature(model, x, y, n_probes=3, seed=6)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # Seeds are taken modulo 2^64, like the generator's key.
+    assert torch.equal(memfast.input_curvature(model, x, y, n_probes=3, seed=5 + 2**64), a)
+    assert torch.equal(memfast.input_curvature(model, x, y, n_probes=3, seed=-1),
+                       memfast.input_curvature(model, x, y, n_probes=3, seed=2**64 - 1))
     torch.manual_seed(0)
     d = memfast.input_curvature(model, x, y, n_probes=3)
     torch.manual_seed(0)
@@ -433,6 +437,8 @@ def test_bad_input_raises_naming_the_argument():
         memfast.input_curvature(model, x, y, h=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         memfast.input_curvature(model, x, y, chunk_size=0)
+    with pytest.raises(TypeError, match="seed"):
+        memfast.input_curvature(model, x, y, seed=1.5)
     with pytest.raises(ValueError, match="logits"):
         memfast.input_curvature(lambda t: t.sum(1), x, y)
 
