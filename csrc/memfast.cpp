@@ -34,8 +34,9 @@ TORCH_LIBRARY(memfast, m) {
   m.def("curvature_perturb(Tensor x, int seed, int probe_offset, int num_probes, float h) -> Tensor");
   // grads: [P * B, ...] input gradients at the perturbed points, g0: [B, ...]
   // at x. Returns [3, B] float32 sums over the P probes of ||g_k - g0||,
-  // ||g_k - g0||^2 and v_k . (g_k - g0), regenerating v_k from the same key.
-  m.def("curvature_reduce(Tensor grads, Tensor g0, int seed, int probe_offset, float h) -> Tensor");
+  // ||g_k - g0||^2 and v_k . (g_k - g0), regenerating v_k in {-1, +1} (not
+  // scaled by h) from the same key.
+  m.def("curvature_reduce(Tensor grads, Tensor g0, int seed, int probe_offset) -> Tensor");
 }
 
 namespace py = pybind11;

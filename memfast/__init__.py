@@ -1,6 +1,7 @@
 """memfast: fast memorization measurement and memorization-aware training."""
 from ._version import __version__
 from ._ops import get_backend, set_backend
+from .curvature import input_curvature, score_curvature
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
 from . import data, datasets, mat, metrics, noise, report
@@ -15,4 +16,5 @@ def build_info():
 
 
 __all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "build_info",
-           "set_backend", "get_backend", "data", "datasets", "mat", "metrics", "noise", "report"]
+           "set_backend", "get_backend", "input_curvature", "score_curvature", "data", "datasets", "mat",
+           "metrics", "noise", "report"]

@@ -25,7 +25,7 @@ SCHEMAS = {
         "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()"
     ),
     "curvature_perturb": "curvature_perturb(Tensor x, int seed, int probe_offset, int num_probes, float h) -> Tensor",
-    "curvature_reduce": "curvature_reduce(Tensor grads, Tensor g0, int seed, int probe_offset, float h) -> Tensor",
+    "curvature_reduce": "curvature_reduce(Tensor grads, Tensor g0, int seed, int probe_offset) -> Tensor",
 }
 
 try:
@@ -63,10 +63,10 @@ def _track_fake(state, counters, row_stats, target, sample_ids, ignore_index, nu
 
 
 def _perturb_fake(x, seed, probe_offset, num_probes, h):
-    return x.new_empty((num_probes * x.shape[0],) + tuple(x.shape[1:]), memory_format=torch.contiguous_format)
+    return x.new_empty((num_probes * x.shape[0],) + tuple(x.shape[1:]))
 
 
-def _reduce_fake(grads, g0, seed, probe_offset, h):
+def _reduce_fake(grads, g0, seed, probe_offset):
     return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
 
 
