@@ -14,7 +14,7 @@ import glob
 import os
 import re
 import shutil
-import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -106,6 +106,12 @@ def extensions():
     # -fno-trapping-math lets the compiler turn the selects in fast_exp into
     # vector blends (results are unchanged: nothing here traps on FP exceptions).
     cxx = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"] + host_cpu_flags()
+    # at::parallel_for is inlined into our code as `#pragma omp parallel`: without
+    # -fopenmp it silently runs on one thread. (The libgomp that torch loads serves it.)
+    link = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if cuda_home:
         archs = cuda_arch_list(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
@@ -119,9 +125,10 @@ def extensions():
                     "cxx": cxx + defines,
                     "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + defines,
                 },
+                extra_link_args=link,
             )
         ]
-    return [CppExtension("memfast._C", sources, extra_compile_args={"cxx": cxx + defines})]
+    return [CppExtension("memfast._C", sources, extra_compile_args={"cxx": cxx + defines}, extra_link_args=link)]
 
 
 def build_ext_class():

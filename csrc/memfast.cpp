@@ -23,6 +23,8 @@ TORCH_LIBRARY(memfast, m) {
       "-> (Tensor loss, Tensor row_stats, Tensor grad)");
   // grad_logits = grad * grad_loss[:, None]
   m.def("cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor");
+  // The same, in place in the saved gradient (eager backward: no new [R, C] buffer).
+  m.def("cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()");
   // Scatter per-row statistics into a tracker's state (struct of arrays) by sample id.
   m.def(
       "track_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "

@@ -7,6 +7,7 @@ Python API calls ``ops(device)``, which picks one per device type.
 """
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -20,6 +21,7 @@ SCHEMAS = {
         "-> (Tensor loss, Tensor row_stats, Tensor grad)"
     ),
     "cross_entropy_bwd": "cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor",
+    "cross_entropy_bwd_": "cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()",
     "track_": (
         "track_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
         "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()"
@@ -58,6 +60,10 @@ def _bwd_fake(grad, grad_loss):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
+def _bwd_inplace_fake(grad, grad_loss):
+    return None
+
+
 def _track_fake(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
     return None
 
@@ -73,23 +79,51 @@ def _reduce_fake(grads, g0, seed, probe_offset):
 def _fwd_setup_context(ctx, inputs, output):
     _, row_stats, grad = output
     ctx.mark_non_differentiable(row_stats, grad)
+    # Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
+    ctx.saved_grad_consumed = False
+    # For a second backward through the same graph (retain_graph=True, gradcheck), the
+    # gradient is recomputed from the logits -- held weakly, so they cost no memory.
+    logits, *rest = inputs
+    ctx.logits_ref, ctx.logits_version, ctx.other_inputs = weakref.ref(logits), logits._version, rest
+
+
+def _plain_eager(t):
+    """A real tensor in eager mode (not fake, functional or functorch-wrapped)."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _register(ns):
     lib = getattr(torch.ops, ns)
     torch.library.register_fake(f"{ns}::cross_entropy_fwd", _fwd_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_bwd", _bwd_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_bwd_", _bwd_inplace_fake)
     torch.library.register_fake(f"{ns}::track_", _track_fake)
     torch.library.register_fake(f"{ns}::curvature_perturb", _perturb_fake)
     torch.library.register_fake(f"{ns}::curvature_reduce", _reduce_fake)
 
     def backward(ctx, grad_loss, _grad_row_stats, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        grad_logits = None
-        if grad_loss is not None:
-            grad_logits = lib.cross_entropy_bwd(grad, grad_loss)
-        return grad_logits, None, None, None, None, None, None, None
+        if grad_loss is None:
+            return (None,) * 8
+        if not ctx.saved_grad_consumed:
+            (grad,) = ctx.saved_tensors
+        else:  # a second backward: the saved gradient was scaled in place (its version moved on)
+            logits = ctx.logits_ref()
+            if logits is None or logits._version != ctx.logits_version:
+                raise RuntimeError("memfast.cross_entropy: backward twice through one loss (retain_graph=True) needs "
+                                   "the logits alive and unmodified; keep a reference to them or compute the loss again")
+            target, weight, ignore_index, eps, adjustment, groups, _ = ctx.other_inputs
+            grad = lib.cross_entropy_fwd(logits.detach(), target, weight, ignore_index, eps, adjustment, groups,
+                                         True)[2]
+        if not _plain_eager(grad) or torch.is_grad_enabled():
+            # traced (AOTAutograd, functorch) or create_graph: the functional form, a fresh tensor
+            return (lib.cross_entropy_bwd(grad, grad_loss),) + (None,) * 7
+        # eager: scale the saved gradient in place (no second [R, C] buffer); it is not used again
+        ctx.saved_grad_consumed = True
+        lib.cross_entropy_bwd_(grad, grad_loss)
+        return (grad,) + (None,) * 7
 
     torch.library.register_autograd(f"{ns}::cross_entropy_fwd", backward, setup_context=_fwd_setup_context)
 

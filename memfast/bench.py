@@ -23,13 +23,16 @@ def make_inputs(rows, classes, dtype, num_samples, device="cpu", seed=0):
 
 
 def eager_step(logits, target, ids, csl):
-    """What a user writes without memfast: per-sample CE, index_add_, mean, backward."""
+    """What a user writes without memfast: per-sample CE, index_add_, mean, backward.
+    (logits.grad is reset first, as optimizer.zero_grad() does between steps.)"""
+    logits.grad = None
     per_sample = F.cross_entropy(logits, target, reduction="none")
     csl.index_add_(0, ids, per_sample.detach().float())
     per_sample.mean().backward()
 
 
 def memfast_step(logits, target, ids, tracker):
+    logits.grad = None
     memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker).backward()
 
 

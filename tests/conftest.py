@@ -25,3 +25,12 @@ def _seed():
 
 def requires_cuda(f):
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(f)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one CPU thread (tiny models only pay for threading)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -235,3 +235,26 @@ def test_forward_op_matches_reference(dtype, C, opts):
             torch.testing.assert_close(a.float(), b.float(), **tol_g, msg=name)
         else:
             torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=name)
+
+
+def test_backward_twice(backend):
+    # the first backward scales the saved gradient in place; a second one recomputes it
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    logits = x * 2
+    loss = memfast.cross_entropy(logits, y, reduction="sum")
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(x * 2, y, reduction="sum"), x)
+    torch.testing.assert_close(x.grad, 2 * want)
+    del logits  # the logits are held weakly: without them a second backward cannot recompute
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
+
+
+def test_double_backward_graph_keeps_gradient(backend):
+    # create_graph=True takes the functional path: the saved gradient is not consumed.
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    (g1,) = torch.autograd.grad(memfast.cross_entropy(x, y), x, create_graph=True)
+    torch.testing.assert_close(g1, torch.autograd.grad(F.cross_entropy(x, y), x)[0])

@@ -14,12 +14,7 @@ from memfast.integrations.hf import TRACKER_FILE, MemfastTrainer, add_sample_ids
 N, T, V, BATCH, EPOCHS = 16, 12, 64, 4, 2  # 4 steps per epoch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def make_examples(seed=0):

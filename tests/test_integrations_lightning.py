@@ -16,12 +16,7 @@ N, BATCH = 32, 8
 STATS = ("csl", "count", "correct", "learn_time")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 class Tiny(pl.LightningModule):

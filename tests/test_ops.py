@@ -52,6 +52,7 @@ def test_opcheck_forward_backward(ns):
     grad = torch.randn(5, 4)
     torch.library.opcheck(op.cross_entropy_bwd, (grad, torch.randn(5)))
     torch.library.opcheck(op.cross_entropy_bwd, (grad.double(), torch.randn(1, dtype=torch.float64).expand(5)))
+    torch.library.opcheck(op.cross_entropy_bwd_, (grad.clone(), torch.randn(5)))
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)

@@ -171,12 +171,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   return {loss, row_stats, grad};
 }
 
-at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& grad_loss) {
-  check_backward_args(grad, grad_loss);
-  const at::Tensor g = grad.contiguous();
-  at::Tensor out = at::empty_like(g);
+// out = g * grad_loss[:, None] row by row (out may be g itself).
+void scale_rows_cpu(const at::Tensor& g, const at::Tensor& grad_loss, at::Tensor& out) {
   const int64_t R = g.size(0), C = g.size(1);
-  if (g.numel() == 0) return out;
+  if (g.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "memfast_cross_entropy_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
@@ -197,7 +195,20 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& grad_
       }
     });
   });
+}
+
+at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_backward_args(grad, grad_loss);
+  const at::Tensor g = grad.contiguous();
+  at::Tensor out = at::empty_like(g);
+  scale_rows_cpu(g, grad_loss, out);
   return out;
+}
+
+void cross_entropy_bwd_inplace_cpu(at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_backward_args(grad, grad_loss);
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "memfast.cross_entropy backward: the saved gradient must be contiguous");
+  scale_rows_cpu(grad, grad_loss, grad);
 }
 
 }  // namespace
@@ -205,6 +216,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& grad_
 TORCH_LIBRARY_IMPL(memfast, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+  m.impl("cross_entropy_bwd_", &cross_entropy_bwd_inplace_cpu);
 }
 
 }  // namespace memfast

@@ -488,8 +488,8 @@ __device__ __forceinline__ acc_t scale_grad(acc_t v, acc_t s) {
 // out = grad * grad_loss[:, None]; G threads per row as in the forward.
 template <typename scalar_t, int G>
 __global__ void __launch_bounds__(G > 32 ? G : 256)
-    ce_bwd_kernel(const scalar_t* __restrict__ grad, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
-                  int64_t grad_loss_stride, scalar_t* __restrict__ out, int64_t R, int64_t C) {
+    ce_bwd_kernel(const scalar_t* grad, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                  int64_t grad_loss_stride, scalar_t* out, int64_t R, int64_t C) {  // out may alias grad (in place)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = vec_width<scalar_t>();
   constexpr int NT = G > 32 ? G : 256;
@@ -670,15 +670,10 @@ void launch_backward(const scalar_t* g, const at::opmath_type<scalar_t>* go, int
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad, const at::Tensor& grad_loss) {
-  check_backward_args(grad, grad_loss);
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  at::Tensor g = grad.contiguous();
-  // Output rows and input rows must share their 16-byte alignment.
-  if (!aligned16(g.const_data_ptr())) g = g.clone();
-  at::Tensor out = at::empty({g.size(0), g.size(1)}, g.options());
+// out = g * grad_loss[:, None] (out may be g itself: each element is read before it is written).
+void scale_rows_cuda(const at::Tensor& g, const at::Tensor& grad_loss, at::Tensor& out) {
   const int64_t R = g.size(0), C = g.size(1);
-  if (g.numel() == 0) return out;
+  if (g.numel() == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "memfast_cross_entropy_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -698,7 +693,25 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad, const at::Tensor& grad
       launch_backward<scalar_t, 512>(gp, gl, gl_stride, op, R, C, stream);
     }
   });
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_backward_args(grad, grad_loss);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  at::Tensor g = grad.contiguous();
+  // Output rows and input rows must share their 16-byte alignment.
+  if (!aligned16(g.const_data_ptr())) g = g.clone();
+  at::Tensor out = at::empty({g.size(0), g.size(1)}, g.options());
+  scale_rows_cuda(g, grad_loss, out);
   return out;
+}
+
+void cross_entropy_bwd_inplace_cuda(at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_backward_args(grad, grad_loss);
+  TORCH_CHECK_VALUE(grad.is_contiguous() && aligned16(grad.const_data_ptr()),
+                    "memfast.cross_entropy backward: the saved gradient must be contiguous and 16-byte aligned");
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  scale_rows_cuda(grad, grad_loss, grad);
 }
 
 }  // namespace
@@ -706,6 +719,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad, const at::Tensor& grad
 TORCH_LIBRARY_IMPL(memfast, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_bwd_", &cross_entropy_bwd_inplace_cuda);
 }
 
 }  // namespace memfast

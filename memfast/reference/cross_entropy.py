@@ -80,6 +80,10 @@ def cross_entropy_bwd(grad, grad_loss):
     return torch.where(g == 0, torch.zeros_like(g), g * grad_loss.to(acc)[:, None]).to(grad.dtype)
 
 
+def cross_entropy_bwd_(grad, grad_loss):
+    grad.copy_(cross_entropy_bwd(grad, grad_loss))
+
+
 def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
     """Scatter per-row statistics into a tracker's [S, N] state by sample id.
 
