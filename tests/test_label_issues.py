@@ -118,15 +118,6 @@ def test_bad_input():
         label_issues([1, 2], np.zeros(2, dtype=np.int64))
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny matmuls: threads only add contention on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_digits_injected_noise_precision_recall(one_thread):
     datasets = pytest.importorskip("sklearn.datasets")
     x, y = datasets.load_digits(return_X_y=True)
