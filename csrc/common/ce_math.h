@@ -84,8 +84,8 @@ MEMFAST_HD float fast_exp(float x) {
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   float result = p * scale;
   result = x < -87.0f ? 0.0f : result;              // underflow (and -inf) -> 0
-  result = x > 88.0f ? x * 2.0f + result : result;  // overflow -> inf
-  return x != x ? x : result;                    // NaN propagates
+  return x > 88.0f ? x * 2.0f + result : result;    // overflow -> inf
+  // NaN needs no select: it propagates through r and p (whatever the scale bits).
 #endif
 }
 

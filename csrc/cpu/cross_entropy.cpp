@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/ce_math.h"
@@ -22,6 +23,22 @@ namespace memfast {
 namespace {
 
 constexpr int kLanes = 16;
+
+// Rounding to the storage type. bfloat16 is rounded here (nearest even, NaN kept)
+// with plain integer arithmetic so that the compiler vectorises gradient stores;
+// c10::BFloat16's constructor branches on NaN and stays scalar.
+template <typename scalar_t, typename acc_t>
+inline scalar_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    float f = static_cast<float>(v);
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof(u));
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return c10::BFloat16(f != f ? uint16_t(0x7FC0) : rounded, c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
 
 template <typename T>
 T lanes_max(const T* x, int64_t n) {
@@ -36,21 +53,21 @@ T lanes_max(const T* x, int64_t n) {
   return m;
 }
 
-// x[c] <- exp(x[c] - shift); returns the sum.
+// out[c] <- exp(x[c] - shift) (out may be x); returns the sum.
 template <typename T>
-T lanes_exp_sum(T* x, int64_t n, T shift) {
+T lanes_exp_sum(const T* x, T* out, int64_t n, T shift) {
   T lane[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes)
     for (int k = 0; k < kLanes; ++k) {
       T e = fast_exp(x[c + k] - shift);
-      x[c + k] = e;
+      out[c + k] = e;
       lane[k] += e;
     }
   T s = 0;
   for (; c < n; ++c) {
-    x[c] = fast_exp(x[c] - shift);
-    s += x[c];
+    out[c] = fast_exp(x[c] - shift);
+    s += out[c];
   }
   for (int k = 0; k < kLanes; ++k) s += lane[k];
   return s;
@@ -109,18 +126,25 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
         continue;
       }
       const scalar_t* z = z_base + r * ld;
-      for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(z[c]);
-      if (adj) {
-        const acc_t* s = adj + (grp ? grp[r] : r) * adj_ld;
-        for (int64_t c = 0; c < C; ++c) buf[c] += s[c];
+      // The (adjusted) row in the accumulation type; fp32 rows without a shift are read in place.
+      const acc_t* row = buf;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (!adj) row = z;
       }
-      const acc_t z_y = buf[y];
-      const acc_t max_before = lanes_max(buf, y);
-      const acc_t max_after = lanes_max(buf + y + 1, C - y - 1);
+      if (row == buf) {
+        for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(z[c]);
+        if (adj) {
+          const acc_t* s = adj + (grp ? grp[r] : r) * adj_ld;
+          for (int64_t c = 0; c < C; ++c) buf[c] += s[c];
+        }
+      }
+      const acc_t z_y = row[y];
+      const acc_t max_before = lanes_max(row, y);
+      const acc_t max_after = lanes_max(row + y + 1, C - y - 1);
       const acc_t max_other = max_before > max_after ? max_before : max_after;
       const acc_t m = z_y > max_other ? z_y : max_other;
-      const acc_t weighted_logit_sum = eps > 0 ? lanes_dot(buf, w, C) : acc_t(0);
-      const acc_t sum = lanes_exp_sum(buf, C, m);
+      const acc_t weighted_logit_sum = eps > 0 ? lanes_dot(row, w, C) : acc_t(0);
+      const acc_t sum = lanes_exp_sum(row, buf, C, m);
       const acc_t lse = m + std::log(sum);
       const acc_t w_y = w ? w[y] : acc_t(1);
       loss_p[r] = row_loss(lse, z_y, w_y, weight_sum, weighted_logit_sum, eps, C);
@@ -133,14 +157,14 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       const GradCoef<acc_t> k = grad_coefficients(w_y, weight_sum, eps, C);
       const acc_t scale = k.scale_p / sum;
       if (w && eps > 0) {
-        for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(buf[c] * scale - k.eps_w * w[c]);
+        for (int64_t c = 0; c < C; ++c) g[c] = to_storage<scalar_t>(buf[c] * scale - k.eps_w * w[c]);
       } else {
         const acc_t off = w ? acc_t(0) : k.eps_w;
-        for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(buf[c] * scale - off);
+        for (int64_t c = 0; c < C; ++c) g[c] = to_storage<scalar_t>(buf[c] * scale - off);
       }
       // The target term is formed in the accumulation type and rounded once:
       // p_y - 1 from a rounded p_y would cancel catastrophically as p_y -> 1.
-      g[y] = static_cast<scalar_t>(buf[y] * scale - k.eps_w * w_y - k.target_w);
+      g[y] = to_storage<scalar_t>(buf[y] * scale - k.eps_w * w_y - k.target_w);
     }
   });
 }
@@ -190,7 +214,7 @@ void scale_rows_cpu(const at::Tensor& g, const at::Tensor& grad_loss, at::Tensor
         // A zero stays zero (ignored rows) even when s is inf/NaN, e.g. a mean over no rows.
         for (int64_t c = 0; c < C; ++c) {
           const acc_t v = static_cast<acc_t>(src[c]);
-          dst[c] = static_cast<scalar_t>(v == acc_t(0) ? acc_t(0) : v * s);
+          dst[c] = to_storage<scalar_t>(v == acc_t(0) ? acc_t(0) : v * s);
         }
       }
     });
