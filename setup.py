@@ -7,8 +7,9 @@ Environment:
                            when unset (the `nvcc` on PATH may be a wrapper
                            script, which makes torch guess it wrong)
   TORCH_CUDA_ARCH_LIST     default: 9.0 plus what the visible GPU needs
-  MEMFAST_CPU_FLAGS        extra host compiler flags; default -mavx2 -mfma
-                           -mf16c when this machine's CPU has them
+  MEMFAST_CPU_FLAGS        host compiler ISA flags; default: -mavx2 -mfma -mf16c
+                           and -mavx512{f,bw,vl,dq,bf16} as far as this machine's
+                           CPU has them
 """
 import glob
 import os
@@ -87,8 +88,14 @@ def host_cpu_flags():
         info = open("/proc/cpuinfo").read()
     except OSError:
         return []
-    flags = set(re.findall(r"\b(avx2|fma|f16c)\b", info))
-    return ["-mavx2", "-mfma", "-mf16c"] if flags >= {"avx2", "fma", "f16c"} else []
+    flags = set(re.findall(r"\b(avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512dq|avx512_bf16)\b", info))
+    out = ["-mavx2", "-mfma", "-mf16c"] if flags >= {"avx2", "fma", "f16c"} else []
+    # AVX-512 turns on the hand-vectorised loops in csrc/cpu/ (the build runs where it is installed).
+    if out and flags >= {"avx512f", "avx512bw", "avx512vl", "avx512dq"}:
+        out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        if "avx512_bf16" in flags:
+            out.append("-mavx512bf16")
+    return out
 
 
 def extensions():

@@ -14,14 +14,17 @@
 #endif
 
 TORCH_LIBRARY(memfast, m) {
-  // Loss, log-sum-exp and (when compute_grad) d loss_row / d logits in one pass
-  // over each row. Functional, so that autograd and torch.compile can treat it
-  // as an ordinary op; the tracker scatter is the separate mutable track_ op.
+  // Loss, log-sum-exp and (when compute_grad) d loss / d logits in one pass
+  // over each row. reduction: 0 none (loss [R]), 1 mean, 2 sum (loss 0-d; for
+  // the mean the gradient already carries 1 / sum(weight[target]), so that a
+  // backward with grad_loss == 1 has nothing to do). Functional, so that
+  // autograd and torch.compile can treat it as an ordinary op; the tracker
+  // scatter is the separate mutable track_ op.
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad) "
+      "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction) "
       "-> (Tensor loss, Tensor row_stats, Tensor grad)");
-  // grad_logits = grad * grad_loss[:, None]
+  // grad_logits = grad * grad_loss[:, None] (grad_loss [R]), or grad * grad_loss (0-d)
   m.def("cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor");
   // The same, in place in the saved gradient (eager backward: no new [R, C] buffer).
   m.def("cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()");

@@ -36,19 +36,31 @@ def memfast_step(logits, target, ids, tracker):
     memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker).backward()
 
 
+def _sync(device):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def time_step(fn, args, device, repeats=20, warmup=3):
     """Median seconds of fn(*args) over `repeats` runs after warm-up."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn(*args)
-    times = []
+    return time_steps([(fn, args)], device, repeats, warmup)[0]
+
+
+def time_steps(steps, device, repeats=20, warmup=3):
+    """Median seconds of each (fn, args) in `steps`, run in turn (interleaved),
+    so that a slow spell of a shared machine slows all of them alike."""
+    sync = _sync(device)
+    for fn, args in steps:
+        for _ in range(warmup):
+            fn(*args)
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn(*args)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for (fn, args), out in zip(steps, times):
+            sync()
+            t0 = time.perf_counter()
+            fn(*args)
+            sync()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def add_arguments(parser):
@@ -62,7 +74,7 @@ def add_arguments(parser):
 
 def run(args):
     print(f"memfast {memfast.__version__} ({memfast.get_backend()}), torch {torch.__version__}, "
-          f"device {args.device}, {torch.get_num_threads()} threads; median of {args.repeats}")
+          f"device {args.device}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
     print("| shape | dtype | eager ms | memfast ms | speed-up |")
     print("|---|---|---|---|---|")
     for shape in args.shapes:
@@ -71,7 +83,7 @@ def run(args):
             logits, target, ids = make_inputs(rows, classes, DTYPES[name], args.num_samples, args.device)
             csl = torch.zeros(args.num_samples, device=args.device)
             tracker = memfast.SampleTracker(args.num_samples, device=args.device)
-            eager = time_step(eager_step, (logits, target, ids, csl), args.device, args.repeats)
-            fast = time_step(memfast_step, (logits, target, ids, tracker), args.device, args.repeats)
+            eager, fast = time_steps([(eager_step, (logits, target, ids, csl)),
+                                      (memfast_step, (logits, target, ids, tracker))], args.device, args.repeats)
             print(f"| {rows}x{classes} | {name} | {eager * 1e3:.3f} | {fast * 1e3:.3f} | {eager / fast:.2f}x |")
     return 0

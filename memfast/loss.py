@@ -5,9 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
-from ._stats import ROW
 
-_REDUCTIONS = ("none", "mean", "sum")
+_REDUCTIONS = ("none", "mean", "sum")  # the op's reduction codes, as at::Reduction
 
 
 def _legacy_reduction(size_average, reduce, reduction):
@@ -127,18 +126,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         ids = tracker._check_batch(logits, sample_ids, target_rows.numel())
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     op = _ops.ops(input.device)
-    loss_rows, row_stats, _ = op.cross_entropy_fwd(
-        logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment, groups_rows,
-        compute_grad)
+    # The reduction happens inside the op: for the mean its gradient already
+    # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
+    loss, row_stats, _ = _ops.cross_entropy_fwd(
+        op, logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment, groups_rows,
+        compute_grad, _REDUCTIONS.index(reduction))
     if tracker is not None:
         tracker._scatter(row_stats, target_rows, ids, int(ignore_index), logits.shape[1])
     if reduction == "none":
-        out = loss_rows.reshape(() if unbatched else target_shape)
-    elif reduction == "sum":
-        out = loss_rows.sum()
-    else:
-        out = loss_rows.sum() / row_stats[ROW["weight"]].sum()
-    return out.to(input.dtype)
+        loss = loss.reshape(() if unbatched else target_shape)
+    return loss.to(input.dtype)
 
 
 class CrossEntropyLoss(nn.Module):

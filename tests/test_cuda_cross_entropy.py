@@ -46,9 +46,11 @@ def random_case(R, C, dtype, ignore_every=5, scale=3.0):
     return x, y
 
 
-def check_forward(x, y, weight=None, ignore_index=-100, eps=0.0, adjustment=None, groups=None, compute_grad=True):
-    got = torch.ops.memfast.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad)
-    want = ref.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad)
+def check_forward(x, y, weight=None, ignore_index=-100, eps=0.0, adjustment=None, groups=None, compute_grad=True,
+                  reduction=0):
+    got = torch.ops.memfast.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad,
+                                              reduction)
+    want = ref.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction)
     tol = TOL[x.dtype]
     loss_tol = max(tol, 1e-5) if x.dtype != torch.float64 else tol
     torch.testing.assert_close(got[0], want[0], atol=loss_tol, rtol=loss_tol, equal_nan=True)
@@ -71,6 +73,8 @@ def test_forward_matches_reference(dtype, C):
     x, y = random_case(rows_for(C), C, dtype)
     check_forward(x, y)
     check_forward(x, y, compute_grad=False)
+    check_forward(x, y, reduction=1)  # the mean: the gradient carries 1 / rows (device-side denominator)
+    check_forward(x, y, reduction=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -88,6 +92,7 @@ def test_forward_options(dtype, C, opts):
         y[1::3] = 2
         kw["ignore_index"] = 2
     check_forward(x, y, **kw)
+    check_forward(x, y, reduction=1, **kw)
 
 
 @pytest.mark.parametrize("kernel", ["stream", "no-cluster"])
@@ -145,7 +150,7 @@ def test_bad_targets_and_groups_give_nan_rows_without_error():
     y[1], y[4] = C, -7
     groups = torch.tensor([0, 1, 5, 0, 1, 0], device=DEV)
     loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, torch.randn(2, C, device=DEV),
-                                                            groups, True)
+                                                            groups, True, 0)
     torch.cuda.synchronize()
     bad = torch.tensor([False, True, True, False, True, False], device=DEV)
     assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
@@ -239,7 +244,7 @@ def test_track_matches_reference_over_epochs(stats):
             ids = torch.randint(0, N, (B,), device=DEV)
             ids[10:20] = ids[0]  # repeated ids add; the last finite row sets the state
             x[5, 3] = math.nan   # a non-finite row only counts
-            _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+            _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
             got._scatter(row_stats, y, ids, -100, C)
             reference_track(want, row_stats, y, ids, -100, C)
         got.end_epoch()
@@ -255,7 +260,7 @@ def test_track_sorted_and_shuffled_repeats():
     for ids in (torch.arange(1000, device=DEV) // 37 % N, torch.randint(0, 3, (1000,), device=DEV),
                 torch.arange(1000, device=DEV) % 3, torch.full((1000,), 7, device=DEV)):
         x, y = random_case(1000, C, torch.float32, ignore_every=9)
-        _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+        _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
         got._scatter(row_stats, y, ids, -100, C)
         reference_track(want, row_stats, y, ids, -100, C)
     assert_trackers_close(got, want)
@@ -274,7 +279,7 @@ def test_per_sequence_ids(dtype):
         ids = torch.randint(0, N, (B,), device=DEV)
         ids[5] = ids[6]
         memfast.cross_entropy(x.view(-1, V), y.view(-1), sample_ids=ids, tracker=got)
-        _, row_stats, _ = ref.cross_entropy_fwd(x.view(-1, V), y.view(-1), None, -100, 0.0, None, None, False)
+        _, row_stats, _ = ref.cross_entropy_fwd(x.view(-1, V), y.view(-1), None, -100, 0.0, None, None, False, 0)
         reference_track(want, row_stats, y.view(-1), ids, -100, V)
     torch.testing.assert_close(got.state, want.state, atol=5e-3, rtol=1e-4, equal_nan=True)
     assert torch.equal(got.counters, want.counters)
@@ -286,7 +291,7 @@ def test_tracked_values_match_through_api():
     x, y = random_case(256, C, torch.bfloat16)
     ids = torch.randint(0, N, (256,), device=DEV)
     memfast.cross_entropy(x, y, sample_ids=ids, tracker=got, label_smoothing=0.1)
-    _, row_stats, _ = ref.cross_entropy_fwd(x, y, None, -100, 0.1, None, None, False)
+    _, row_stats, _ = ref.cross_entropy_fwd(x, y, None, -100, 0.1, None, None, False, 0)
     reference_track(want, row_stats, y, ids, -100, C)
     torch.testing.assert_close(got.state, want.state, atol=1e-4, rtol=1e-4, equal_nan=True)
 
@@ -307,7 +312,7 @@ def test_bad_values_write_nothing_and_raise_at_check(what):
     else:
         y = y.clone()
         y[2] = C + 3
-    _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+    _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
     tracker._scatter(row_stats, y, ids, -100, C)  # no exception here: no host sync
     torch.cuda.synchronize()
     assert torch.equal(tracker.state, before)
@@ -338,12 +343,14 @@ def test_opcheck():
     x, y = random_case(12, C, torch.bfloat16, ignore_every=0)
     w = torch.rand(C, device=DEV) + 0.5
     table, groups = torch.randn(3, C, device=DEV), torch.randint(0, 3, (12,), device=DEV)
-    for args in ((x, y, None, -100, 0.0, None, None, True), (x.float(), y, w, -100, 0.1, None, None, True),
-                 (x, y, None, -100, 0.0, table, groups, False)):
+    for args in ((x, y, None, -100, 0.0, None, None, True, 0), (x.float(), y, w, -100, 0.1, None, None, True, 0),
+                 (x, y, None, -100, 0.0, table, groups, False, 0),
+                 (x, y, None, -100, 0.0, None, None, True, 1), (x.float(), y, w, -100, 0.1, None, None, True, 2)):
         torch.library.opcheck(torch.ops.memfast.cross_entropy_fwd, args)
     torch.library.opcheck(torch.ops.memfast.cross_entropy_bwd, (x, torch.randn(12, device=DEV)))
+    torch.library.opcheck(torch.ops.memfast.cross_entropy_bwd, (x, torch.tensor(0.5, device=DEV)))
     t = memfast.SampleTracker(8, stats="all", device=DEV)
-    _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+    _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
     for ids in (torch.tensor([0, 1, 1, 7, 3, 1, 0, 0, 2, 2, 5, 6], device=DEV), torch.tensor([2, 5], device=DEV)):
         torch.library.opcheck(torch.ops.memfast.track_, (t.state, t.counters, row_stats, y, ids, -100, C,
                                                          t._stat_rows))
@@ -390,7 +397,7 @@ def test_cuda_graph_replay():
         loss.backward()
         torch.testing.assert_close(static_loss, loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(static_x.grad, xr.grad, atol=1e-6, rtol=1e-5)
-        _, row_stats, _ = ref.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False)
+        _, row_stats, _ = ref.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
         reference_track(want, row_stats, y, ids, -100, C)
     assert_trackers_close(tracker, want)
     assert int(tracker.counters[COUNTER["calls"]]) == 5
@@ -438,9 +445,9 @@ def test_64bit_indexing_bf16(monkeypatch, kernel):
         pytest.skip("not enough GPU memory")
     x = torch.empty(R, C, device=DEV, dtype=torch.bfloat16).normal_(0, 2)
     y = torch.randint(0, C, (R,), device=DEV)
-    loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True)
+    loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True, 0)
     for rows in (slice(0, 4), slice(R - 70, R)):
-        want = ref.cross_entropy_fwd(x[rows], y[rows], None, -100, 0.0, None, None, True)
+        want = ref.cross_entropy_fwd(x[rows], y[rows], None, -100, 0.0, None, None, True, 0)
         torch.testing.assert_close(loss[rows], want[0], atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(grad[rows].float(), want[2].float(), atol=1e-2, rtol=1e-2)
     go = torch.randn(R, device=DEV)

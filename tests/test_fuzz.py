@@ -1,5 +1,8 @@
 """Property tests: the compiled kernels against the reference on random shapes,
 dtypes, options, adjustments and repeated / per-sequence ids."""
+import contextlib
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -27,7 +30,23 @@ def cases(draw):
         rows_per_id=draw(st.sampled_from([1, 1, 2, 3])),
         num_samples=draw(st.integers(1, 12)),
         seed=draw(st.integers(0, 2**31 - 1)),
+        reduction=draw(st.sampled_from([0, 1, 2])),
+        kernel=draw(st.sampled_from(["default", "generic"])),
     )
+
+
+@contextlib.contextmanager
+def _cpu_kernel(name):
+    """MEMFAST_CPU_KERNEL=generic: the portable loops where the build also has AVX-512 ones."""
+    old = os.environ.get("MEMFAST_CPU_KERNEL")
+    os.environ["MEMFAST_CPU_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MEMFAST_CPU_KERNEL"]
+        else:
+            os.environ["MEMFAST_CPU_KERNEL"] = old
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,12 +68,13 @@ def test_kernels_match_reference(case):
         adjustment = torch.randn(C, generator=g, dtype=acc).expand(R, C)
     elif case["adjustment"] == "table":
         adjustment, groups = torch.randn(3, C, generator=g, dtype=acc), torch.randint(0, 3, (R,), generator=g)
-    args = (logits, target, weight, -100, case["eps"], adjustment, groups, True)
-    got = torch.ops.memfast.cross_entropy_fwd(*args)
+    args = (logits, target, weight, -100, case["eps"], adjustment, groups, True, case["reduction"])
+    with _cpu_kernel(case["kernel"]):
+        got = torch.ops.memfast.cross_entropy_fwd(*args)
     want = reference.cross_entropy_fwd(*args)
     exact = dtype == torch.float64
     tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
-    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)  # the mean over no rows is NaN
     # row stats: the target logit and max are exact; lse to tolerance
     torch.testing.assert_close(got[1], want[1], **tol, equal_nan=True)
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)

@@ -37,9 +37,11 @@ def _fwd_samples():
         x = torch.randn(R, C, dtype=dtype, requires_grad=True)
         y = torch.randint(0, C, (R,))
         y[2] = -100
-        yield (x, y, None, -100, 0.0, None, None, True)
-        yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, torch.randn(3, C, dtype=acc), torch.randint(0, 3, (R,)), True)
-        yield (x.detach(), y, None, -100, 0.0, torch.randn(R, C, dtype=acc), None, False)
+        for reduction in (0, 1, 2):
+            yield (x, y, None, -100, 0.0, None, None, True, reduction)
+        yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, torch.randn(3, C, dtype=acc), torch.randint(0, 3, (R,)), True,
+               1)
+        yield (x.detach(), y, None, -100, 0.0, torch.randn(R, C, dtype=acc), None, False, 0)
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
@@ -53,6 +55,9 @@ def test_opcheck_forward_backward(ns):
     torch.library.opcheck(op.cross_entropy_bwd, (grad, torch.randn(5)))
     torch.library.opcheck(op.cross_entropy_bwd, (grad.double(), torch.randn(1, dtype=torch.float64).expand(5)))
     torch.library.opcheck(op.cross_entropy_bwd_, (grad.clone(), torch.randn(5)))
+    torch.library.opcheck(op.cross_entropy_bwd, (grad, torch.tensor(1.0)))  # a mean's or sum's grad_loss
+    torch.library.opcheck(op.cross_entropy_bwd, (grad, torch.tensor(0.5)))
+    torch.library.opcheck(op.cross_entropy_bwd_, (grad.clone(), torch.tensor(1.0)))
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
@@ -62,7 +67,7 @@ def test_opcheck_track(ns):
     op = getattr(torch.ops, ns)
     t = memfast.SampleTracker(8, stats="all")
     logits, y = torch.randn(6, 4), torch.randint(0, 4, (6,))
-    _, row_stats, _ = reference.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False)
+    _, row_stats, _ = reference.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False, 0)
     for ids in (torch.tensor([0, 1, 1, 7, 3, 1]), torch.tensor([2, 5])):
         torch.library.opcheck(op.track_, (t.state, t.counters, row_stats, y, ids, -100, 4, t._stat_rows))
 

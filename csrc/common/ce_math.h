@@ -108,14 +108,25 @@ struct GradCoef {
   T target_w;  // (1 - eps) * w_y, subtracted at the target
 };
 
+// `grad_scale` is the reduction's factor (1 / sum of w_y for the mean, else 1).
+// A zero coefficient stays zero when grad_scale is inf (a mean over rows that
+// all weigh 0), so that rows contributing nothing get a zero gradient.
 template <typename T>
-MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C) {
+MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C, T grad_scale = T(1)) {
   GradCoef<T> g;
   g.eps_w = eps / static_cast<T>(C);
   g.target_w = (T(1) - eps) * w_y;
   g.scale_p = g.target_w + g.eps_w * weight_sum;
+  if (grad_scale != T(1)) {
+    g.eps_w = g.eps_w == T(0) ? T(0) : g.eps_w * grad_scale;
+    g.target_w = g.target_w == T(0) ? T(0) : g.target_w * grad_scale;
+    g.scale_p = g.scale_p == T(0) ? T(0) : g.scale_p * grad_scale;
+  }
   return g;
 }
+
+// The op's `reduction` argument (the values of at::Reduction).
+enum Reduction : int { REDUCTION_NONE = 0, REDUCTION_MEAN = 1, REDUCTION_SUM = 2 };
 
 // The loss of one row from its log-sum-exp, target logit and (when smoothing)
 // sum_c w_c z_c.

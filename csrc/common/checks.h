@@ -12,7 +12,10 @@
 namespace memfast {
 
 inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                               double label_smoothing, const at::Tensor& adjustment, const at::Tensor& groups) {
+                               double label_smoothing, const at::Tensor& adjustment, const at::Tensor& groups,
+                               int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction == REDUCTION_NONE || reduction == REDUCTION_MEAN || reduction == REDUCTION_SUM,
+                    "memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK_VALUE(logits.dim() == 2, "memfast.cross_entropy: logits must be 2-D [rows, classes], got ",
                     logits.dim(), "-D");
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "memfast.cross_entropy: logits must be floating point, got ",
@@ -58,11 +61,11 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& grad_loss) {
   TORCH_CHECK_VALUE(grad.dim() == 2, "memfast.cross_entropy backward: the saved gradient is missing (the forward ran with "
                     "compute_grad=False)");
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == grad.size(0) &&
+  TORCH_CHECK_VALUE((grad_loss.dim() == 0 || (grad_loss.dim() == 1 && grad_loss.size(0) == grad.size(0))) &&
                         grad_loss.scalar_type() == at::toOpMathType(grad.scalar_type()) &&
                         grad_loss.device() == grad.device(),
                     "memfast.cross_entropy backward: grad_loss must be a ", at::toOpMathType(grad.scalar_type()),
-                    " vector of ", grad.size(0), " entries");
+                    " scalar or vector of ", grad.size(0), " entries");
 }
 
 inline void check_targets_host(const int64_t* target, int64_t R, int64_t C, int64_t ignore_index) {

@@ -39,10 +39,23 @@ void track_cpu(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_st
   float* nonfinite = view.row(STAT_NONFINITE);
   std::unordered_set<int64_t> seen;
   if (has_state) seen.reserve(static_cast<size_t>(n_ids));
+  // The statistics' arrays, for prefetching: a batch's ids land at random places
+  // of arrays that outgrow the cache, and the loop body is too short for the CPU
+  // to overlap those misses by itself (measured: 0.3 -> 0.1 ms for 4096 rows).
+  float* arrays[NUM_STATS];
+  int num_arrays = 0;
+  for (int k = 0; k < NUM_STATS; ++k) {
+    if (float* p = view.row(k)) arrays[num_arrays++] = p;
+  }
+  constexpr int64_t kAhead = 16;
   AT_DISPATCH_FLOATING_TYPES(row_stats.scalar_type(), "memfast_track", [&] {
     const scalar_t* st = row_stats.const_data_ptr<scalar_t>();
     auto add = [](float* p, float v) { *p += v; };
     for (int64_t r = R - 1; r >= 0; --r) {
+      if (r >= kAhead) {
+        const int64_t ahead = ids[(r - kAhead) / rows_per_id];
+        for (int k = 0; k < num_arrays; ++k) __builtin_prefetch(arrays[k] + ahead, 1, 3);
+      }
       if (tgt[r] == ignore_index) continue;
       const int64_t id = ids[r / rows_per_id];
       const RowContribution c = row_contribution(

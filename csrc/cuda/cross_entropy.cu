@@ -24,7 +24,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -58,6 +61,7 @@ struct FwdArgs {
   const int64_t* target;
   const acc_t* weight;      // [C] or nullptr
   const acc_t* weight_sum;  // device scalar sum(weight) when weight && eps > 0, else nullptr (sum = C)
+  const acc_t* grad_scale;  // device scalar 1 / sum(weight[target]) for the mean, else nullptr (1)
   const acc_t* adj;         // adjustment rows or nullptr
   int64_t adj_ld;           // 0 for an expanded [C] shift
   const int64_t* groups;    // row -> adjustment row, or nullptr (row r uses adjustment row r)
@@ -162,7 +166,7 @@ __device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row,
     a.stats[ROW_WEIGHT * a.R + row] = w_y;
     a.stats[ROW_CORRECT * a.R + row] = beaten == acc_t(0) ? acc_t(1) : acc_t(0);
   }
-  k = grad_coefficients(w_y, weight_sum, a.eps, a.C);
+  k = grad_coefficients(w_y, weight_sum, a.eps, a.C, a.grad_scale ? *a.grad_scale : acc_t(1));
   scale = k.scale_p / sum;
 }
 
@@ -478,6 +482,25 @@ __global__ void __launch_bounds__(256) weight_sum_kernel(const acc_t* w, int64_t
   if (threadIdx.x == 0) *out = v[0];
 }
 
+// The mean's denominator sum(weight[target]) over rows not ignored (rows with an
+// out-of-range target count 1: their loss is NaN anyway) and its reciprocal.
+template <typename acc_t>
+__global__ void __launch_bounds__(256) mean_denominator_kernel(const int64_t* target, int64_t R, const acc_t* w,
+                                                               int64_t C, int64_t ignore_index, acc_t* den,
+                                                               acc_t* inv_den) {
+  __shared__ acc_t smem[256 / 32];
+  acc_t v[1] = {acc_t(0)};
+  for (int64_t r = threadIdx.x; r < R; r += 256) {
+    const int64_t y = target[r];
+    if (y != ignore_index) v[0] += (w && y >= 0 && y < C) ? w[y] : acc_t(1);
+  }
+  block_reduce<256, 1>(v, SumOp(), smem);
+  if (threadIdx.x == 0) {
+    *den = v[0];
+    *inv_den = acc_t(1) / v[0];
+  }
+}
+
 // A zero stays zero (ignored rows) even when the row's grad_loss is inf/NaN,
 // e.g. a mean over no rows (as the CPU kernel and the reference).
 template <typename acc_t>
@@ -606,11 +629,11 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
-    const std::optional<at::Tensor>& groups_opt, bool compute_grad) {
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
-  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups);
+  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -623,13 +646,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     logits = logits.clone(at::MemoryFormat::Contiguous);
   }
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  at::Tensor loss = at::empty({R}, logits.options().dtype(acc_dtype));
+  at::Tensor loss_rows = at::empty({R}, logits.options().dtype(acc_dtype));
   at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
   at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
-  if (R == 0) return {loss, row_stats, grad};
+  if (R == 0) {
+    if (reduction == REDUCTION_NONE) return {loss_rows, row_stats, grad};
+    // The mean over no rows is NaN, as in PyTorch.
+    return {at::full({}, reduction == REDUCTION_MEAN ? std::numeric_limits<double>::quiet_NaN() : 0.0,
+                     loss_rows.options()),
+            row_stats, grad};
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor weight_sum;
   if (weight.defined() && label_smoothing > 0.0) weight_sum = at::empty({1}, logits.options().dtype(acc_dtype));
+  // For the mean: [denominator, 1 / denominator], computed on the device before the rows.
+  at::Tensor mean_den;
+  if (reduction == REDUCTION_MEAN) mean_den = at::empty({2}, logits.options().dtype(acc_dtype));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -646,17 +678,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       a.weight_sum = weight_sum.const_data_ptr<acc_t>();
     }
+    a.grad_scale = nullptr;
+    if (mean_den.defined()) {
+      acc_t* d = mean_den.mutable_data_ptr<acc_t>();
+      mean_denominator_kernel<acc_t><<<1, 256, 0, stream>>>(a.target, R, a.weight, C, ignore_index, d, d + 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      a.grad_scale = d + 1;
+    }
     a.adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
     a.adj_ld = adjustment.defined() && adjustment.size(0) > 1 ? adjustment.stride(0) : 0;
     a.groups = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
     a.A = adjustment.defined() ? adjustment.size(0) : 0;
-    a.loss = loss.mutable_data_ptr<acc_t>();
+    a.loss = loss_rows.mutable_data_ptr<acc_t>();
     a.stats = row_stats.mutable_data_ptr<acc_t>();
     a.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
     a.ignore_index = ignore_index;
     a.eps = static_cast<acc_t>(label_smoothing);
     launch_forward<scalar_t>(a, stream);
   });
+  if (reduction == REDUCTION_NONE) return {loss_rows, row_stats, grad};
+  at::Tensor loss = at::sum(loss_rows);  // on the device: no synchronisation
+  if (reduction == REDUCTION_MEAN) loss = at::div(loss, mean_den.select(0, 0));
   return {loss, row_stats, grad};
 }
 
@@ -680,7 +722,7 @@ void scale_rows_cuda(const at::Tensor& g, const at::Tensor& grad_loss, at::Tenso
     constexpr int VEC = vec_width<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
-    const int64_t gl_stride = grad_loss.stride(0);
+    const int64_t gl_stride = grad_loss.dim() == 0 ? 0 : grad_loss.stride(0);  // 0-d: one factor for every row
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t vectors = C / VEC;
     if (vectors <= 8 * 4) {

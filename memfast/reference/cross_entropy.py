@@ -24,8 +24,17 @@ def _check_targets(target, num_classes, ignore_index, who):
         raise IndexError(f"{who}: target {int(target[r])} (row {r}) is out of bounds for {num_classes} classes")
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad):
-    """Per-row loss, per-row statistics [5, R] and (when compute_grad) d loss_row / d logits."""
+def _nonzero_times(c, s):
+    """c * s with a zero c staying zero when s is inf (grad_coefficients in ce_math.h)."""
+    return torch.where(c == 0, torch.zeros_like(c), c * s)
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad,
+                      reduction):
+    """The loss (per row for reduction 0, else the mean (1) or sum (2)), per-row
+    statistics [5, R] and (when compute_grad) d loss / d logits."""
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     acc = _acc_dtype(logits.dtype)
     R, C = logits.shape
     _check_targets(target, C, ignore_index, "memfast.cross_entropy")
@@ -42,7 +51,8 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
     w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=z.device)
     if R == 0:
         grad = logits.new_empty((0, C) if compute_grad else (0, 0))
-        return z.new_empty(0), z.new_empty((len(ROW), 0)), grad
+        loss = z.new_empty(0) if reduction == 0 else z.new_tensor(math.nan if reduction == 1 else 0.0)
+        return loss, z.new_empty((len(ROW), 0)), grad
     m = z.max(1).values
     e = torch.exp(z - m[:, None])
     s = e.sum(1)
@@ -64,11 +74,20 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
     # Ignored rows: zeros everywhere (the tracker skips them by target).
     row_stats = torch.stack([lse, z_y, max_other, w_y, correct])
     row_stats = torch.where(valid[None], row_stats, torch.zeros_like(row_stats))
+    grad_scale = z.new_ones(())
+    if reduction == 1:
+        grad_scale = 1 / w_y.sum()
+        loss = loss.sum() / w_y.sum()
+    elif reduction == 2:
+        loss = loss.sum()
     if not compute_grad:
         return loss, row_stats, logits.new_empty((0, 0))
     p = e / s[:, None]
-    g = p * ((1 - eps) * w_y + eps / C * w.sum())[:, None] - eps / C * w[None, :]
-    g = g - torch.nn.functional.one_hot(y, C).to(acc) * ((1 - eps) * w_y)[:, None]
+    scale_p = _nonzero_times((1 - eps) * w_y + eps / C * w.sum(), grad_scale)
+    eps_w = _nonzero_times(z.new_tensor(eps / C), grad_scale)
+    target_w = _nonzero_times((1 - eps) * w_y, grad_scale)
+    g = p * scale_p[:, None] - eps_w * w[None, :]
+    g = g - torch.nn.functional.one_hot(y, C).to(acc) * target_w[:, None]
     g = torch.where(valid[:, None], g, torch.zeros_like(g))
     return loss, row_stats, g.to(logits.dtype)
 
@@ -77,7 +96,8 @@ def cross_entropy_bwd(grad, grad_loss):
     acc = _acc_dtype(grad.dtype)
     g = grad.to(acc)
     # A zero stays zero (ignored rows) even when grad_loss is inf/NaN, e.g. a mean over no rows.
-    return torch.where(g == 0, torch.zeros_like(g), g * grad_loss.to(acc)[:, None]).to(grad.dtype)
+    s = grad_loss.to(acc).reshape(-1, 1) if grad_loss.dim() else grad_loss.to(acc)
+    return torch.where(g == 0, torch.zeros_like(g), g * s).to(grad.dtype)
 
 
 def cross_entropy_bwd_(grad, grad_loss):
