@@ -145,6 +145,15 @@ def _default_chunk(device, n_probes, graph_bytes, input_numel):
     return max(1, min(n_probes, int(CUDA_MEMORY_SHARE * free // per_probe)))
 
 
+def _prefers_channels_last(model, inputs):
+    """Image batches for a convolutional model on the CPU run channels_last:
+    oneDNN's convolutions are faster in that layout (1.6-1.8x for the forward +
+    backward of bench/test_bench_curvature.py's CNN)."""
+    return (inputs.device.type == "cpu" and inputs.dim() == 4 and inputs.is_contiguous()
+            and isinstance(model, torch.nn.Module)
+            and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
+
+
 def _model_dtype(model):
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -179,7 +188,9 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
         times one batch's activations). Default: on CPU about 400k input
         elements per chunk (2 probes of a CIFAR batch of 64), which stays in
         cache; on CUDA all probes unless that would not fit in free memory.
-        Inputs in channels_last memory format keep it (faster on CPU).
+        On the CPU, image batches [B, C, H, W] for a model with Conv2d layers
+        run in channels_last memory format (faster convolutions), as do inputs
+        given in that format anywhere.
       seed: probe seed (same seed, same probes on CPU and CUDA, whatever the
         chunk size). Default: drawn from torch's default generator.
       scale: multiplies the loss; 1/B reproduces the reference scorers' mean
@@ -201,11 +212,13 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
         empty = inputs.new_zeros(0, dtype=torch.float32)
         return (empty, empty.clone()) if return_trace else empty
     op = _ops.ops(device)
-    # Inputs in channels_last stay so (faster convolutions on CPU); the ops
-    # work on the standard layout, which keys the probes.
-    layout = (torch.channels_last if inputs.dim() == 4 and not inputs.is_contiguous()
-              and inputs.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-    x = inputs.detach().to(dtype).contiguous(memory_format=layout)
+    # The ops work on the standard layout, which keys the probes; the model sees
+    # `layout` (channels_last where given, or chosen below on the CPU).
+    given_cl = (inputs.dim() == 4 and not inputs.is_contiguous()
+                and inputs.is_contiguous(memory_format=torch.channels_last))
+    auto_cl = not given_cl and _prefers_channels_last(model, inputs)
+    layout = torch.channels_last if given_cl or auto_cl else torch.contiguous_format
+    x = inputs.detach().to(dtype).contiguous()
     y = targets.detach().long()
     autocast_off = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") \
         else contextlib.nullcontext()
@@ -214,7 +227,15 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
             x = x.clone()
             y = y.clone()
         sums = torch.zeros(3, B, dtype=torch.float32, device=device)
-        g0, graph_bytes = _loss_and_grad(model, x.detach(), y, scale, check_targets=True)
+        try:
+            g0, graph_bytes = _loss_and_grad(model, x.detach().contiguous(memory_format=layout), y, scale,
+                                             check_targets=True)
+        except RuntimeError:
+            if not auto_cl:
+                raise
+            # e.g. a model that calls x.view(...) on its input: the standard layout after all
+            layout = torch.contiguous_format
+            g0, graph_bytes = _loss_and_grad(model, x.detach().contiguous(), y, scale, check_targets=True)
         g0 = g0.detach().contiguous()  # the ops' layout
         chunk = int(chunk_size) if chunk_size is not None else _default_chunk(device, n_probes, graph_bytes, x.numel())
         for first in range(0, n_probes, chunk):

@@ -295,6 +295,35 @@ def test_channels_last_inputs_keep_probes():
     torch.testing.assert_close(last, plain, rtol=1e-6, atol=0)
 
 
+
+class _LayoutSpy(nn.Module):
+    """Records whether each batch the model sees is channels_last."""
+
+    def __init__(self, model, flatten_with_view=False):
+        super().__init__()
+        self.model, self.flatten_with_view, self.seen = model, flatten_with_view, []
+
+    def forward(self, t):
+        self.seen.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        if self.flatten_with_view:
+            t.view(t.shape[0], -1)  # fails on channels_last: input_curvature must fall back
+        return self.model(t)
+
+
+def test_conv_model_runs_channels_last_on_cpu():
+    """NCHW image batches for a conv model run channels_last on the CPU (faster),
+    with the same scores; a model that needs the standard layout still works."""
+    x, y = cnn_batch()
+    plain = memfast.input_curvature(lambda t: small_cnn().eval()(t), x, y, n_probes=4, seed=8, chunk_size=2)
+    spy = _LayoutSpy(small_cnn())
+    auto = memfast.input_curvature(spy, x, y, n_probes=4, seed=8, chunk_size=2)
+    assert spy.seen == [True, True, True]
+    torch.testing.assert_close(auto, plain, rtol=1e-6, atol=0)
+    picky = _LayoutSpy(small_cnn(), flatten_with_view=True)
+    fallback = memfast.input_curvature(picky, x, y, n_probes=4, seed=8, chunk_size=2)
+    assert picky.seen == [True, False, False, False]  # the first try, then the standard layout
+    torch.testing.assert_close(fallback, plain, rtol=1e-6, atol=0)
+
 def test_determinism_and_seed():
     model = small_cnn(torch.float32)
     x, y = cnn_batch(dtype=torch.float32)
