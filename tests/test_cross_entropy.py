@@ -18,6 +18,7 @@ def _compare(x, y, tol, **kw):
     xa = x.detach().clone().requires_grad_(True)
     xb = x.detach().clone().to(torch.float64 if x.dtype == torch.float64 else torch.float32).requires_grad_(True)
     shift = kw.pop("shift", None)
+    memfast_kw = dict(kw)
     a = memfast.cross_entropy(xa, y, **kw)
     if shift is not None:
         kw.pop("adjustment", None), kw.pop("groups", None)
@@ -28,9 +29,15 @@ def _compare(x, y, tol, **kw):
     torch.testing.assert_close(a.to(b.dtype), b, atol=tol, rtol=tol, equal_nan=True)
     g = torch.randn_like(b)  # a random upstream gradient also checks per-row scaling
     (ga,) = torch.autograd.grad(a, xa, g.to(a.dtype))
-    (gb,) = torch.autograd.grad(b, xb, g)
+    (gb,) = torch.autograd.grad(b, xb, g, retain_graph=True)
     assert ga.dtype == x.dtype and ga.shape == x.shape
     torch.testing.assert_close(ga.to(gb.dtype), gb, atol=tol, rtol=tol, equal_nan=True)
+    # An upstream gradient of ones (loss.backward()): the saved gradient is the answer as it is
+    xa1 = x.detach().clone().requires_grad_(True)
+    a1 = memfast.cross_entropy(xa1, y, **memfast_kw)
+    (ga1,) = torch.autograd.grad(a1, xa1, torch.ones_like(a1))
+    (gb1,) = torch.autograd.grad(b, xb, torch.ones_like(b))
+    torch.testing.assert_close(ga1.to(gb1.dtype), gb1, atol=tol, rtol=tol, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -262,3 +269,23 @@ def test_double_backward_graph_keeps_gradient(backend):
     y = torch.tensor([0, 1, 2, 0])
     (g1,) = torch.autograd.grad(memfast.cross_entropy(x, y), x, create_graph=True)
     torch.testing.assert_close(g1, torch.autograd.grad(F.cross_entropy(x, y), x)[0])
+
+
+@pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_op_scalar_and_unit_factors(ns, dtype):
+    """cross_entropy_bwd(_) with a 0-d grad_loss (mean / sum) and with per-row
+    factors of exactly 1, which the in-place form skips."""
+    if ns == "memfast" and not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    g = torch.randn(7, 13).to(dtype)
+    g[3] = 0
+    for factor in (torch.tensor(1.0), torch.tensor(0.5), torch.tensor([1.0, 2.0, 1.0, math.inf, 1.0, -1.0, 1.0])):
+        want = torch.where(g.float() == 0, 0.0, g.float() * (factor[:, None] if factor.dim() else factor)).to(dtype)
+        out = op.cross_entropy_bwd(g, factor)
+        assert out.data_ptr() != g.data_ptr()
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+        inplace = g.clone()
+        op.cross_entropy_bwd_(inplace, factor)
+        torch.testing.assert_close(inplace, want, atol=0, rtol=0)

@@ -178,6 +178,19 @@ def test_backward_matches_reference(dtype, C):
     strided = torch.randn(R, C + 3, device=DEV).to(dtype)[:, 1:C + 1]
     torch.testing.assert_close(torch.ops.memfast.cross_entropy_bwd(strided, go), direct(strided, go), atol=0, rtol=0,
                                equal_nan=True)
+    # A 0-d grad_loss (mean / sum), functional and in place; rows times exactly 1 are skipped in place.
+    for s in (1.0, 0.5):
+        scalar = torch.tensor(s, device=DEV, dtype=acc_dtype(dtype))
+        want = direct(g, scalar.expand(R))
+        torch.testing.assert_close(torch.ops.memfast.cross_entropy_bwd(g, scalar), want, atol=0, rtol=0)
+        inplace = g.clone()
+        torch.ops.memfast.cross_entropy_bwd_(inplace, scalar)
+        torch.testing.assert_close(inplace, want, atol=0, rtol=0)
+    ones = torch.ones(R, device=DEV, dtype=acc_dtype(dtype))
+    ones[1] = 2.0
+    inplace = g.clone()
+    torch.ops.memfast.cross_entropy_bwd_(inplace, ones)
+    torch.testing.assert_close(inplace, direct(g, ones), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

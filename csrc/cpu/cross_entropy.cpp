@@ -391,6 +391,7 @@ void scale_rows_cpu(const at::Tensor& g, const at::Tensor& grad_loss, at::Tensor
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t s = go[r * go_stride];
+        if (s == acc_t(1) && op == gp) continue;  // in place, times 1: nothing to do
         const scalar_t* src = gp + r * C;
         scalar_t* dst = op + r * C;
         // A zero stays zero (ignored rows) even when s is inf/NaN, e.g. a mean over no rows.

@@ -521,6 +521,9 @@ __global__ void __launch_bounds__(G > 32 ? G : 256)
   const int lane = threadIdx.x % G;
   if (row >= R) return;
   const acc_t s = grad_loss[row * grad_loss_stride];
+  // In place with a factor of 1 (a mean's or sum's loss.backward(); the mean's
+  // 1/N is already in the gradient) there is nothing to read or write.
+  if (s == acc_t(1) && out == grad) return;
   const scalar_t* g = grad + row * C;
   scalar_t* o = out + row * C;  // same alignment as g (host checks)
   const int mis = static_cast<int>((reinterpret_cast<uintptr_t>(g) / sizeof(scalar_t)) % VEC);
