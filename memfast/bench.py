@@ -36,10 +36,6 @@ def memfast_step(logits, target, ids, tracker):
     memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker).backward()
 
 
-def _sync(device):
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-
 def time_step(fn, args, device, repeats=20, warmup=3):
     """Median seconds of fn(*args) over `repeats` runs after warm-up."""
     return time_steps([(fn, args)], device, repeats, warmup)[0]
@@ -48,7 +44,7 @@ def time_step(fn, args, device, repeats=20, warmup=3):
 def time_steps(steps, device, repeats=20, warmup=3):
     """Median seconds of each (fn, args) in `steps`, run in turn (interleaved),
     so that a slow spell of a shared machine slows all of them alike."""
-    sync = _sync(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn, args in steps:
         for _ in range(warmup):
             fn(*args)

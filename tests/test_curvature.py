@@ -314,7 +314,8 @@ def test_conv_model_runs_channels_last_on_cpu():
     """NCHW image batches for a conv model run channels_last on the CPU (faster),
     with the same scores; a model that needs the standard layout still works."""
     x, y = cnn_batch()
-    plain = memfast.input_curvature(lambda t: small_cnn().eval()(t), x, y, n_probes=4, seed=8, chunk_size=2)
+    base = small_cnn().eval()
+    plain = memfast.input_curvature(lambda t: base(t), x, y, n_probes=4, seed=8, chunk_size=2)  # not a Module: NCHW
     spy = _LayoutSpy(small_cnn())
     auto = memfast.input_curvature(spy, x, y, n_probes=4, seed=8, chunk_size=2)
     assert spy.seen == [True, True, True]

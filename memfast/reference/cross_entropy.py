@@ -76,8 +76,9 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
     row_stats = torch.where(valid[None], row_stats, torch.zeros_like(row_stats))
     grad_scale = z.new_ones(())
     if reduction == 1:
-        grad_scale = 1 / w_y.sum()
-        loss = loss.sum() / w_y.sum()
+        den = w_y.sum()
+        grad_scale = 1 / den
+        loss = loss.sum() / den
     elif reduction == 2:
         loss = loss.sum()
     if not compute_grad:

@@ -1,0 +1,61 @@
+"""Where a CPU training step's loss time goes: the figures quoted in the README,
+bench/NOTES.md and the comments of csrc/cpu/.
+
+    .venv/bin/python bench/cpu_breakdown.py            # the machine's threads
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_breakdown.py
+
+Each line times two variants alternately (medians of --repeats):
+  forward op, AVX-512 loops vs the portable ones (MEMFAST_CPU_KERNEL=generic);
+  step with tracking vs without;
+  step through the eager autograd.Function vs through torch.library's
+  registered autograd (calling the op directly, as traced code does).
+"""
+import argparse
+import os
+
+import torch
+
+import memfast
+from memfast.bench import DTYPES, make_inputs, time_steps
+
+
+def forward(logits, target, kernel):
+    os.environ["MEMFAST_CPU_KERNEL"] = kernel
+    torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, True, 1)
+
+
+def step(logits, target, ids, tracker):
+    logits.grad = None
+    if tracker is None:
+        memfast.cross_entropy(logits, target).backward()
+    else:
+        memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker).backward()
+
+
+def step_registered(logits, target):
+    logits.grad = None
+    torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, True, 1)[0].backward()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    print(f"{torch.get_num_threads()} thread(s), median of {args.repeats}, interleaved (ms)")
+    for shape, dtype in (((4096, 1000), "fp32"), ((4096, 1000), "bf16"), ((256, 10), "fp32")):
+        logits, target, ids = make_inputs(*shape, DTYPES[dtype], 100_000)
+        name = f"{shape[0]}x{shape[1]} {dtype}"
+        fast, generic = time_steps([(forward, (logits.detach(), target, "default")),
+                                    (forward, (logits.detach(), target, "generic"))], "cpu", args.repeats)
+        os.environ.pop("MEMFAST_CPU_KERNEL")
+        print(f"{name:16} forward op: AVX-512 {fast * 1e3:.3f}, generic {generic * 1e3:.3f}")
+        tracker = memfast.SampleTracker(100_000)
+        tracked, plain, registered = time_steps([(step, (logits, target, ids, tracker)),
+                                                 (step, (logits, target, ids, None)),
+                                                 (step_registered, (logits, target))], "cpu", args.repeats)
+        print(f"{name:16} step: tracked {tracked * 1e3:.3f}, untracked {plain * 1e3:.3f}, "
+              f"untracked via torch.library's autograd {registered * 1e3:.3f}")
+
+
+if __name__ == "__main__":
+    main()
