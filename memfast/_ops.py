@@ -82,12 +82,22 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(row_stats, grad)
     # Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
-    ctx.saved_grad_consumed = False
-    # For a second backward through the same graph (retain_graph=True, gradcheck), the
-    # gradient is recomputed from the logits -- held weakly, so they cost no memory.
     logits, *rest = inputs
-    ctx.logits_ref, ctx.logits_version, ctx.other_inputs = weakref.ref(logits), logits._version, rest
+    ctx.other_inputs = rest
+    ctx.saved_grad_consumed = False
+    if _forward_ad_active():
+        # torch.func transforms differentiate with create_graph, and forward-mode AD needs
+        # them too: the gradient is recomputed from the logits (_backward, jvp), so they are kept.
+        ctx.save_for_backward(grad, logits)
+        ctx.save_for_forward(logits)
+        ctx.keeps_logits = True
+        return
+    ctx.save_for_backward(grad)
+    ctx.keeps_logits = False
+    # For a second backward through the same graph (retain_graph=True, gradcheck) or
+    # create_graph, the gradient is recomputed from the logits -- held weakly, so they cost
+    # no memory.
+    ctx.logits_ref, ctx.logits_version = weakref.ref(logits), logits._version
 
 
 def _plain_eager(t):
@@ -96,22 +106,36 @@ def _plain_eager(t):
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def _live_logits(ctx, why):
+    if ctx.keeps_logits:
+        return ctx.saved_tensors[1]
+    logits = ctx.logits_ref()
+    if logits is None or logits._version != ctx.logits_version:
+        raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
+                           "reference to them (or compute the loss again)")
+    return logits
+
+
 def _backward(lib, ctx, grad_loss):
     """d loss / d logits from the gradient the forward saved (see _fwd_setup_context)."""
     if grad_loss is None:
         return (None,) * 9
+    target, weight, ignore_index, eps, adjustment, groups, _, reduction = ctx.other_inputs
+    traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()  # fake / functional tensors
+    if torch.is_grad_enabled() and not traced:
+        # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
+        # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
+        logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)")
+        grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction)
+        return (reference.cross_entropy_bwd(grad, grad_loss),) + (None,) * 8
     if not ctx.saved_grad_consumed:
-        (grad,) = ctx.saved_tensors
+        grad = ctx.saved_tensors[0]
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
-        logits = ctx.logits_ref()
-        if logits is None or logits._version != ctx.logits_version:
-            raise RuntimeError("memfast.cross_entropy: backward twice through one loss (retain_graph=True) needs "
-                               "the logits alive and unmodified; keep a reference to them or compute the loss again")
-        target, weight, ignore_index, eps, adjustment, groups, _, reduction = ctx.other_inputs
+        logits = _live_logits(ctx, "backward twice through one loss (retain_graph=True)")
         grad = lib.cross_entropy_fwd(logits.detach(), target, weight, ignore_index, eps, adjustment, groups,
                                      True, reduction)[2]
-    if not _plain_eager(grad) or torch.is_grad_enabled():
-        # traced (AOTAutograd, functorch) or create_graph: the functional form, a fresh tensor
+    if traced or not _plain_eager(grad):
+        # traced (AOTAutograd): the functional form, a fresh tensor
         return (lib.cross_entropy_bwd(grad, grad_loss),) + (None,) * 8
     # eager: scale the saved gradient in place (no second [R, C] buffer; on the CPU
     # nothing at all for the usual grad_loss == 1 of a mean or sum); it is not used again
@@ -136,28 +160,50 @@ def _register(ns):
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
-    """The eager path of cross_entropy_fwd's autograd: the same setup and
-    backward as the registered formula, without torch.library's per-call
-    wrapper (about 20 us a step: bench/cpu_breakdown.py)."""
+    """The eager and torch.func path of cross_entropy_fwd's autograd: the same
+    setup and backward as the registered formula, without torch.library's
+    per-call wrapper (about 20 us a step: bench/cpu_breakdown.py), whose
+    Function functorch refuses; plus forward-mode AD (jvp)."""
+
+    generate_vmap_rule = True  # vmap runs the op per example (PyTorch's fallback loop)
 
     @staticmethod
-    def forward(ctx, lib, *inputs):
+    def forward(lib, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
-            output = lib.cross_entropy_fwd(*inputs)
+            return lib.cross_entropy_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        lib, *inputs = inputs
         _fwd_setup_context(ctx, inputs, output)
         ctx.lib = lib
-        return output
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_stats, _grad_grad):
         return (None,) + _backward(ctx.lib, ctx, grad_loss)
 
+    @staticmethod
+    def jvp(ctx, _lib_tangent, logits_tangent, *_other_tangents):
+        # d loss = <d loss / d logits, d logits>, per row for reduction 'none'
+        if logits_tangent is None:
+            return None, None, None
+        logits = ctx.saved_tensors[-1]  # save_for_forward's (_fwd_setup_context)
+        target, weight, ignore_index, eps, adjustment, groups, _, reduction = ctx.other_inputs
+        grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction)
+        acc = _acc_dtype(logits.dtype)
+        per_row = (grad.to(acc) * logits_tangent.to(acc)).sum(1)
+        return (per_row if reduction == 0 else per_row.sum()), None, None
+
+
+def _forward_ad_active():
+    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
+
 
 def cross_entropy_fwd(lib, logits, *rest):
     """lib.cross_entropy_fwd(logits, *rest), differentiable in logits."""
-    if (torch.is_grad_enabled() and logits.requires_grad and _plain_eager(logits)
-            and torch._C._functorch.maybe_current_level() is None):  # no vmap / grad transform active
-        return _FusedCrossEntropy.apply(lib, logits, *rest)
+    if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
+        if (torch.is_grad_enabled() and logits.requires_grad) or _forward_ad_active():
+            return _FusedCrossEntropy.apply(lib, logits, *rest)
     return lib.cross_entropy_fwd(logits, *rest)  # traced, or no gradient: the op's registered autograd
 
 

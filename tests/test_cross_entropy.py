@@ -1,6 +1,7 @@
 """memfast.cross_entropy against torch.nn.functional.cross_entropy, and the
 compiled forward op against its reference twin."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -264,11 +265,95 @@ def test_backward_twice(backend):
 
 
 def test_double_backward_graph_keeps_gradient(backend):
-    # create_graph=True takes the functional path: the saved gradient is not consumed.
+    # create_graph=True takes the differentiable path: the saved gradient is not consumed.
     x = torch.randn(4, 3, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0])
     (g1,) = torch.autograd.grad(memfast.cross_entropy(x, y), x, create_graph=True)
+    assert g1.requires_grad
     torch.testing.assert_close(g1, torch.autograd.grad(F.cross_entropy(x, y), x)[0])
+
+
+def test_gradgradcheck_float64(backend):
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, -100, 1, 2, 3])
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    table, groups = torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    for reduction in ("mean", "none", "sum"):
+        torch.autograd.gradgradcheck(
+            lambda t: memfast.cross_entropy(t, y, w, reduction=reduction, label_smoothing=0.1, adjustment=table,
+                                            groups=groups), (x,))
+
+
+def _with_gradient_penalty(loss_fn, model, x, y):
+    """loss + |d loss / d x|^2 (input-gradient regularisation): needs create_graph."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    loss = loss_fn(logits, y, label_smoothing=0.1)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    (loss + gx.pow(2).sum()).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def test_gradient_penalty_matches_pytorch(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, -100, 1, 0])
+    got = _with_gradient_penalty(memfast.cross_entropy, model, x, y)
+    want = _with_gradient_penalty(F.cross_entropy, twin, x, y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_create_graph_needs_live_logits(backend):
+    # the differentiable gradient is recomputed from the logits, which memfast holds weakly
+    model = torch.nn.Linear(5, 4)
+    x = torch.randn(3, 5, requires_grad=True)
+    loss = memfast.cross_entropy(model(x), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="logits alive"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_torch_func_transforms(backend):
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 3, -100, 1, 2, 3])
+    for reduction in ("mean", "none"):
+        def loss(fn):
+            return lambda z: fn(z, y, reduction=reduction, label_smoothing=0.1).sum()
+        torch.testing.assert_close(torch.func.grad(loss(memfast.cross_entropy))(x),
+                                   torch.func.grad(loss(F.cross_entropy))(x))
+        # second order: the gradient of the gradient (jacrev over grad)
+        torch.testing.assert_close(torch.func.jacrev(torch.func.grad(loss(memfast.cross_entropy)))(x),
+                                   torch.func.jacrev(torch.func.grad(loss(F.cross_entropy)))(x))
+    # forward mode: jvp / jacfwd, forward-over-reverse hessian, and torch.autograd.forward_ad
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    for kw in (dict(), dict(reduction="none", weight=w), dict(reduction="sum", weight=w, label_smoothing=0.2)):
+        def ours(z):
+            return memfast.cross_entropy(z, y, **kw)
+
+        def theirs(z):
+            return F.cross_entropy(z, y, **kw)
+
+        torch.testing.assert_close(torch.func.jacfwd(ours)(x), torch.func.jacfwd(theirs)(x))
+        torch.testing.assert_close(torch.func.hessian(ours)(x), torch.func.hessian(theirs)(x))
+        tangent = torch.randn_like(x)
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, tangent)
+            got = torch.autograd.forward_ad.unpack_dual(ours(dual)).tangent
+            want = torch.autograd.forward_ad.unpack_dual(theirs(dual)).tangent
+        torch.testing.assert_close(got, want)
+    # per-sample gradients of a linear model: vmap over grad (vmap runs the op per example)
+    W, X, Y = torch.randn(5, 4, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64), y.clamp(min=0)
+
+    def per_sample(fn):
+        def f(w, xi, yi):
+            return fn((xi @ w)[None], yi[None])
+        return torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))(W, X, Y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's "no batching rule: falling back to a loop"
+        torch.testing.assert_close(per_sample(memfast.cross_entropy), per_sample(F.cross_entropy))
 
 
 @pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])

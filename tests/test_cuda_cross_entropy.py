@@ -1,7 +1,12 @@
 """The CUDA kernels of cross_entropy_fwd / cross_entropy_bwd / track_ against
 the pure-PyTorch reference (memfast.reference), on fresh random inputs.
-Skipped without a CUDA device."""
+Skipped without a CUDA device.
+
+MEMFAST_TEST_CUDA_DEVICE (default "cuda") picks the device: "cpu" runs the
+same checks against the CPU kernels, a dry run of the tests' own logic on a
+machine without a GPU; the inherently CUDA-only tests then skip."""
 import math
+import os
 
 import pytest
 import torch
@@ -12,12 +17,23 @@ from memfast import _ops
 from memfast import reference as ref
 from memfast._stats import COUNTER, ROW
 
+DEV = os.environ.get("MEMFAST_TEST_CUDA_DEVICE", "cuda")
+ON_CUDA = torch.device(DEV).type == "cuda"
+
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(ON_CUDA and not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-DEV = "cuda"
+
+def cuda_only(why):
+    return pytest.mark.skipif(not ON_CUDA, reason=f"CUDA-only ({why}); MEMFAST_TEST_CUDA_DEVICE={DEV}")
+
+
+def synchronize():
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CLASSES = [1, 2, 10, 1000, 32000, 50257]
 # Gradient / loss tolerances: the kernels use __expf and fp32 sums in another
@@ -29,6 +45,7 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@cuda_only("build_info()['with_cuda']")
 def test_cuda_kernels_are_built():
     info = memfast.build_info()
     assert info is not None and info["with_cuda"], "build with MEMFAST_CUDA=1 to test the CUDA kernels"
@@ -109,6 +126,26 @@ def test_forced_kernel_paths(monkeypatch, kernel, C):
                                                                                                         device=DEV))
 
 
+@pytest.mark.parametrize("kernel", ["auto", "stream"])
+@pytest.mark.parametrize("C", [11, 1000, 70001])
+def test_nan_in_a_row_gives_nan_loss(monkeypatch, kernel, C):
+    """A NaN the online max skips must still reach the sum (the streaming kernel
+    once dropped a chunk of NaNs seen before any finite value)."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = random_case(4, C, dtype, ignore_every=0)
+        x[0, 4:8] = math.nan  # the first vector of lane 1
+        x[1, :1] = math.nan   # a scalar head element when the row starts misaligned
+        x[2, :] = -math.inf
+        x[2, 5] = math.nan
+        for rows, target in ((x, y), (x[:, 1:], y.clamp(max=C - 2))):  # aligned, then a misaligned start
+            got = torch.ops.memfast.cross_entropy_fwd(rows, target, None, -100, 0.0, None, None, True, 0)[0]
+            want = ref.cross_entropy_fwd(rows, target, None, -100, 0.0, None, None, True, 0)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+            assert want[0].isnan() and want[2].isnan() and want[3].isfinite()  # the test's own premise
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("C", [7, 1001, 32003, 50257, 140001])
 def test_strided_and_misaligned_rows(dtype, C):
@@ -120,7 +157,7 @@ def test_strided_and_misaligned_rows(dtype, C):
     for x in (wide[:, :C], wide[:, 1:C + 1], wide[:, 3:C + 3]):
         check_forward(x, y)
         check_forward(x, y, compute_grad=False)
-    x = wide[:, 1:C + 1].contiguous()[1:]  # a dense view that starts one element in
+    x = wide[:, 1:C + 1].contiguous()[1:]  # dense rows starting C (odd) elements in: not 16-byte aligned
     check_forward(x, y[1:])
 
 
@@ -143,6 +180,7 @@ def test_adjustment(dtype, C, form):
     check_forward(x, y, eps=0.1, adjustment=adjustment, groups=groups)
 
 
+@cuda_only("the CPU kernels raise on bad targets / groups instead")
 def test_bad_targets_and_groups_give_nan_rows_without_error():
     """On CUDA an out-of-range target / group cannot raise without a sync: NaN loss and stats, zero gradient."""
     C = 100
@@ -151,7 +189,7 @@ def test_bad_targets_and_groups_give_nan_rows_without_error():
     groups = torch.tensor([0, 1, 5, 0, 1, 0], device=DEV)
     loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, torch.randn(2, C, device=DEV),
                                                             groups, True, 0)
-    torch.cuda.synchronize()
+    synchronize()
     bad = torch.tensor([False, True, True, False, True, False], device=DEV)
     assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[~bad]).all()
     assert torch.isnan(stats[:, bad]).all()
@@ -309,6 +347,7 @@ def test_tracked_values_match_through_api():
     torch.testing.assert_close(got.state, want.state, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+@cuda_only("the CPU kernels raise on bad ids / targets instead of counting them")
 @pytest.mark.parametrize("what", ["id", "id-per-sequence", "target"])
 def test_bad_values_write_nothing_and_raise_at_check(what):
     N, C = 16, 10
@@ -327,7 +366,7 @@ def test_bad_values_write_nothing_and_raise_at_check(what):
         y[2] = C + 3
     _, row_stats, _ = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
     tracker._scatter(row_stats, y, ids, -100, C)  # no exception here: no host sync
-    torch.cuda.synchronize()
+    synchronize()
     assert torch.equal(tracker.state, before)
     c = tracker.counters.tolist()
     assert c[COUNTER["calls"]] == 2
@@ -369,6 +408,7 @@ def test_opcheck():
                                                          t._stat_rows))
 
 
+@cuda_only("CUDA graphs and streams")
 def test_cuda_graph_replay():
     """Forward + backward + tracking captured once, replayed on new data."""
     N, B, C = 100, 64, 1000
@@ -450,12 +490,18 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_64bit_indexing_bf16(monkeypatch, kernel):
     """R * C >= 2^31 elements: rows past the 32-bit boundary are right."""
     if kernel == "stream":
+        if not ON_CUDA:
+            pytest.skip(f"CUDA-only (MEMFAST_CE_KERNEL=stream picks a CUDA kernel); MEMFAST_TEST_CUDA_DEVICE={DEV}")
         monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
     C = 131072 + 3
     R = (1 << 31) // C + 64
     assert R * C >= 1 << 31
-    if torch.cuda.get_device_properties(0).total_memory < 3 * R * C * 2 + (4 << 30):
-        pytest.skip("not enough GPU memory")
+    if ON_CUDA:
+        available = torch.cuda.get_device_properties(0).total_memory
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if available < 3 * R * C * 2 + (4 << 30):
+        pytest.skip(f"not enough {'GPU ' if ON_CUDA else ''}memory")
     x = torch.empty(R, C, device=DEV, dtype=torch.bfloat16).normal_(0, 2)
     y = torch.randint(0, C, (R,), device=DEV)
     loss, stats, grad = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True, 0)
@@ -468,4 +514,5 @@ def test_64bit_indexing_bf16(monkeypatch, kernel):
     rows = slice(R - 70, R)
     torch.testing.assert_close(out[rows], ref.cross_entropy_bwd(grad[rows], go[rows]), atol=0, rtol=0)
     del x, grad, out
-    torch.cuda.empty_cache()
+    if ON_CUDA:
+        torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 twins, and memfast.input_curvature against the analytic input Hessian of a
 linear softmax model and against the reference code's probe loop."""
 import math
+import os
 
 import pytest
 import torch
@@ -16,7 +17,10 @@ HAS_KERNELS = _ops.extension_available("cpu")
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="compiled extension not built")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# The device test_cpu_and_cuda_agree compares the CPU with: "cpu" (set
+# MEMFAST_TEST_CUDA_DEVICE=cpu) dry-runs the test's own logic without a GPU.
+OTHER_DEVICE = torch.device(os.environ.get("MEMFAST_TEST_CUDA_DEVICE", "cuda"))
+needs_other_device = pytest.mark.skipif(OTHER_DEVICE.type == "cuda" and not HAS_CUDA, reason="needs a CUDA device")
 
 
 def kernel_ops(device):
@@ -504,18 +508,21 @@ def test_score_curvature_needs_curv_stat():
 
 
 # ------------------------------------------------------------------- devices
-@needs_cuda
+@needs_other_device
 @needs_kernels
 def test_cpu_and_cuda_agree():
-    kernel_ops("cuda")
+    dev = OTHER_DEVICE
+    kernel_ops(dev.type)
     model = small_cnn(torch.float32)
     x, y = cnn_batch(B=16, dtype=torch.float32)
     assert torch.equal(torch.ops.memfast.curvature_perturb(x, 3, 0, 4, 1e-3),
-                       torch.ops.memfast.curvature_perturb(x.cuda(), 3, 0, 4, 1e-3).cpu())
+                       torch.ops.memfast.curvature_perturb(x.to(dev), 3, 0, 4, 1e-3).cpu())
     cpu = memfast.input_curvature(model, x, y, n_probes=4, seed=3, return_trace=True)
-    model.cuda()
-    gpu = memfast.input_curvature(model, x.cuda(), y.cuda(), n_probes=4, seed=3, return_trace=True)
+    model.to(dev)
+    gpu = memfast.input_curvature(model, x.to(dev), y.to(dev), n_probes=4, seed=3, return_trace=True)
+    assert gpu[0].device.type == gpu[1].device.type == dev.type
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-2, atol=1e-5)
-    with pytest.raises(ValueError, match="model"):
-        memfast.input_curvature(model, x, y)
+    if dev.type != "cpu":
+        with pytest.raises(ValueError, match="model"):
+            memfast.input_curvature(model, x, y)

@@ -19,8 +19,9 @@
 // Unlike the CPU kernel (which raises), a target out of range (and not
 // ignore_index) or a group out of range cannot raise here without a host
 // synchronisation: such a row gets a NaN loss and NaN row statistics and a zero
-// gradient row, and never reads or writes out of bounds; the tracker op counts
-// it on the device and SampleTracker.check() raises.
+// gradient row, and never reads or writes out of bounds. The tracker op counts
+// a bad target on the device and SampleTracker.check() raises; a bad group
+// (which the tracker does not see) shows as a NaN loss and a `nonfinite` count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -204,6 +205,8 @@ __device__ __forceinline__ void row_reduce(T (&v)[K], Op op, T* smem, T* cl, int
         v[k] = r;
       }
     }
+#else
+    if (cs > 1) __trap();  // PTX JIT-compiled for an older arch on sm_90: no clusters here, never a wrong sum
 #endif
   }
 }
@@ -211,6 +214,8 @@ __device__ __forceinline__ void row_reduce(T (&v)[K], Op op, T* smem, T* cl, int
 __device__ __forceinline__ void cluster_sync_if(int cs) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (cs > 1) cooperative_groups::this_cluster().sync();
+#else
+  if (cs > 1) __trap();
 #endif
 }
 
@@ -398,7 +403,11 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
       if (smooth) weighted_sum += (a.weight ? a.weight[c0 + j] : acc_t(1)) * x[j];
     }
     const acc_t new_max = vmax > run_max ? vmax : run_max;
-    if (new_max == neg_inf<acc_t>()) return;
+    if (new_max == neg_inf<acc_t>()) {  // only -inf / NaN so far: keep a NaN (the CPU's sum carries it)
+      for (int j = 0; j < n; ++j)
+        if (x[j] != x[j]) run_sum = x[j];
+      return;
+    }
     acc_t s = run_sum * fast_exp(run_max - new_max);
     for (int j = 0; j < n; ++j) s += fast_exp(x[j] - new_max);
     run_sum = s;
@@ -436,7 +445,8 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
   block_reduce<NT, 2>(stage1, MaxOp(), red_smem[0]);
   const acc_t max_other = stage1[0];
   const acc_t m = r.z_y > max_other ? r.z_y : max_other;
-  acc_t stage2[2] = {run_max == neg_inf<acc_t>() ? acc_t(0) : run_sum * fast_exp(run_max - m), weighted_sum};
+  acc_t stage2[2] = {run_max == neg_inf<acc_t>() ? run_sum /* 0, or a NaN seen */ : run_sum * fast_exp(run_max - m),
+                     weighted_sum};
   block_reduce<NT, 2>(stage2, SumOp(), red_smem[1]);
 
   acc_t w_y, scale;

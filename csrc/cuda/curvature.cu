@@ -91,20 +91,21 @@ at::Tensor curvature_perturb_cuda(const at::Tensor& x_in, int64_t seed, int64_t 
 
 // One thread block per (probe, sample) row: ||d||, ||d||^2 and v . d with
 // d = g_k - g0, written to partial[3, rows] (fixed reduction order, so the
-// result is deterministic).
+// result is deterministic). Sums in double, as the CPU does: v . d cancels, and
+// fp32 sums over ~1e5 elements lose ~1e-3 of it.
 template <typename scalar_t>
 __global__ void reduce_rows_kernel(const scalar_t* __restrict__ grads, const scalar_t* __restrict__ g0,
-                                   at::opmath_type<scalar_t>* __restrict__ partial, int64_t B, int64_t D,
+                                   double* __restrict__ partial, int64_t B, int64_t D,
                                    int64_t rows, int64_t seed, int64_t probe_offset) {
   using opmath_t = at::opmath_type<scalar_t>;
-  __shared__ opmath_t shared_sq[REDUCE_WARPS], shared_dot[REDUCE_WARPS];
+  __shared__ double shared_sq[REDUCE_WARPS], shared_dot[REDUCE_WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t blocks_per_row = (D + PROBE_BLOCK - 1) / PROBE_BLOCK;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t k = r / B, b = r % B;
     const scalar_t* g = grads + r * D;
     const scalar_t* g0b = g0 + b * D;
-    opmath_t sq = 0, dot = 0;
+    double sq = 0, dot = 0;
     for (int64_t block = warp; block < blocks_per_row; block += REDUCE_WARPS) {
       const Philox4 signs = probe_signs(seed, b, probe_offset + k, block);
       const int64_t e0 = block * PROBE_BLOCK;
@@ -112,7 +113,8 @@ __global__ void reduce_rows_kernel(const scalar_t* __restrict__ grads, const sca
       for (int i = 0; i < 4; ++i) {
         const int64_t e = e0 + i * 32 + lane;
         if (e < D) {
-          const opmath_t d = static_cast<opmath_t>(g[e]) - static_cast<opmath_t>(g0b[e]);
+          // d rounded in opmath first, exactly as the CPU does, then widened
+          const double d = static_cast<double>(static_cast<opmath_t>(g[e]) - static_cast<opmath_t>(g0b[e]));
           sq += d * d;
           dot += ((signs.w[i] >> lane) & 1u) ? d : -d;
         }
@@ -129,7 +131,7 @@ __global__ void reduce_rows_kernel(const scalar_t* __restrict__ grads, const sca
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      opmath_t total_sq = 0, total_dot = 0;
+      double total_sq = 0, total_dot = 0;
 #pragma unroll
       for (int w = 0; w < REDUCE_WARPS; ++w) {
         total_sq += shared_sq[w];
@@ -171,15 +173,15 @@ at::Tensor curvature_reduce_cuda(const at::Tensor& grads_in, const at::Tensor& g
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g0.scalar_type(), "memfast_curvature_reduce_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    at::Tensor partial = at::empty({3, rows}, g0.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    at::Tensor partial = at::empty({3, rows}, g0.options().dtype(at::kDouble));
     const int64_t grid = std::min(rows, max_blocks() * 4);
     reduce_rows_kernel<scalar_t><<<static_cast<unsigned>(grid), REDUCE_THREADS, 0, stream>>>(
-        grads.const_data_ptr<scalar_t>(), g0.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<opmath_t>(), B, D,
+        grads.const_data_ptr<scalar_t>(), g0.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<double>(), B, D,
         rows, seed, probe_offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t sum_grid = std::min((3 * B + 255) / 256, max_blocks());
-    sum_probes_kernel<opmath_t><<<static_cast<unsigned>(sum_grid), 256, 0, stream>>>(
-        partial.const_data_ptr<opmath_t>(), out.mutable_data_ptr<float>(), B, P);
+    sum_probes_kernel<double><<<static_cast<unsigned>(sum_grid), 256, 0, stream>>>(
+        partial.const_data_ptr<double>(), out.mutable_data_ptr<float>(), B, P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -226,6 +226,8 @@ int bit_width(int64_t n) {
 void track_cuda(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_stats, const at::Tensor& target,
                 const at::Tensor& sample_ids, int64_t ignore_index, int64_t num_classes, c10::IntArrayRef stat_rows) {
   check_track_args(state, counters, row_stats, target, sample_ids, stat_rows);
+  // before any launch: a batch that cannot run must leave the tracker unchanged
+  TORCH_CHECK(sample_ids.numel() <= std::numeric_limits<int>::max(), "memfast tracker: too many sample ids in one batch");
   const c10::cuda::CUDAGuard device_guard(state.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t R = target.numel();
@@ -264,7 +266,6 @@ void track_cuda(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_s
     track_keys_kernel<<<grid_for(n_ids), kThreads, 0, stream>>>(ids, last_row.const_data_ptr<int64_t>(), n_ids, N,
                                                                flag_ptr, keys.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    TORCH_CHECK(n_ids <= std::numeric_limits<int>::max(), "memfast tracker: too many sample ids in one batch");
     const int end_bit = bit_width(N);  // keys are in [0, N]
     size_t temp_bytes = 0;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(

@@ -33,15 +33,30 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
                       reduction):
     """The loss (per row for reduction 0, else the mean (1) or sum (2)), per-row
     statistics [5, R] and (when compute_grad) d loss / d logits."""
+    return _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad,
+                    reduction, validate=True)
+
+
+def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction):
+    """d loss / d logits as a differentiable function of the logits (create_graph,
+    torch.func); the indices were validated by the forward, and no host reads
+    here keep it usable under vmap."""
+    return _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, True, reduction,
+                    validate=False)[2]
+
+
+def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
+             validate):
     if reduction not in (0, 1, 2):
         raise ValueError(f"memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     acc = _acc_dtype(logits.dtype)
     R, C = logits.shape
-    _check_targets(target, C, ignore_index, "memfast.cross_entropy")
+    if validate:
+        _check_targets(target, C, ignore_index, "memfast.cross_entropy")
     z = logits.to(acc)
     if adjustment is not None:
         if groups is not None:
-            if R and ((groups < 0) | (groups >= adjustment.shape[0])).any():
+            if validate and R and ((groups < 0) | (groups >= adjustment.shape[0])).any():
                 raise IndexError("memfast.cross_entropy: groups is out of bounds for the adjustment table")
             z = z + adjustment.to(acc)[groups]
         else:
@@ -88,7 +103,8 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
     eps_w = _nonzero_times(z.new_tensor(eps / C), grad_scale)
     target_w = _nonzero_times((1 - eps) * w_y, grad_scale)
     g = p * scale_p[:, None] - eps_w * w[None, :]
-    g = g - torch.nn.functional.one_hot(y, C).to(acc) * target_w[:, None]
+    is_target = torch.arange(C, device=z.device) == y[:, None]  # not one_hot: it reads y on the host (vmap)
+    g = g - is_target.to(acc) * target_w[:, None]
     g = torch.where(valid[:, None], g, torch.zeros_like(g))
     return loss, row_stats, g.to(logits.dtype)
 
