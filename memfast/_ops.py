@@ -195,16 +195,15 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 
 class _EagerCrossEntropy(torch.autograd.Function):
-    """Plain eager (no transform active): skips torch.library's per-call wrapper
-    (~20 us a step) and is ~25 us cheaper than the setup_context form above
-    (256x10 step, bench/cpu_breakdown.py)."""
+    """Plain eager (no transform active): _FusedCrossEntropy's pieces as an
+    old-style Function, which skips torch.library's per-call wrapper (~20 us a
+    step, bench/cpu_breakdown.py) and the setup_context form's own overhead
+    (~25 us a 256x10 step when eager went through it, ad-hoc timing)."""
 
     @staticmethod
     def forward(ctx, lib, *inputs):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = lib.cross_entropy_fwd(*inputs)
-        _fwd_setup_context(ctx, inputs, output)
-        ctx.lib = lib
+        output = _FusedCrossEntropy.forward(lib, *inputs)
+        _FusedCrossEntropy.setup_context(ctx, (lib, *inputs), output)
         return output
 
     backward = _FusedCrossEntropy.backward
