@@ -3,6 +3,7 @@
     python bench/gpu.py            # full run (a few minutes on an H100)
     python bench/gpu.py --quick    # quick GPU run: few iterations, shapes up to 64 MiB
     python bench/gpu.py --device cpu --smoke   # tiny shapes, 2 iterations: checks the script runs
+    python bench/gpu.py --methods memfast,eager,liger --budget-s 120   # no compile; stop starting cases after 120 s
 
 Every row times one training step's loss work: forward + backward of the mean
 cross entropy, plus (tracking on) the per-sample loss accumulated into a [1e6]
@@ -28,6 +29,7 @@ code on the CPU (time.perf_counter, no memory figures, no Liger), meant with
 """
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -110,7 +112,10 @@ def row_ids(case, ids):
     return ids.repeat_interleave(case.seq_len) if case.seq_len else ids
 
 
-def make_methods(case, liger, device, with_compile=True):
+METHODS = ("memfast", "eager", "compile", "liger")
+
+
+def make_methods(case, liger, device, wanted=METHODS):
     import memfast
 
     tracker = memfast.SampleTracker(BUFFER, stats=("csl", "count"), device=device)
@@ -132,7 +137,7 @@ def make_methods(case, liger, device, with_compile=True):
         return loss.mean() if reduction == "none" else loss
 
     methods = {"memfast": mf, "eager": eager_loss}
-    if with_compile:
+    if "compile" in wanted:
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit across the cases
         methods["compile"] = torch.compile(eager_loss, dynamic=False)
     if liger is not None and not case.table:
@@ -143,7 +148,7 @@ def make_methods(case, liger, device, with_compile=True):
             return loss.mean() if reduction == "none" else loss
 
         methods["liger"] = liger_loss
-    return methods
+    return {name: fn for name, fn in methods.items() if name in wanted}
 
 
 def time_method(fn, case, inputs, warmup, iters, device):
@@ -259,13 +264,27 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes of every kind, 2 iterations, 1 warm-up: checks that the script runs")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it compiles per case)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods to time (default {','.join(METHODS)}); the floor and the "
+                             "ops-alone table always come with memfast")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (the tables show what was measured)")
     parser.add_argument("--quick", action="store_true", help="quick run: shapes up to 64 MiB, few iterations")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed iterations per method (default 30, quick 3, smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 5, quick 2, smoke 1)")
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this text")
+    parser.add_argument("--only", default=None,
+                        help="run only cases whose name matches this regular expression (re.search), e.g. 128256 "
+                             "or '^[0-9]+ x [0-9]+ [a-z0-9]+$' for the plain cases")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+    if args.no_compile and "compile" in wanted:
+        wanted.remove("compile")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device here; run it on a GPU machine (see bench/NOTES.md), or check it "
@@ -282,7 +301,7 @@ def main(argv=None):
         return 1
     iters = args.iters or (2 if args.smoke else 3 if args.quick else 30)
     warmup = args.warmup or (1 if args.smoke else 2 if args.quick else 5)
-    liger, liger_error = load_liger(device)
+    liger, liger_error = load_liger(device) if "liger" in wanted else (None, "not asked for (--methods)")
     if device.type == "cuda":
         device_name = torch.cuda.get_device_properties(device).name
     else:
@@ -293,12 +312,14 @@ def main(argv=None):
     print(f"device-to-device copy: {rate / 1e12:.3g} TB/s (bytes read + written)")
     if liger is None:
         print(f"liger: not available ({liger_error})")
-    if args.no_compile:
-        print("compile: left out (--no-compile)")
+    if "compile" not in wanted:
+        print("compile: left out (--no-compile / --methods)")
     results = []
-    for case in cases(args.quick, args.smoke):
-        if args.only and args.only not in case.name:
-            continue
+    todo = [c for c in cases(args.quick, args.smoke) if not args.only or re.search(args.only, c.name)]
+    for index, case in enumerate(todo):
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            print(f"budget of {args.budget_s:g} s reached; not run: " + "; ".join(c.name for c in todo[index:]))
+            break
         # Enough copies that a step's input is out of L2 when it comes round again; no more
         # than the steps use (copy i % copies serves step i).
         copies = max(2, -(-3 * L2_BYTES // case.logits_bytes))
@@ -306,7 +327,7 @@ def main(argv=None):
         inputs = make_inputs(case, copies, device)
         floor_ms = 2 * case.logits_bytes / rate * 1e3
         row = {"case": case.name, "floor_ms": floor_ms}
-        for name, fn in make_methods(case, liger, device, with_compile=not args.no_compile).items():
+        for name, fn in make_methods(case, liger, device, wanted).items():
             try:
                 ms, extra, value = time_method(fn, case, inputs, warmup, iters, device)
                 row[name] = {"ms": ms, "extra_mib": extra, "loss": value}
@@ -314,7 +335,7 @@ def main(argv=None):
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if not case.table and case.tracking and not case.seq_len:
+        if "memfast" in wanted and not case.table and case.tracking and not case.seq_len:
             try:
                 row["kernels"] = kernel_times(case, inputs, warmup, iters, rate, device)
             except Exception as e:
@@ -336,7 +357,7 @@ def main(argv=None):
         if not k or "error" in k:
             continue
         print(f"| {row['case']} | " + " | ".join(f"{k[n][0]:.3f} ({100 * k[n][1]:.0f}%)" for n in names) + " |")
-    methods = ["memfast", "eager", "compile", "liger"]
+    methods = [m for m in METHODS if m in wanted]
     command = " ".join(["python bench/gpu.py"] + list(sys.argv[1:] if argv is None else argv))
     print()
     print(f"{device_name}, copy {rate / 1e12:.3g} TB/s; median ms of forward + backward (+ tracking); "
@@ -352,7 +373,7 @@ def main(argv=None):
             if "error" in r:
                 return "err"
             return "n/a" if r[key] is None else fmt.format(r[key])
-        mf = row.get("memfast", {})
+        mf = row.get("memfast") or {}
         frac = f"{100 * row['floor_ms'] / mf['ms']:.0f}%" if "ms" in mf else "-"
         extras = " / ".join(cell(m, "extra_mib", "{:.0f}") for m in methods)
         print(f"| {row['case']} | {row['floor_ms']:.3f} | " + " | ".join(cell(m) for m in methods)

@@ -22,7 +22,12 @@ def test_all_reduce_equals_single_process(tmp_path):
     world, port = 2, _free_port()
     worker = os.path.join(os.path.dirname(__file__), "_distributed_worker.py")
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, worker, str(r), str(world), str(port), outs[r]]) for r in range(world)]
+    # The workers import the memfast this process imported, installed or not (a source tree on the GPU image).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(memfast.__file__)))
+    paths = [package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    procs = [subprocess.Popen([sys.executable, worker, str(r), str(world), str(port), outs[r]], env=env)
+             for r in range(world)]
     for p in procs:
         assert p.wait(timeout=120) == 0
     single = memfast.SampleTracker(40, stats="all")
