@@ -388,6 +388,23 @@ def test_empty_batch_counts_a_call():
     assert int(tracker.counters[COUNTER["calls"]]) == 1
 
 
+@cuda_only("the CPU kernels raise on bad ids instead of counting them")
+def test_bad_id_in_empty_batch_raises_at_check():
+    """0 rows and one per-sequence id (0 % 1 == 0 passes the shape checks): the CPU raises, so check() must."""
+    N = 4
+    tracker = memfast.SampleTracker(N, stats="all", device=DEV)
+    before = tracker.state.clone()
+    memfast.cross_entropy(torch.randn(0, 3, device=DEV), torch.zeros(0, dtype=torch.long, device=DEV),
+                          sample_ids=torch.tensor([N], device=DEV), tracker=tracker)  # no host sync, no raise
+    synchronize()
+    assert torch.equal(tracker.state, before)
+    counters = tracker.counters.tolist()
+    assert counters[COUNTER["calls"]] == 1 and counters[COUNTER["bad_ids"]] >= 1
+    with pytest.raises(IndexError, match="out of range"):
+        tracker.check()
+    tracker.check()  # the flags were cleared
+
+
 # -------------------------------------------------------- torch integration
 def test_opcheck():
     # No ignored rows: opcheck's AOT comparison treats their NaN statistics as a mismatch.

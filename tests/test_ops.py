@@ -72,6 +72,22 @@ def test_opcheck_track(ns):
         torch.library.opcheck(op.track_, (t.state, t.counters, row_stats, y, ids, -100, 4, t._stat_rows))
 
 
+@needs_ext
+def test_track_rejects_strided_buffers():
+    """The kernels write state and counters through raw pointers: a strided view must raise, not be
+    written in the wrong places."""
+    t = memfast.SampleTracker(8, stats="all")
+    logits, y, ids = torch.randn(6, 4), torch.randint(0, 4, (6,)), torch.arange(6)
+    _, row_stats, _ = reference.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False, 0)
+    strided_counters = torch.zeros(2 * len(COUNTERS), dtype=torch.long)[::2]
+    with pytest.raises(ValueError, match="counters must be a contiguous"):
+        torch.ops.memfast.track_(t.state, strided_counters, row_stats, y, ids, -100, 4, t._stat_rows)
+    assert not strided_counters.any()
+    strided_state = torch.zeros(t.state.shape[0], 2 * t.state.shape[1])[:, ::2]
+    with pytest.raises(ValueError, match="state must be a contiguous"):
+        torch.ops.memfast.track_(strided_state, t.counters, row_stats, y, ids, -100, 4, t._stat_rows)
+
+
 def _loss(model, x, y, ids, tracker):
     return memfast.cross_entropy(model(x), y, sample_ids=ids, tracker=tracker, label_smoothing=0.1)
 

@@ -87,8 +87,11 @@ inline void check_track_args(const at::Tensor& state, const at::Tensor& counters
                              const at::Tensor& target, const at::Tensor& sample_ids, c10::IntArrayRef stat_rows) {
   TORCH_CHECK_VALUE(state.dim() == 2 && state.scalar_type() == at::kFloat && state.is_contiguous(),
                     "memfast tracker: state must be a contiguous float32 [stats, samples] tensor");
-  TORCH_CHECK_VALUE(counters.dim() == 1 && counters.size(0) == NUM_COUNTERS && counters.scalar_type() == at::kLong,
-                    "memfast tracker: counters must be an int64 vector of ", static_cast<int>(NUM_COUNTERS), " entries");
+  // The kernels index counters as a raw pointer: a strided view would be written in the wrong places.
+  TORCH_CHECK_VALUE(counters.dim() == 1 && counters.size(0) == NUM_COUNTERS && counters.scalar_type() == at::kLong &&
+                        counters.is_contiguous(),
+                    "memfast tracker: counters must be a contiguous int64 vector of ", static_cast<int>(NUM_COUNTERS),
+                    " entries");
   TORCH_CHECK_VALUE(static_cast<int64_t>(stat_rows.size()) == NUM_STATS, "memfast tracker: stat_rows must have ",
                     static_cast<int>(NUM_STATS), " entries");
   for (int64_t s = 0; s < NUM_STATS; ++s) {

@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = R > n_ids ? R : n_ids;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    if (i < n_ids && (ids[i] < 0 || ids[i] >= N)) bad_id_rows += rows_per_id;
+    // At least 1 per bad id: with no rows (R == 0, n_ids > 0) check() must still raise, as the CPU does.
+    if (i < n_ids && (ids[i] < 0 || ids[i] >= N)) bad_id_rows += rows_per_id > 0 ? rows_per_id : 1;
     if (i < R) {
       const int64_t t = target[i];
       if (t != ignore_index && (t < 0 || t >= num_classes)) bad_targets += 1;
