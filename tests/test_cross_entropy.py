@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import memfast
 from memfast import reference
+from memfast._stats import ROW
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -119,6 +120,24 @@ def test_non_finite_logits(backend):
     a = memfast.cross_entropy(x, y, reduction="none")
     b = F.cross_entropy(x, y, reduction="none")
     torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("kernel", ["default", "generic"])
+def test_all_minus_inf_row_stats_match_reference(kernel, monkeypatch):
+    """A row of only -inf logits: lse NaN (as -inf - -inf), and `correct` as argmax (first index: 0)."""
+    if not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    if kernel == "generic":
+        monkeypatch.setenv("MEMFAST_CPU_KERNEL", "generic")
+    x = torch.randn(4, 37)
+    x[1] = -math.inf
+    x[2] = -math.inf
+    y = torch.tensor([3, 0, 20, 5])  # the -inf rows' targets: the first index (argmax) and another
+    args = (x, y, None, -100, 0.0, None, None, False, 0)
+    got, want = torch.ops.memfast.cross_entropy_fwd(*args), reference.cross_entropy_fwd(*args)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True)
+    assert got[1][ROW["lse"], 1:3].isnan().all()
+    assert got[1][ROW["correct"], 1:3].tolist() == [1.0, 0.0]
 
 
 def test_bfloat16_target_gradient_formed_in_fp32(backend):

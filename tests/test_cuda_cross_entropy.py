@@ -146,6 +146,23 @@ def test_nan_in_a_row_gives_nan_loss(monkeypatch, kernel, C):
             assert want[0].isnan() and want[2].isnan() and want[3].isfinite()  # the test's own premise
 
 
+@pytest.mark.parametrize("kernel", ["auto", "stream"])
+@pytest.mark.parametrize("C", [11, 1000, 70001])
+@pytest.mark.parametrize("target_at", ["first", "middle"])
+def test_all_minus_inf_row_has_nan_lse(monkeypatch, kernel, C, target_at):
+    """A row of only -inf logits: sum exp(z - max) is NaN (-inf - -inf), so lse is NaN on every kernel
+    path (the streaming kernel's online sum once skipped them and gave -inf); argmax is index 0."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = random_case(4, C, dtype, ignore_every=0)
+        x[1] = -math.inf
+        y[1] = 0 if target_at == "first" else C // 2
+        got = check_forward(x, y)
+        assert got[1][ROW["lse"], 1].isnan()
+        assert int(got[1][ROW["correct"], 1]) == (1 if target_at == "first" else 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("C", [7, 1001, 32003, 50257, 140001])
 def test_strided_and_misaligned_rows(dtype, C):

@@ -314,7 +314,9 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       st[ROW_TARGET_LOGIT * R + r] = z_y;
       st[ROW_MAX_OTHER * R + r] = C > 1 ? max_other : ninf;
       st[ROW_WEIGHT * R + r] = w_y;
-      st[ROW_CORRECT * R + r] = (z_y > max_before && z_y >= max_after) ? 1 : 0;
+      // First index of the maximum, as argmax: nothing before y (y == 0) is beaten by z_y even
+      // when all are -inf.
+      st[ROW_CORRECT * R + r] = ((y == 0 || z_y > max_before) && z_y >= max_after) ? 1 : 0;
       if (!g) continue;
       const GradCoef<acc_t> k = grad_coefficients(w_y, weight_sum, eps, C, grad_scale);
       const acc_t scale = k.scale_p / sum;

@@ -448,6 +448,9 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
   acc_t stage2[2] = {run_max == neg_inf<acc_t>() ? run_sum /* 0, or a NaN seen */ : run_sum * fast_exp(run_max - m),
                      weighted_sum};
   block_reduce<NT, 2>(stage2, SumOp(), red_smem[1]);
+  // m == -inf (every logit -inf or NaN): the online sum skipped them and holds 0, but
+  // sum exp(z - m) is NaN (-inf - -inf) in the CPU and resident kernels; the same here.
+  if (m == neg_inf<acc_t>()) stage2[0] = std::numeric_limits<acc_t>::quiet_NaN();
 
   acc_t w_y, scale;
   GradCoef<acc_t> k;
