@@ -24,6 +24,19 @@ def _as_rows(t, class_dim_last):
     return t.movedim(1, -1).reshape(-1, t.shape[1]) if class_dim_last else t
 
 
+def _loss_dtype(input):
+    """F.cross_entropy's output dtype: the input's, except under autocast, whose policy runs
+    cross entropy in fp32 and so returns an fp32 loss for fp16 / bf16 logits (the op computes
+    in fp32 either way; a GradScaler-scaled fp16 loss would overflow in its backward)."""
+    if input.dtype in (torch.float16, torch.bfloat16):
+        try:
+            if torch.is_autocast_enabled(input.device.type):
+                return torch.float32
+        except RuntimeError:  # a device type autocast does not know (meta)
+            pass
+    return input.dtype
+
+
 def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups):
     """Validate arguments (host metadata only) and bring them to the op's row layout."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
@@ -59,6 +72,9 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
                              f"{getattr(weight, 'shape', type(weight))}")
         if weight.device != input.device:
             raise ValueError(f"memfast.cross_entropy: weight is on {weight.device} but input is on {input.device}")
+        if weight.requires_grad and torch.is_grad_enabled():  # F.cross_entropy refuses it too
+            raise ValueError("memfast.cross_entropy: weight requires grad, but the loss is not differentiable in the "
+                             "class weights (as in F.cross_entropy); pass weight.detach()")
         weight = weight.detach().to(acc).contiguous()
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"memfast.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -135,7 +151,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         tracker._scatter(row_stats, target_rows, ids, int(ignore_index), logits.shape[1])
     if reduction == "none":
         loss = loss.reshape(() if unbatched else target_shape)
-    return loss.to(input.dtype)
+    return loss.to(_loss_dtype(input))
 
 
 class CrossEntropyLoss(nn.Module):

@@ -34,6 +34,7 @@ BAD_CALLS = [
     ("sample ids of the wrong length", lambda: dict(sample_ids=torch.arange(3)), ValueError, "sample_ids"),
     ("targets of the wrong shape", lambda: dict(target=torch.zeros(5, dtype=torch.long)), ValueError, "target"),
     ("weight of the wrong size", lambda: dict(weight=torch.ones(4)), ValueError, "weight"),
+    ("weight that requires grad", lambda: dict(weight=torch.ones(3, requires_grad=True)), ValueError, "weight"),
     ("label smoothing > 1", lambda: dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     ("bad reduction", lambda: dict(reduction="avg"), ValueError, "reduction"),
     ("adjustment of the wrong shape", lambda: dict(adjustment=torch.zeros(4, 2)), ValueError, "adjustment"),

@@ -210,6 +210,41 @@ def test_module_form(backend):
                                                                       reduction="sum")(x, y))
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_autocast_matches_pytorch(backend, autocast_dtype, reduction):
+    """Under autocast the logits are fp16 / bf16 and F.cross_entropy (autocast's fp32 policy) returns
+    an fp32 loss; so does memfast, with the same gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 7)
+    x, y = torch.randn(12, 16), torch.randint(0, 7, (12,))
+    y[3] = -100
+    losses, grads = [], []
+    for fn in (F.cross_entropy, memfast.cross_entropy):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            logits = model(x)
+            assert logits.dtype == autocast_dtype
+            loss = fn(logits, y, reduction=reduction)
+        loss.sum().backward()
+        losses.append(loss)
+        grads.append(model.weight.grad.clone())
+    assert losses[1].dtype == losses[0].dtype == torch.float32
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-2, rtol=1e-2)
+
+
+def test_autocast_output_dtype_under_compile(backend):
+    def loss_fn(logits, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return memfast.cross_entropy(logits, y)
+
+    logits, y = torch.randn(6, 5).bfloat16(), torch.randint(0, 5, (6,))
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    assert compiled(logits, y).dtype == loss_fn(logits, y).dtype == torch.float32
+    assert memfast.cross_entropy(logits, y).dtype == torch.bfloat16  # no autocast: the input's dtype, as F
+
+
 def test_legacy_reduction_arguments(backend):
     x, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
     torch.testing.assert_close(memfast.cross_entropy(x, y, size_average=False), F.cross_entropy(x, y, reduction="sum"))
