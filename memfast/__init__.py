@@ -1,7 +1,7 @@
 """memfast: fast memorization measurement and memorization-aware training."""
 from ._version import __version__
 from ._ops import get_backend, set_backend
-from .curvature import input_curvature, score_curvature
+from .curvature import input_curvature, input_gradient_norm, score_curvature, score_grad_norm
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
 from . import data, datasets, mat, metrics, noise, report
@@ -16,5 +16,6 @@ def build_info():
 
 
 __all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "build_info",
-           "set_backend", "get_backend", "input_curvature", "score_curvature", "data", "datasets", "mat",
+           "set_backend", "get_backend", "input_curvature", "score_curvature",
+           "input_gradient_norm", "score_grad_norm", "data", "datasets", "mat",
            "metrics", "noise", "report"]

@@ -9,9 +9,10 @@ KERNEL_STATS = (
 # Sums over updates (merged across ranks by addition); the other stored
 # statistics are per-sample state (merged from the rank that updated last).
 SUM_STATS = ("csl", "count", "loss_sq", "inconf", "ptrue_sq", "margin", "correct", "forgetting", "nonfinite",
-             "curv", "curv_count")
-# Statistics accumulated from Python (input curvature by memfast.score_curvature).
-EXTRA_STATS = ("curv", "curv_count")
+             "curv", "curv_count", "grad_norm", "grad_norm_count")
+# Statistics accumulated from Python (input curvature by memfast.score_curvature,
+# input-gradient norms by memfast.score_grad_norm and score_curvature).
+EXTRA_STATS = ("curv", "curv_count", "grad_norm", "grad_norm_count")
 # Rows of the [NUM_ROW_STATS, R] tensor the forward op returns.
 ROW_STATS = ("lse", "target_logit", "max_other", "weight", "correct")
 # Entries of the tracker's int64 counters.
@@ -35,5 +36,6 @@ USER_STATS = {
     "last_maxprob": ("last_maxprob", "last_update"),
     "nonfinite": ("nonfinite",),
     "curv": ("curv", "curv_count"),
+    "grad_norm": ("grad_norm", "grad_norm_count"),
 }
 ALL_USER_STATS = tuple(USER_STATS)

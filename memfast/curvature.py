@@ -8,6 +8,10 @@ For each sample x with label y, Rademacher probes v_k in {-1, +1} and step h:
     squared=True: mean_k ||g_k - g0||_2^2  (~ h^2 tr(H^2), the paper's form)
     trace:        mean_k v_k . (g_k - g0)  (~ h tr(H))
 with L the sum-reduced cross entropy (exact per-sample gradients) times scale.
+
+The same scoring mode gives the input-gradient norm ||g0|| ("loss
+sensitivity", Arpit et al. 2017), whose running mean over training defines
+the CSL paper's learning time (Sec. 5; memfast.metrics.theory_learning_time).
 """
 import contextlib
 import math
@@ -71,31 +75,47 @@ def _eval_mode(model):
             m.training = training
 
 
-def _check_args(model, inputs, targets, n_probes, h, chunk_size, scale):
+@contextlib.contextmanager
+def _scoring_mode(model, device):
+    """Eval mode, fp32 with TF32 off, no autocast, gradients on (also inside
+    no_grad / inference_mode), all restored after."""
+    autocast_off = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") \
+        else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), autocast_off, _exact_fp32(), _eval_mode(model):
+        yield
+
+
+def _check_model_and_batch(who, model, inputs, targets, scale):
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
         what = inputs.dtype if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise TypeError(f"input_curvature: inputs must be a floating-point tensor, got {what}")
+        raise TypeError(f"{who}: inputs must be a floating-point tensor, got {what}")
     if inputs.dim() < 1:
-        raise ValueError("input_curvature: inputs must have a batch dimension [B, ...], got a 0-d tensor")
+        raise ValueError(f"{who}: inputs must have a batch dimension [B, ...], got a 0-d tensor")
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
             or targets.dtype == torch.bool:
         what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise TypeError(f"input_curvature: targets must be an integer tensor of class indices, got {what}")
+        raise TypeError(f"{who}: targets must be an integer tensor of class indices, got {what}")
     if targets.shape != inputs.shape[:1]:
-        raise ValueError(f"input_curvature: targets must have shape [B] = [{inputs.shape[0]}] (one class index per "
+        raise ValueError(f"{who}: targets must have shape [B] = [{inputs.shape[0]}] (one class index per "
                          f"sample), got {list(targets.shape)}")
     if targets.device != inputs.device:
-        raise ValueError(f"input_curvature: targets are on {targets.device} but inputs are on {inputs.device}")
+        raise ValueError(f"{who}: targets are on {targets.device} but inputs are on {inputs.device}")
     if isinstance(model, torch.nn.Module):
         for name, p in model.named_parameters():
             if p.device != inputs.device:
-                raise ValueError(f"input_curvature: model parameter {name!r} is on {p.device} but inputs are on "
+                raise ValueError(f"{who}: model parameter {name!r} is on {p.device} but inputs are on "
                                  f"{inputs.device}; move the model or the inputs")
             if p.is_floating_point() and p.dtype not in (torch.float32, torch.float64):
-                raise ValueError(f"input_curvature: model parameter {name!r} is {p.dtype}; the finite difference "
-                                 f"needs an fp32 model (model.float())")
+                raise ValueError(f"{who}: model parameter {name!r} is {p.dtype}; input gradients are computed in "
+                                 f"fp32 (model.float())")
     elif not callable(model):
-        raise TypeError(f"input_curvature: model must be an nn.Module or a callable, got {type(model).__name__}")
+        raise TypeError(f"{who}: model must be an nn.Module or a callable, got {type(model).__name__}")
+    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{who}: scale must be a finite number, got {scale!r}")
+
+
+def _check_args(model, inputs, targets, n_probes, h, chunk_size, scale):
+    _check_model_and_batch("input_curvature", model, inputs, targets, scale)
     if isinstance(n_probes, bool) or not isinstance(n_probes, numbers.Integral) or n_probes < 1:
         raise ValueError(f"input_curvature: n_probes must be a positive int, got {n_probes!r}")
     if not isinstance(h, numbers.Real) or not math.isfinite(h) or h <= 0:
@@ -103,24 +123,31 @@ def _check_args(model, inputs, targets, n_probes, h, chunk_size, scale):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"input_curvature: chunk_size must be None or a positive int, got {chunk_size!r}")
-    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"input_curvature: scale must be a finite number, got {scale!r}")
 
 
-def _loss_and_grad(model, x, y, scale, check_targets=False):
+def _compute_dtype(inputs, model):
+    return torch.float64 if inputs.dtype == torch.float64 or _model_dtype(model) == torch.float64 else torch.float32
+
+
+def _squared_norms(g):
+    """[B] float64 sums of squares of each sample's gradient."""
+    return g.reshape(g.shape[0], -1).double().pow(2).sum(1)
+
+
+def _loss_and_grad(model, x, y, scale, check_targets=False, who="input_curvature"):
     """(grad_x of scale * sum-CE, bytes held by the forward graph)."""
     x = x.requires_grad_()
     before = torch.cuda.memory_allocated(x.device) if x.is_cuda else 0
     logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         what = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"input_curvature: the model must return [batch, classes] logits, got {what}")
+        raise ValueError(f"{who}: the model must return [batch, classes] logits, got {what}")
     if check_targets:
         num_classes = logits.shape[1]
         # One host read per call, before the loss can hit a device-side assert.
         if bool(((y < 0) | (y >= num_classes)).any()):
             bad = y[(y < 0) | (y >= num_classes)][0].item()
-            raise IndexError(f"input_curvature: targets contain {bad}, out of range for {num_classes} classes")
+            raise IndexError(f"{who}: targets contain {bad}, out of range for {num_classes} classes")
     graph_bytes = (torch.cuda.memory_allocated(x.device) - before) if x.is_cuda else 0
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
@@ -199,6 +226,16 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
 
     Returns a [B] float32 tensor, or (score, trace) with return_trace.
     """
+    sums, _ = _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scale)
+    score = (sums[1] if squared else sums[0]) / n_probes
+    if return_trace:
+        return score, sums[2] / n_probes
+    return score
+
+
+def _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scale):
+    """([3, B] float32 sums over the probes of ||g_k - g0||, ||g_k - g0||^2 and
+    v_k . (g_k - g0); [B] float64 ||g0||^2)."""
     _check_args(model, inputs, targets, n_probes, h, chunk_size, scale)
     if seed is None:
         seed = _new_seed()
@@ -206,12 +243,11 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
         raise TypeError(f"input_curvature: seed must be an int or None, got {seed!r}")
     seed = (int(seed) + 2**63) % 2**64 - 2**63  # any int, as the ops' int64 (the generator uses 64 bits)
     device = inputs.device
-    dtype = torch.float64 if inputs.dtype == torch.float64 or _model_dtype(model) == torch.float64 else torch.float32
+    dtype = _compute_dtype(inputs, model)
     B = inputs.shape[0]
     n_probes = int(n_probes)
     if B == 0:
-        empty = inputs.new_zeros(0, dtype=torch.float32)
-        return (empty, empty.clone()) if return_trace else empty
+        return inputs.new_zeros(3, 0, dtype=torch.float32), inputs.new_zeros(0, dtype=torch.float64)
     op = _ops.ops(device)
     # The ops work on the standard layout, which keys the probes; the model sees
     # `layout` (channels_last where given, or chosen below on the CPU).
@@ -221,9 +257,7 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
     layout = torch.channels_last if given_cl or auto_cl else torch.contiguous_format
     x = inputs.detach().to(dtype).contiguous()
     y = targets.detach().long()
-    autocast_off = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") \
-        else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad(), autocast_off, _exact_fp32(), _eval_mode(model):
+    with _scoring_mode(model, device):
         if x.is_inference():
             x = x.clone()
             y = y.clone()
@@ -245,15 +279,73 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
             grads, _ = _loss_and_grad(model, xp, y.repeat(count), scale)
             sums += op.curvature_reduce(grads.detach().contiguous(), g0, seed, first)
             del xp, grads
-    score = (sums[1] if squared else sums[0]) / n_probes
-    if return_trace:
-        return score, sums[2] / n_probes
-    return score
+    return sums, _squared_norms(g0)
+
+
+def input_gradient_norm(model, inputs, targets, *, squared=False, scale=1.0):
+    """Per-sample norm of the input gradient, ||grad_x L(x_i, y_i)||_2, in the
+    scoring mode of input_curvature (eval mode, fp32 with TF32 off, no
+    autocast; parameters' .grad untouched), with L the sum-reduced cross
+    entropy times `scale` (exact per-sample gradients; 1/B gives the mean
+    reduction's). This is "loss sensitivity" (Arpit et al. 2017), a baseline
+    of the CSL paper, and the g of its learning time (Sec. 5, Eq. 7; see
+    memfast.metrics.theory_learning_time). One forward and one backward.
+
+    squared=True returns ||.||^2 (the paper's Eq. 6 form; its code uses the
+    norm). Returns a [B] float32 tensor on the inputs' device.
+    """
+    who = "input_gradient_norm"
+    _check_model_and_batch(who, model, inputs, targets, scale)
+    if inputs.shape[0] == 0:
+        return inputs.new_zeros(0, dtype=torch.float32)
+    x = inputs.detach().to(_compute_dtype(inputs, model)).contiguous()
+    y = targets.detach().long()
+    with _scoring_mode(model, inputs.device):
+        if x.is_inference():
+            x, y = x.clone(), y.clone()
+        g, _ = _loss_and_grad(model, x, y, scale, check_targets=True, who=who)
+    sq = _squared_norms(g.detach())
+    return (sq if squared else sq.sqrt()).float()
 
 
 def _batch_seed(base, index):
     # Distinct, well-spread Philox keys per batch.
     return (base + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def _model_device(model, fallback):
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return params.device if params is not None else fallback
+
+
+def _scored_batches(who, loader, num_samples, progress, desc):
+    """(index, inputs, targets, sample_ids) of each batch, the ids checked
+    against num_samples where the loader made them (usually the CPU: no
+    device sync), with a tqdm progress bar."""
+    from tqdm.auto import tqdm
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for index, batch in enumerate(tqdm(loader, total=total, desc=desc, disable=not progress)):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+            raise ValueError(f"{who}: the loader must yield (inputs, targets, sample_ids) batches; wrap the "
+                             "dataset in memfast.data.WithIndex")
+        x, y, ids = batch
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.shape != (len(x),):
+            raise ValueError(f"{who}: sample_ids must be an integer vector with one id per sample, got "
+                             f"{ids.dtype} {list(ids.shape)}")
+        ids = ids.long()
+        if len(ids) and bool((ids.min() < 0) | (ids.max() >= num_samples)):
+            raise IndexError(f"{who}: sample_ids out of range [0, {num_samples}) in batch {index}")
+        yield index, x, y, ids
+
+
+def _accumulate(tracker, name, ids, values):
+    """tracker's `name` += values and `name`_count += 1 at ids."""
+    ids = ids.to(tracker.device, non_blocking=True)
+    tracker.stat(name).index_add_(0, ids, values.to(tracker.device, torch.float32))
+    tracker.stat(f"{name}_count").index_add_(0, ids, torch.ones(len(ids), device=tracker.device))
 
 
 def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None, progress=True, squared=False,
@@ -262,7 +354,9 @@ def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None,
     statistic: tracker.stat("curv") += score and tracker.stat("curv_count") += 1
     on each batch's sample_ids rows. Call it once per checkpoint;
     tracker.scores()["curv"] is then the mean over the calls, as the reference
-    averages over checkpoints.
+    averages over checkpoints. When the tracker also keeps "grad_norm", the
+    input-gradient norm ||grad_x L|| that the estimate computes anyway is
+    accumulated there too (as score_grad_norm would, at no extra cost).
 
     Args:
       loader: yields (inputs, targets, sample_ids), e.g. a DataLoader over
@@ -280,34 +374,59 @@ def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None,
         kept = list(getattr(tracker, "stored_stats", ()))
         raise ValueError(f"score_curvature: the tracker does not keep 'curv' (it keeps {kept}); create it with "
                          f"SampleTracker(n, stats=(..., 'curv'))")
-    if device is None:
-        params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-        device = params.device if params is not None else tracker.device
-    device = torch.device(device)
+    device = torch.device(device if device is not None else _model_device(model, tracker.device))
     if seed is None:
         seed = _new_seed()
-    from tqdm.auto import tqdm
-
-    curv, count = tracker.stat("curv"), tracker.stat("curv_count")
-    total = len(loader) if hasattr(loader, "__len__") else None
-    for index, batch in enumerate(tqdm(loader, total=total, desc="curvature", disable=not progress)):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-            raise ValueError("score_curvature: the loader must yield (inputs, targets, sample_ids) batches; wrap the "
-                             "dataset in memfast.data.WithIndex")
-        x, y, ids = batch
-        if not isinstance(ids, torch.Tensor):
-            ids = torch.as_tensor(ids)
-        if ids.is_floating_point() or ids.dtype == torch.bool or ids.shape != (len(x),):
-            raise ValueError(f"score_curvature: sample_ids must be an integer vector with one id per sample, got "
-                             f"{ids.dtype} {list(ids.shape)}")
-        ids = ids.long()
-        # Checked where the loader made them (usually the CPU: no device sync).
-        if len(ids) and bool((ids.min() < 0) | (ids.max() >= tracker.num_samples)):
-            raise IndexError(f"score_curvature: sample_ids out of range [0, {tracker.num_samples}) in batch {index}")
-        ids = ids.to(tracker.device, non_blocking=True)
-        score = input_curvature(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                n_probes=n_probes, h=h, squared=squared, chunk_size=chunk_size,
-                                seed=_batch_seed(seed, index), scale=scale)
-        curv.index_add_(0, ids, score.to(curv.device))
-        count.index_add_(0, ids, torch.ones_like(score, device=count.device))
+    with_grad_norm = "grad_norm" in tracker.stored_stats
+    for index, x, y, ids in _scored_batches("score_curvature", loader, tracker.num_samples, progress, "curvature"):
+        sums, g0_sq = _input_curvature(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                       n_probes, h, chunk_size, _batch_seed(seed, index), scale)
+        _accumulate(tracker, "curv", ids, (sums[1] if squared else sums[0]) / n_probes)
+        if with_grad_norm:
+            _accumulate(tracker, "grad_norm", ids, g0_sq.sqrt())
     return tracker
+
+
+def score_grad_norm(model, loader, tracker=None, *, num_samples=None, device=None, progress=True, squared=False,
+                    scale=1.0):
+    """The input-gradient norm of every sample of a loader (input_gradient_norm,
+    batch by batch): one forward and one backward per batch.
+
+    Returns an [N] float32 tensor of this pass's norms by sample id (NaN for
+    samples the loader did not yield), on the tracker's device (or the
+    model's). Called once per epoch, the stacked returns are what
+    memfast.metrics.theory_learning_time takes. With a tracker that keeps
+    "grad_norm", the norms are also accumulated there:
+    tracker.scores()["grad_norm"] is then the mean over the calls ("loss
+    sensitivity").
+
+    Args:
+      loader: yields (inputs, targets, sample_ids), e.g. a DataLoader over
+        memfast.data.WithIndex(dataset), unaugmented.
+      tracker: optional SampleTracker keeping "grad_norm".
+      num_samples: N, when no tracker is given.
+      device: where the model runs (default: the model's parameters' device,
+        else the tracker's, else the CPU).
+      Other arguments: as input_gradient_norm.
+    """
+    if tracker is not None:
+        if "grad_norm" not in getattr(tracker, "stored_stats", ()):
+            kept = list(getattr(tracker, "stored_stats", ()))
+            raise ValueError(f"score_grad_norm: the tracker does not keep 'grad_norm' (it keeps {kept}); create it "
+                             f"with SampleTracker(n, stats=(..., 'grad_norm'))")
+        if num_samples is not None and num_samples != tracker.num_samples:
+            raise ValueError(f"score_grad_norm: num_samples={num_samples} but the tracker has {tracker.num_samples}")
+        num_samples = tracker.num_samples
+    elif isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 0:
+        raise ValueError(f"score_grad_norm: give a tracker or num_samples (a non-negative int), got {num_samples!r}")
+    fallback = tracker.device if tracker is not None else torch.device("cpu")
+    device = torch.device(device if device is not None else _model_device(model, fallback))
+    out_device = tracker.device if tracker is not None else device
+    norms = torch.full((int(num_samples),), math.nan, dtype=torch.float32, device=out_device)
+    for _, x, y, ids in _scored_batches("score_grad_norm", loader, num_samples, progress, "input-gradient norm"):
+        g = input_gradient_norm(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                squared=squared, scale=scale)
+        norms[ids.to(out_device, non_blocking=True)] = g.to(out_device)
+        if tracker is not None:
+            _accumulate(tracker, "grad_norm", ids, g)
+    return norms

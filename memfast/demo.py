@@ -5,8 +5,9 @@ The recipe (the CSL paper's Tables 2-3 on a dataset that trains in seconds):
 symmetric label noise plus conflicting duplicates, a network trained without
 weight decay until it fits every noisy label (memorizes), a SampleTracker in
 the loss (free CSL and every tracker statistic), an optional eval-mode scoring
-pass per epoch (the reference code's CSL), input curvature every k epochs
-(when memfast.score_curvature exists) and confident learning (cleanlab, when
+pass per epoch (the reference code's CSL), the input-gradient norm of every
+sample per epoch (loss sensitivity and the paper's theory learning time),
+input curvature every k epochs and confident learning (cleanlab, when
 installed) as an external baseline.
 """
 import time
@@ -43,6 +44,8 @@ def add_arguments(parser):
                         help="conflicting duplicate pairs injected (default: %(default)s)")
     parser.add_argument("--no-eval-pass", dest="eval_pass", action="store_false",
                         help="skip the eval-mode scoring pass per epoch (the CSL (eval) row)")
+    parser.add_argument("--no-grad-norm", dest="grad_norm", action="store_false",
+                        help="skip the per-epoch input-gradient norms (loss sensitivity, theory learning time rows)")
     parser.add_argument("--curv-every", type=int, default=d["curv_every"],
                         help="score input curvature every k epochs; 0 = never (default: %(default)s)")
     parser.add_argument("--curv-probes", type=int, default=d["curv_probes"],
@@ -120,12 +123,13 @@ def _loader(x, y, batch_size, shuffle, seed):
     return DataLoader(ds, sampler=BatchSampler(sampler, bs, drop_last=False), batch_size=None)
 
 
-def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv_tracker=None, fit_mask=None,
-          desc="train", quiet=True):
+def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv_tracker=None, grad_norms=None,
+          fit_mask=None, desc="train", quiet=True):
     """Train a fresh model with Adam (no weight decay) on (x, y); with trackers,
     the loss feeds `tracker` (free statistics), an eval-mode pass per epoch
-    feeds `eval_tracker`, and input curvature every cfg.curv_every epochs
-    feeds `curv_tracker`. With `fit_mask`, the eval pass also records the
+    feeds `eval_tracker`, input curvature every cfg.curv_every epochs
+    feeds `curv_tracker`, and with a list `grad_norms` each epoch appends the
+    [N] input-gradient norms (score_grad_norm). With `fit_mask`, the eval pass also records the
     first epoch at which every sample in the mask is fitted (its training label
     is the argmax): returns (model, that epoch or None)."""
     from tqdm.auto import tqdm
@@ -169,6 +173,8 @@ def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv
             if fit_mask is not None and memorized_at is None and bool(fitted[fit_mask].all()):
                 memorized_at = epoch + 1
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", train_acc=f"{train_acc:.3f}", refresh=False)
+        if grad_norms is not None:
+            grad_norms.append(memfast.score_grad_norm(model, score_loader, num_samples=len(y), progress=False))
         if curv_tracker is not None and cfg.curv_every > 0 and (epoch + 1) % cfg.curv_every == 0:
             model.eval()
             memfast.score_curvature(model, score_loader, curv_tracker, n_probes=cfg.curv_probes, h=cfg.curv_h,
@@ -226,13 +232,14 @@ def run_seed(cfg, seed):
     xd, given = data["x"].to(device), data["given"].to(device)
     tracker = memfast.SampleTracker(n, stats="all", device=device)
     eval_tracker = memfast.SampleTracker(n, stats=("csl", "count"), device=device) if cfg.eval_pass else None
-    has_curv = hasattr(memfast, "score_curvature") and cfg.curv_every > 0
-    curv_tracker = memfast.SampleTracker(n, stats=("curv",), device=device) if has_curv else None
+    curv_tracker = memfast.SampleTracker(n, stats=("curv",), device=device) if cfg.curv_every > 0 else None
+    grad_norms = [] if cfg.grad_norm else None
     # A conflicting duplicate pair has one input and two labels: at most one
     # member can be fitted, so memorization means fitting every other sample.
     fit_mask = ~data["duplicate"].to(device)
     model, memorized_at = train(cfg, xd, given, seed, tracker=tracker, eval_tracker=eval_tracker,
-                                curv_tracker=curv_tracker, fit_mask=fit_mask, desc=f"train (seed {seed})",
+                                curv_tracker=curv_tracker, grad_norms=grad_norms, fit_mask=fit_mask,
+                                desc=f"train (seed {seed})",
                                 quiet=cfg.quiet)
     with torch.no_grad():
         fitted = model(xd).argmax(1) == given
@@ -243,7 +250,12 @@ def run_seed(cfg, seed):
     scores = {k: v.cpu() for k, v in tracker.scores().items()}
     eval_scores = {k: v.cpu() for k, v in eval_tracker.scores().items()} if eval_tracker is not None else None
     curv = curv_tracker.scores()["curv"].cpu() if curv_tracker is not None else None
-    proxy_dict = report.proxies(scores, eval_scores, curvature=curv, confident_learning=cl, csl_key="csl_free")
+    sensitivity = theory_lt = None
+    if grad_norms:
+        history = torch.stack(grad_norms).cpu()
+        sensitivity, theory_lt = history.mean(0), memfast.metrics.theory_learning_time(history)
+    proxy_dict = report.proxies(scores, eval_scores, curvature=curv, confident_learning=cl, csl_key="csl_free",
+                                loss_sensitivity=sensitivity, theory_learning_time=theory_lt)
     masks = {"noisy": data["noisy"].numpy() if cfg.noise > 0 else None,
              "duplicates": data["duplicate"].numpy() if cfg.duplicates > 0 else None}
     rows = report.detection_table(proxy_dict, masks["noisy"], masks["duplicates"])
@@ -255,7 +267,7 @@ def run_seed(cfg, seed):
 
 
 def _config(args):
-    keys = ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates", "eval_pass", "curv_every",
+    keys = ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates", "eval_pass", "grad_norm", "curv_every",
             "curv_probes", "curv_h", "confident_learning", "cl_epochs", "seeds", "device", "threads")
     return {k: getattr(args, k) for k in keys}
 
@@ -292,11 +304,9 @@ def run(args):
     elapsed = time.perf_counter() - t0
     table = report.aggregate([r["rows"] for r in results])
     r0 = results[0]
-    curv_note = "" if hasattr(memfast, "score_curvature") else " (input curvature: n/a, memfast.score_curvature " \
-                                                                 "not available)"
     print(f"digits: {r0['num_samples']} samples, {r0['num_noisy']} noisy labels ({args.noise:.0%}), "
           f"{r0['num_duplicates']} duplicates ({args.duplicates} pairs); {args.model}, {args.epochs} epochs, "
-          f"backend {memfast.get_backend()}, device {args.device}{curv_note}")
+          f"backend {memfast.get_backend()}, device {args.device}")
     for r in results:
         mem = (f"memorized at epoch {r['memorized_at_epoch']}" if r["memorized_at_epoch"]
                else "NOT memorized")

@@ -102,3 +102,27 @@ def group_accuracy(pred, y, groups):
 def worst_group_accuracy(pred, y, groups):
     """Minimum accuracy over the groups present (the XRM/MAT papers' WGA)."""
     return min(group_accuracy(pred, y, groups).values())
+
+
+def theory_learning_time(grad_norms, tau=None):
+    """The CSL paper's learning time (Sec. 5, Eq. 7), as its notebook computes it.
+
+    grad_norms: [E, N] per-epoch input-gradient norms g[e, i] = ||grad_x L(w_e, z_i)||
+    (e.g. the stacked returns of memfast.score_grad_norm, one call per epoch),
+    or a list of E [N] vectors. The sample learning condition is the running mean
+    cond[e, i] = mean of g[0..e, i]; tau defaults to the mean of cond over all
+    epochs and samples; LT_i = 1 - mean_e 1[cond[e, i] < tau]. Returns an [N]
+    float64 array in [0, 1]: larger = learned later (more memorized).
+    """
+    if isinstance(grad_norms, (list, tuple)):
+        g = np.stack([_np(v, np.float64).reshape(-1) for v in grad_norms]) if grad_norms else np.zeros((0, 0))
+    else:
+        g = _np(grad_norms, np.float64)
+    if g.ndim != 2 or g.shape[0] == 0:
+        raise ValueError(f"theory_learning_time: grad_norms must be [epochs, samples] with at least one epoch, got "
+                         f"shape {list(g.shape)}")
+    if not np.isfinite(g).all():
+        raise ValueError("theory_learning_time: grad_norms has NaN / inf entries (a sample not scored at some epoch?)")
+    cond = np.cumsum(g, axis=0) / np.arange(1, g.shape[0] + 1)[:, None]
+    threshold = cond.mean() if tau is None else float(tau)
+    return 1.0 - (cond < threshold).mean(axis=0)

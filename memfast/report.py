@@ -36,7 +36,9 @@ ROWS = (
     ("csl_free", "CSL (free)"),
     ("csl_eval", "CSL (eval)"),
     ("curvature", "input curvature"),
+    ("loss_sensitivity", "loss sensitivity (grad norm)"),
     *((key, label) for key, label, _, _ in TRACKER_PROXIES),
+    ("learn_time_theory", "learning time (theory, Eq. 7)"),
     ("confident_learning", "confident learning"),
 )
 LABELS = dict(ROWS)
@@ -68,7 +70,8 @@ def _usable(x):
     return None if x is None or x.size == 0 or np.isnan(x).all() else x
 
 
-def proxies(scores, eval_scores=None, curvature=None, confident_learning=None, csl_key="csl"):
+def proxies(scores, eval_scores=None, curvature=None, confident_learning=None, csl_key="csl", *,
+            loss_sensitivity=None, theory_learning_time=None):
     """The proxy table's inputs, oriented larger = more memorized.
 
     scores: ``tracker.scores()`` of the tracker in the loss (free statistics).
@@ -77,6 +80,10 @@ def proxies(scores, eval_scores=None, curvature=None, confident_learning=None, c
     confident_learning: [N] confident-learning score.
     csl_key: the key of the first row; "csl_free" in the demo, "csl" for a
       single saved tracker.
+    loss_sensitivity: [N] mean input-gradient norm over training (default:
+      ``scores["grad_norm"]`` when kept).
+    theory_learning_time: [N] ``memfast.metrics.theory_learning_time`` of the
+      per-epoch input-gradient norms.
     """
     out = {csl_key: _usable(scores.get("csl"))}
     if csl_key == "csl_free":
@@ -86,9 +93,15 @@ def proxies(scores, eval_scores=None, curvature=None, confident_learning=None, c
         if curvature is None and eval_scores is not None:
             curvature = eval_scores.get("curv")
     out["curvature"] = _usable(curvature)
+    if loss_sensitivity is None:
+        loss_sensitivity = scores.get("grad_norm")
+        if loss_sensitivity is None and eval_scores is not None:
+            loss_sensitivity = eval_scores.get("grad_norm")
+    out["loss_sensitivity"] = _usable(loss_sensitivity)
     for key, _, name, sign in TRACKER_PROXIES:
         value = _usable(scores.get(name))
         out[key] = None if value is None else sign * value
+    out["learn_time_theory"] = _usable(theory_learning_time)
     out["confident_learning"] = _usable(confident_learning)
     return out
 

@@ -46,7 +46,7 @@ class SampleTracker:
       num_samples: N, the number of samples (ids are 0..N-1).
       stats: which statistics to keep, or "all". Choices: csl, count,
         last_loss, loss_sq, inconf, ptrue_sq, margin, correct, forgetting,
-        learn_time, last_maxprob, curv ("nonfinite" is always kept).
+        learn_time, last_maxprob, curv, grad_norm ("nonfinite" is always kept).
       device: where the buffers live (the logits' device).
 
     Memory: 4 bytes per sample per stored statistic (``memory_bytes``).
@@ -215,7 +215,8 @@ class SampleTracker:
         (mean and std of p_true: dataset cartography), aum (mean margin),
         accuracy, cum_01_loss (1 - accuracy), forgetting, learn_time (epoch
         after which the sample stayed correct, / epochs; 1 if not learned),
-        curv (input curvature averaged over the scoring calls), count,
+        curv (input curvature averaged over the scoring calls), grad_norm
+        (input-gradient norm, "loss sensitivity", averaged likewise), count,
         nonfinite. Samples never updated get NaN means.
 
         sync=True first merges all ranks (all_reduce) under torch.distributed.
@@ -255,8 +256,9 @@ class SampleTracker:
             epochs = max(self.epoch, 1)
             learned = self.stat("learned_epoch")
             out["learn_time"] = torch.where(learned >= 0, learned, torch.full_like(learned, epochs)) / epochs
-        if has("curv"):
-            out["curv"] = self.stat("curv") / self.stat("curv_count")
+        for s in ("curv", "grad_norm"):
+            if has(s):
+                out[s] = self.stat(s) / self.stat(f"{s}_count")
         return out
 
     # ------------------------------------------------------------- persistence

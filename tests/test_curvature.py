@@ -507,6 +507,89 @@ def test_score_curvature_needs_curv_stat():
         memfast.score_curvature(nn.Linear(2, 2), [batch], tracker, progress=False)
 
 
+# ------------------------------------------ input-gradient norm (loss sensitivity)
+def test_input_gradient_norm_is_the_analytic_one():
+    """Linear softmax: grad_x CE(Wx + b, y) = W^T (p - e_y), per sample."""
+    model, x, y, _ = linear_softmax_case(B=7, D=6, C=5)
+    p = torch.softmax(model(x).detach(), dim=1)
+    grad = (p - torch.nn.functional.one_hot(y, 5).double()) @ model.weight.detach()
+    got = memfast.input_gradient_norm(model, x, y)
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    torch.testing.assert_close(got.double(), grad.norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(memfast.input_gradient_norm(model, x, y, squared=True).double(),
+                               grad.pow(2).sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(memfast.input_gradient_norm(model, x, y, scale=1 / 7).double(),
+                               grad.norm(dim=1) / 7, rtol=1e-6, atol=0)
+
+
+def test_input_gradient_norm_per_sample_in_eval_mode():
+    """Each sample's norm equals the one computed alone (eval mode: BatchNorm and Dropout do not couple
+    the batch), the modes are restored and the parameters get no gradient."""
+    model = small_cnn(torch.float64)
+    x, y = cnn_batch(B=5)
+    model.train()
+    got = memfast.input_gradient_norm(model, x, y)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    model.eval()
+    for i in range(5):
+        xi = x[i:i + 1].clone().requires_grad_()
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xi), y[i:i + 1], reduction="sum"), xi)
+        torch.testing.assert_close(got[i].double(), g.norm().double(), rtol=1e-6, atol=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(memfast.input_gradient_norm(model, x, y), got, rtol=0, atol=0)
+    assert memfast.input_gradient_norm(model, x[:0], y[:0]).shape == (0,)
+
+
+def test_input_gradient_norm_bad_input():
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(2, 4), torch.tensor([0, 2])
+    with pytest.raises(TypeError, match="input_gradient_norm: targets"):
+        memfast.input_gradient_norm(model, x, y.float())
+    with pytest.raises(IndexError, match="input_gradient_norm: targets contain 3"):
+        memfast.input_gradient_norm(model, x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="input_gradient_norm: model parameter"):
+        memfast.input_gradient_norm(nn.Linear(4, 3).half(), x, y)
+    with pytest.raises(ValueError, match="scale"):
+        memfast.input_gradient_norm(model, x, y, scale=math.inf)
+
+
+def test_score_grad_norm_returns_this_pass_and_accumulates():
+    model = small_cnn(torch.float32)
+    x, y = cnn_batch(B=10, dtype=torch.float32)
+    ids = torch.tensor([3, 0, 9, 4, 1, 8, 2, 7, 6, 5])
+    loader = [(x[:4], y[:4], ids[:4]), (x[4:], y[4:], ids[4:])]
+    tracker = memfast.SampleTracker(12, stats=("csl", "count", "grad_norm"))
+    first = memfast.score_grad_norm(model, loader, tracker, progress=False)
+    expected = torch.full((12,), math.nan)
+    expected[ids] = memfast.input_gradient_norm(model, x, y)
+    torch.testing.assert_close(first, expected, equal_nan=True)
+    with torch.no_grad():
+        model.head.weight.mul_(2)  # another checkpoint
+    second = memfast.score_grad_norm(model, loader, tracker, progress=False)
+    scores = tracker.scores()
+    torch.testing.assert_close(scores["grad_norm"][ids], (first[ids] + second[ids]) / 2)
+    assert torch.isnan(scores["grad_norm"][10:]).all() and tracker.stat("grad_norm_count")[ids].eq(2).all()
+    alone = memfast.score_grad_norm(model, loader, num_samples=12, progress=False)
+    torch.testing.assert_close(alone, second, equal_nan=True)
+    with pytest.raises(ValueError, match="grad_norm"):
+        memfast.score_grad_norm(model, loader, memfast.SampleTracker(12), progress=False)
+    with pytest.raises(ValueError, match="num_samples"):
+        memfast.score_grad_norm(model, loader, progress=False)
+    with pytest.raises(IndexError, match="sample_ids"):
+        memfast.score_grad_norm(model, loader, num_samples=9, progress=False)
+
+
+def test_score_curvature_also_fills_grad_norm():
+    model = small_cnn(torch.float32)
+    x, y = cnn_batch(B=6, dtype=torch.float32)
+    loader = [(x, y, torch.arange(6))]
+    tracker = memfast.SampleTracker(6, stats=("curv", "grad_norm"))
+    memfast.score_curvature(model, loader, tracker, n_probes=2, seed=0, progress=False)
+    torch.testing.assert_close(tracker.scores()["grad_norm"], memfast.input_gradient_norm(model, x, y),
+                               rtol=1e-5, atol=1e-7)
+    assert tracker.stat("curv_count").eq(1).all()
+
+
 # ------------------------------------------------------------------- devices
 @needs_other_device
 @needs_kernels

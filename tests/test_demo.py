@@ -34,18 +34,7 @@ def test_with_index_items_and_batches():
         WithIndex(5)
 
 
-def _fake_score_curvature(model, loader, tracker, **kwargs):
-    """Stands in for memfast.score_curvature: any per-sample value, averaged."""
-    with torch.no_grad():
-        for x, y, sid in loader:
-            value = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
-            tracker.stat("curv").index_add_(0, sid, value)
-            tracker.stat("curv_count").index_add_(0, sid, torch.ones_like(value))
-
-
-def test_demo_tiny_end_to_end(tmp_path, capsys, monkeypatch):
-    if not hasattr(memfast, "score_curvature"):
-        monkeypatch.setattr(memfast, "score_curvature", _fake_score_curvature, raising=False)
+def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(TINY + ["--curv-every", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -54,7 +43,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["key"]: r for r in summary["rows"]}
     assert list(rows) == [k for k, _ in report.ROWS]
-    for key in ("csl_free", "csl_eval", "curvature", "final_loss", "neg_aum"):
+    for key in ("csl_free", "csl_eval", "curvature", "loss_sensitivity", "final_loss", "neg_aum", "learn_time_theory"):
         assert 0.0 <= rows[key]["mislabeled_auroc"]["mean"] <= 1.0
         assert 0.0 <= rows[key]["duplicate_auroc"]["mean"] <= 1.0
     try:
@@ -84,10 +73,11 @@ def test_demo_seeds_mean_std(tmp_path, capsys):
 
 
 def test_demo_without_optional_parts_prints_na(capsys):
-    assert main(TINY + ["--no-eval-pass", "--no-cl", "--curv-every", "0", "--duplicates", "0"]) == 0
+    assert main(TINY + ["--no-eval-pass", "--no-cl", "--no-grad-norm", "--curv-every", "0", "--duplicates", "0"]) == 0
     lines = {line.split("  ")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
-    assert lines["CSL (eval)"].split()[-4:] == ["n/a"] * 4
-    assert lines["confident learning"].split()[-4:] == ["n/a"] * 4
+    for label in ("CSL (eval)", "confident learning", "input curvature", "loss sensitivity (grad norm)",
+                  "learning time (theory, Eq. 7)"):
+        assert lines[label].split()[-4:] == ["n/a"] * 4, label
     assert lines["CSL (free)"].split()[-1] == "n/a"                 # no duplicates injected
     assert lines["CSL (free)"].split()[-4] != "n/a"
 

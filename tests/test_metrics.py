@@ -1,6 +1,7 @@
 """memfast.metrics against scikit-learn on random data (with ties)."""
 import numpy as np
 import pytest
+import torch
 
 from memfast import metrics
 
@@ -61,3 +62,22 @@ def test_cosine_pearson_accuracy_match_references(seed):
         m = groups == g
         assert per_group[g] == pytest.approx(sk.accuracy_score(y[m], logits.argmax(1)[m]))
     assert metrics.worst_group_accuracy(logits, y, groups) == min(per_group.values())
+
+
+def test_theory_learning_time_follows_the_papers_notebook():
+    g = np.array([[4.0, 1.0, 2.0],
+                  [2.0, 1.0, 6.0],
+                  [0.0, 1.0, 1.0]])
+    # running means per sample: [4, 3, 2], [1, 1, 1], [2, 4, 3]; tau = mean = 21 / 9
+    cond = np.array([[4, 1, 2], [3, 1, 4], [2, 1, 3]], dtype=float)
+    tau = cond.mean()
+    expected = 1 - (cond < tau).mean(0)
+    np.testing.assert_allclose(metrics.theory_learning_time(g), expected)
+    np.testing.assert_allclose(expected, [2 / 3, 0.0, 2 / 3])
+    # the same from a list of per-epoch tensors, and with a given tau
+    np.testing.assert_allclose(metrics.theory_learning_time([torch.tensor(row) for row in g]), expected)
+    np.testing.assert_allclose(metrics.theory_learning_time(g, tau=10.0), [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="epochs, samples"):
+        metrics.theory_learning_time(np.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.theory_learning_time(np.array([[1.0, np.nan]]))
