@@ -94,6 +94,28 @@ def test_csl_is_the_models_own_per_token_loss_summed(tmp_path, container):
     assert torch.equal(tracker.state, before)
 
 
+def test_causal_lm_loss_reads_the_models_logits_in_place(tmp_path, monkeypatch):
+    """The labels are shifted, not the logits: the loss gets a view of the model's [B, T, V] logits
+    (slicing logits[..., :-1, :] would copy them all, which at an LLM's vocabulary is gigabytes)."""
+    from memfast.integrations import hf
+
+    model_storage, loss_storage = [], []
+    model = make_model()
+    model.register_forward_hook(lambda m, args, out: model_storage.append(out.logits.untyped_storage().data_ptr()))
+    real = memfast.cross_entropy
+
+    def spy(logits, *args, **kwargs):
+        loss_storage.append(logits.untyped_storage().data_ptr())
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(hf.memfast, "cross_entropy", spy)
+    tracker = memfast.SampleTracker(N)
+    trainer = MemfastTrainer(model=model, args=make_args(tmp_path, num_train_epochs=1),
+                             train_dataset=add_sample_ids(make_examples()), tracker=tracker)
+    trainer.train()
+    assert len(loss_storage) == N // BATCH and loss_storage == model_storage[:len(loss_storage)]
+
+
 def test_missing_sample_ids_raise(tmp_path):
     trainer = MemfastTrainer(model=make_model(), args=make_args(tmp_path, max_steps=1), train_dataset=make_examples(),
                              tracker=memfast.SampleTracker(N))

@@ -22,6 +22,7 @@ sees only that rank's batches, and only rank 0's is saved.
 import os
 import warnings
 
+import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -195,7 +196,9 @@ class MemfastTrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         labels = labels.to(logits.device)
         if self.shift_labels:
-            logits, labels = logits[..., :-1, :], labels[..., 1:]
+            # Shift the labels, not the logits (as transformers' own loss does): logits[..., :-1, :]
+            # would copy all [B, T-1, V] of them; the padded last position is ignored instead.
+            labels = torch.nn.functional.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
         num_classes = logits.shape[-1]
         logits, labels = logits.reshape(-1, num_classes), labels.reshape(-1)
         tracker, ids = self.tracker, self._batch_sample_ids
