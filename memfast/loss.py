@@ -1,6 +1,8 @@
 """memfast.cross_entropy: a drop-in for torch.nn.functional.cross_entropy
 (class-index targets) that can also track per-sample statistics and shift the
 logits (MAT's adjusted softmax) inside the same fused op."""
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -156,7 +158,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
 class CrossEntropyLoss(nn.Module):
     """``nn.CrossEntropyLoss`` with memfast's extras: an optional tracker (then
-    call it as ``loss_fn(logits, target, sample_ids)``) and adjustment."""
+    call it as ``loss_fn(logits, target, sample_ids)``; a training call
+    without sample_ids is not tracked and warns once) and adjustment."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
                  label_smoothing=0.0, *, tracker=None):
@@ -166,8 +169,14 @@ class CrossEntropyLoss(nn.Module):
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.tracker = tracker
+        self._warned_untracked = False
 
     def forward(self, input, target, sample_ids=None, *, adjustment=None, groups=None):
+        if (self.tracker is not None and sample_ids is None and not self._warned_untracked
+                and torch.is_grad_enabled() and input.requires_grad):
+            self._warned_untracked = True  # evaluation calls (no gradient) leave ids out on purpose
+            warnings.warn("memfast.CrossEntropyLoss has a tracker but got no sample_ids: this training step is not "
+                          "tracked; call loss_fn(logits, target, sample_ids)", UserWarning, stacklevel=2)
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                              label_smoothing=self.label_smoothing,
                              sample_ids=sample_ids if self.tracker is not None else None,

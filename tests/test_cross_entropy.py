@@ -210,6 +210,26 @@ def test_module_form(backend):
                                                                       reduction="sum")(x, y))
 
 
+def test_module_form_with_tracker(backend):
+    x = torch.randn(8, 4, requires_grad=True)
+    y, ids = torch.randint(0, 4, (8,)), torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
+    module_tracker, functional_tracker = memfast.SampleTracker(7, stats="all"), memfast.SampleTracker(7, stats="all")
+    loss_fn = memfast.CrossEntropyLoss(label_smoothing=0.1, tracker=module_tracker)
+    torch.testing.assert_close(loss_fn(x, y, ids), memfast.cross_entropy(x, y, label_smoothing=0.1, sample_ids=ids,
+                                                                         tracker=functional_tracker))
+    assert torch.equal(module_tracker.state, functional_tracker.state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            loss_fn(x, y)  # an evaluation call: untracked on purpose, no warning
+    with pytest.warns(UserWarning, match="no sample_ids"):
+        loss_fn(x, y)  # a training step without ids: untracked, and said so once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(x, y)
+    assert torch.equal(module_tracker.state, functional_tracker.state)
+
+
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_autocast_matches_pytorch(backend, autocast_dtype, reduction):
