@@ -127,11 +127,11 @@ def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv
           fit_mask=None, desc="train", quiet=True):
     """Train a fresh model with Adam (no weight decay) on (x, y); with trackers,
     the loss feeds `tracker` (free statistics), an eval-mode pass per epoch
-    feeds `eval_tracker`, input curvature every cfg.curv_every epochs
-    feeds `curv_tracker`, and with a list `grad_norms` each epoch appends the
-    [N] input-gradient norms (score_grad_norm). With `fit_mask`, the eval pass also records the
-    first epoch at which every sample in the mask is fitted (its training label
-    is the argmax): returns (model, that epoch or None)."""
+    feeds `eval_tracker`, input curvature every cfg.curv_every epochs feeds
+    `curv_tracker`, and with a list `grad_norms` each epoch appends the [N]
+    input-gradient norms (score_grad_norm). With `fit_mask`, the eval pass also
+    records the first epoch at which every sample in the mask is fitted (its
+    training label is the argmax): returns (model, that epoch or None)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -239,8 +239,7 @@ def run_seed(cfg, seed):
     fit_mask = ~data["duplicate"].to(device)
     model, memorized_at = train(cfg, xd, given, seed, tracker=tracker, eval_tracker=eval_tracker,
                                 curv_tracker=curv_tracker, grad_norms=grad_norms, fit_mask=fit_mask,
-                                desc=f"train (seed {seed})",
-                                quiet=cfg.quiet)
+                                desc=f"train (seed {seed})", quiet=cfg.quiet)
     with torch.no_grad():
         fitted = model(xd).argmax(1) == given
     train_acc = float(fitted.float().mean())
@@ -267,8 +266,8 @@ def run_seed(cfg, seed):
 
 
 def _config(args):
-    keys = ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates", "eval_pass", "grad_norm", "curv_every",
-            "curv_probes", "curv_h", "confident_learning", "cl_epochs", "seeds", "device", "threads")
+    keys = ("model", "epochs", "lr", "width", "batch_size", "noise", "duplicates", "eval_pass", "grad_norm",
+            "curv_every", "curv_probes", "curv_h", "confident_learning", "cl_epochs", "seeds", "device", "threads")
     return {k: getattr(args, k) for k in keys}
 
 
