@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "demo": ("memfast.demo", "find mislabeled and duplicate samples on the embedded digits data"),
     "report": ("memfast.report", "tables and plots from a saved SampleTracker"),
+    "score": ("memfast.score", "score saved checkpoints (eval-mode CSL, gradient norms, curvature) into a tracker"),
     "mat-demo": ("memfast.mat_demo", "memorization-aware training on the paper's spurious-feature setup"),
     "bench": ("memfast.bench", "time memfast.cross_entropy beside PyTorch on this machine"),
     "info": ("memfast.info", "how memfast was built and which backend runs"),

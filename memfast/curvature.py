@@ -349,14 +349,15 @@ def _accumulate(tracker, name, ids, values):
 
 
 def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None, progress=True, squared=False,
-                    chunk_size=None, seed=None, scale=1.0):
+                    chunk_size=None, seed=None, scale=1.0, grad_norm=False):
     """Score every sample of a loader and accumulate into tracker's "curv"
     statistic: tracker.stat("curv") += score and tracker.stat("curv_count") += 1
     on each batch's sample_ids rows. Call it once per checkpoint;
     tracker.scores()["curv"] is then the mean over the calls, as the reference
-    averages over checkpoints. When the tracker also keeps "grad_norm", the
-    input-gradient norm ||grad_x L|| that the estimate computes anyway is
-    accumulated there too (as score_grad_norm would, at no extra cost).
+    averages over checkpoints. With grad_norm=True the input-gradient norm
+    ||grad_x L|| that the estimate computes anyway is accumulated into the
+    tracker's "grad_norm" too (as score_grad_norm would, at no extra cost;
+    opt-in, so that calling both on one tracker does not count it twice).
 
     Args:
       loader: yields (inputs, targets, sample_ids), e.g. a DataLoader over
@@ -374,15 +375,17 @@ def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None,
         kept = list(getattr(tracker, "stored_stats", ()))
         raise ValueError(f"score_curvature: the tracker does not keep 'curv' (it keeps {kept}); create it with "
                          f"SampleTracker(n, stats=(..., 'curv'))")
+    if grad_norm and "grad_norm" not in tracker.stored_stats:
+        raise ValueError(f"score_curvature: grad_norm=True but the tracker does not keep 'grad_norm' (it keeps "
+                         f"{list(tracker.stored_stats)})")
     device = torch.device(device if device is not None else _model_device(model, tracker.device))
     if seed is None:
         seed = _new_seed()
-    with_grad_norm = "grad_norm" in tracker.stored_stats
     for index, x, y, ids in _scored_batches("score_curvature", loader, tracker.num_samples, progress, "curvature"):
         sums, g0_sq = _input_curvature(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                        n_probes, h, chunk_size, _batch_seed(seed, index), scale)
         _accumulate(tracker, "curv", ids, (sums[1] if squared else sums[0]) / n_probes)
-        if with_grad_norm:
+        if grad_norm:
             _accumulate(tracker, "grad_norm", ids, g0_sq.sqrt())
     return tracker
 

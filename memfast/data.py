@@ -1,6 +1,6 @@
 """Datasets that return each sample's index, the key a SampleTracker needs."""
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
 
 class WithIndex(Dataset):
@@ -36,3 +36,13 @@ class WithIndex(Dataset):
 
     def __repr__(self):
         return f"WithIndex({self.dataset!r})"
+
+
+def tensor_batches(inputs, targets, batch_size, *, shuffle=False, seed=0):
+    """A DataLoader of (inputs, targets, sample_ids) batches over in-memory
+    tensors, each batch indexed in one call (no per-sample collate);
+    batch_size <= 0 means one full batch."""
+    ds = WithIndex(TensorDataset(inputs, targets))
+    size = len(ds) if batch_size <= 0 else batch_size
+    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, sampler=BatchSampler(sampler, max(size, 1), drop_last=False), batch_size=None)

@@ -15,13 +15,12 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 import memfast
 
 from . import noise as noise_mod
 from . import report
-from .data import WithIndex
+from .data import tensor_batches
 
 # Adam learning rate per model: both fit every noisy label well before epoch 200.
 DEFAULT_LR = {"mlp": 2e-2, "cnn": 3e-2}
@@ -114,15 +113,6 @@ def make_model(kind, width, in_features=64, num_classes=10):
     raise ValueError(f"model must be 'mlp' or 'cnn', got {kind!r}")
 
 
-def _loader(x, y, batch_size, shuffle, seed):
-    """Batches of (x, y, sample_id) from WithIndex, one dataset call per batch."""
-    ds = WithIndex(TensorDataset(x, y))
-    bs = len(ds) if batch_size <= 0 else batch_size
-    g = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(ds, generator=g) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, sampler=BatchSampler(sampler, bs, drop_last=False), batch_size=None)
-
-
 def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv_tracker=None, grad_norms=None,
           fit_mask=None, desc="train", quiet=True):
     """Train a fresh model with Adam (no weight decay) on (x, y); with trackers,
@@ -138,8 +128,8 @@ def train(cfg, x, y, seed, *, epochs=None, tracker=None, eval_tracker=None, curv
     device = x.device
     model = make_model(cfg.model, cfg.width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    loader = _loader(x, y, cfg.batch_size, shuffle=True, seed=seed)
-    score_loader = _loader(x, y, 4096, shuffle=False, seed=seed)
+    loader = tensor_batches(x, y, cfg.batch_size, shuffle=True, seed=seed)
+    score_loader = tensor_batches(x, y, 4096)
     memorized_at = None
     score_each_epoch = eval_tracker is not None or fit_mask is not None
     bar = tqdm(range(cfg.epochs if epochs is None else epochs), desc=desc, disable=quiet, leave=False,

@@ -24,6 +24,34 @@ def _checksum(*tensors):
     return crc
 
 
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, rename: a crash
+    mid-save leaves the previous file intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+
+
 def _stored_stats(user_stats):
     wanted = {s for u in user_stats for s in USER_STATS[u]} | {"nonfinite"}
     return tuple(s for s in KERNEL_STATS + EXTRA_STATS if s in wanted)
@@ -317,29 +345,7 @@ class SampleTracker:
     def save(self, path):
         """Write atomically: a temporary file in the same folder, fsync, rename.
         A crash mid-save leaves the previous file intact."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        try:
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:  # some filesystems cannot fsync a directory
-            pass
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def from_state_dict(cls, sd, device=None):

@@ -585,9 +585,14 @@ def test_score_curvature_also_fills_grad_norm():
     loader = [(x, y, torch.arange(6))]
     tracker = memfast.SampleTracker(6, stats=("curv", "grad_norm"))
     memfast.score_curvature(model, loader, tracker, n_probes=2, seed=0, progress=False)
+    assert tracker.stat("grad_norm_count").eq(0).all()  # opt-in: score_grad_norm may fill it too
+    memfast.score_curvature(model, loader, tracker, n_probes=2, seed=0, progress=False, grad_norm=True)
     torch.testing.assert_close(tracker.scores()["grad_norm"], memfast.input_gradient_norm(model, x, y),
                                rtol=1e-5, atol=1e-7)
-    assert tracker.stat("curv_count").eq(1).all()
+    assert tracker.stat("curv_count").eq(2).all() and tracker.stat("grad_norm_count").eq(1).all()
+    with pytest.raises(ValueError, match="grad_norm"):
+        memfast.score_curvature(model, loader, memfast.SampleTracker(6, stats="curv"), grad_norm=True,
+                                progress=False)
 
 
 # ------------------------------------------------------------------- devices
