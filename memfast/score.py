@@ -156,7 +156,10 @@ def run(args):
         tracker = memfast.SampleTracker(n, stats="all", device=device)
     history = []
     if args.history and args.append and os.path.exists(args.history):
-        history = list(torch.load(args.history, map_location="cpu", weights_only=True).unbind(0))
+        saved = torch.load(args.history, map_location="cpu", weights_only=True)
+        if not isinstance(saved, torch.Tensor) or saved.dim() != 2 or saved.shape[1] != n:
+            _fail(f"--history {args.history} is not a [checkpoints, {n}] tensor of gradient norms")
+        history = list(saved.unbind(0))
     loader = memfast.data.tensor_batches(inputs, targets, args.batch_size)
     for index, path in enumerate(args.checkpoints):
         try:
