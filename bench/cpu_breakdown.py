@@ -8,7 +8,9 @@ Each line times two variants alternately (medians of --repeats):
   forward op, AVX-512 loops vs the portable ones (MEMFAST_CPU_KERNEL=generic);
   step with tracking vs without;
   step through the eager autograd.Function vs through torch.library's
-  registered autograd (calling the op directly, as traced code does).
+  registered autograd (calling the op directly, as traced code does);
+  a forward without gradient (tracker.update, eval) below autograd, as
+  memfast calls it, vs through torch.library's Python autograd kernel.
 """
 import argparse
 import os
@@ -37,6 +39,15 @@ def step_registered(logits, target):
     torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, True, 1)[0].backward()
 
 
+def forward_below_autograd(logits, target):
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, False, 1)
+
+
+def forward_through_autograd(logits, target):
+    torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, False, 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
@@ -55,6 +66,10 @@ def main():
                                                  (step_registered, (logits, target))], "cpu", args.repeats)
         print(f"{name:16} step: tracked {tracked * 1e3:.3f}, untracked {plain * 1e3:.3f}, "
               f"untracked via torch.library's autograd {registered * 1e3:.3f}")
+        below, through = time_steps([(forward_below_autograd, (logits.detach(), target)),
+                                     (forward_through_autograd, (logits.detach(), target))], "cpu", args.repeats)
+        print(f"{name:16} forward without gradient: below autograd {below * 1e3:.3f}, through torch.library's "
+              f"autograd kernel {through * 1e3:.3f}")
 
 
 if __name__ == "__main__":

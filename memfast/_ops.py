@@ -217,11 +217,15 @@ def cross_entropy_fwd(lib, logits, *rest):
     """lib.cross_entropy_fwd(logits, *rest), differentiable in logits."""
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
         transformed = _forward_ad_active()
-        if torch.is_grad_enabled() and logits.requires_grad and not transformed:
-            return _EagerCrossEntropy.apply(lib, logits, *rest)
         if transformed:
             return _FusedCrossEntropy.apply(lib, logits, *rest)
-    return lib.cross_entropy_fwd(logits, *rest)  # traced, or no gradient: the op's registered autograd
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _EagerCrossEntropy.apply(lib, logits, *rest)
+        # No gradient (eval, no_grad, tracker.update): skip torch.library's Python autograd
+        # kernel, which the dispatcher would otherwise run on every call (~5 us, bench/cpu_breakdown.py).
+        with torch._C._AutoDispatchBelowAutograd():
+            return lib.cross_entropy_fwd(logits, *rest)
+    return lib.cross_entropy_fwd(logits, *rest)  # traced: the op's registered autograd and fake
 
 
 _register("memfast_ref")
