@@ -495,6 +495,9 @@ def add_arguments(parser):
     parser.add_argument("--true-labels", help="true labels [N] (.pt/.npy), for scores.csv and the image grid")
     parser.add_argument("--images", help="inputs [N, ...] (.pt/.npy): plot the highest-CSL images")
     parser.add_argument("--eval-tracker", help="a second tracker fed by an eval-mode pass: adds the CSL (eval) row")
+    parser.add_argument("--grad-norm-history",
+                        help="[epochs, N] per-epoch input-gradient norms (.pt/.npy; memfast score --history): adds "
+                             "the theory learning time row")
     parser.add_argument("--out", help="folder for scores.csv, summary.json and the plots")
     parser.add_argument("--no-plots", dest="plots", action="store_false",
                         help="with --out, write scores.csv and summary.json only")
@@ -516,12 +519,21 @@ def run(args):
                     ("--images", images)):
         if m is not None and m.shape[0] != n:
             raise SystemExit(f"memfast report: {name} has {m.shape[0]} entries, the tracker has {n} samples")
+    theory_lt = None
+    if args.grad_norm_history:
+        history = load_array(args.grad_norm_history, "--grad-norm-history")
+        if history.ndim != 2 or history.shape[1] != n:
+            raise SystemExit(f"memfast report: --grad-norm-history must be [epochs, {n}], got {list(history.shape)}")
+        try:
+            theory_lt = metrics.theory_learning_time(history)
+        except ValueError as e:
+            raise SystemExit(f"memfast report: --grad-norm-history: {e}") from None
     scores = tracker.scores()
     if args.eval_tracker:
         eval_scores = SampleTracker.load(args.eval_tracker).scores()
-        proxy_dict = proxies(scores, eval_scores, csl_key="csl_free")
+        proxy_dict = proxies(scores, eval_scores, csl_key="csl_free", theory_learning_time=theory_lt)
     else:
-        proxy_dict = proxies(scores)
+        proxy_dict = proxies(scores, theory_learning_time=theory_lt)
     proxy_dict.pop("confident_learning", None)
     print(f"{args.tracker}: {n} samples, {tracker.epoch} epochs, statistics {list(tracker.user_stats)}")
     rows = detection_table(proxy_dict, noisy, duplicates)

@@ -183,6 +183,7 @@ def run(args):
             atomic_save(torch.stack(history), args.history)
         if not args.quiet:
             print(f"scored {path} ({index + 1}/{len(args.checkpoints)})")
+    history_arg = f" --grad-norm-history {args.history}" if args.history else ""
     print(f"memfast score: {len(args.checkpoints)} checkpoint(s) of {n} samples into {args.tracker} "
-          f"({tracker.epoch} in all); next: memfast report {args.tracker} --labels LABELS")
+          f"({tracker.epoch} in all); next: memfast report {args.tracker} --labels LABELS{history_arg}")
     return 0

@@ -84,9 +84,15 @@ def test_score_equals_the_python_api(run_dir, capsys):
     assert got.epoch == 3
     torch.testing.assert_close(got.state, want.state, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.load(tmp / "hist.pt"), history, rtol=1e-5, atol=1e-7)
-    # the report command reads it
+    # the report command reads it, with the theory learning time from the history
     torch.save(y, tmp / "labels.pt")
-    assert main(["report", str(tmp / "scores.pt"), "--labels", str(tmp / "labels.pt")]) == 0
+    assert main(["report", str(tmp / "scores.pt"), "--labels", str(tmp / "labels.pt"), "--grad-norm-history",
+                 str(tmp / "hist.pt")]) == 0
+    report_text = capsys.readouterr().out
+    assert "learning time (theory, Eq. 7)" in report_text and "loss sensitivity (grad norm)" in report_text
+    with pytest.raises(SystemExit, match="grad-norm-history must be"):
+        main(["report", str(tmp / "scores.pt"), "--labels", str(tmp / "labels.pt"), "--grad-norm-history",
+              str(tmp / "labels.pt")])
 
 
 def test_append_continues_the_file(run_dir):
