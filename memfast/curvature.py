@@ -226,16 +226,16 @@ def input_curvature(model, inputs, targets, *, n_probes=10, h=1e-3, squared=Fals
 
     Returns a [B] float32 tensor, or (score, trace) with return_trace.
     """
-    sums, _ = _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scale)
+    sums, _ = _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scale, grad_norm=False)
     score = (sums[1] if squared else sums[0]) / n_probes
     if return_trace:
         return score, sums[2] / n_probes
     return score
 
 
-def _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scale):
+def _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scale, grad_norm):
     """([3, B] float32 sums over the probes of ||g_k - g0||, ||g_k - g0||^2 and
-    v_k . (g_k - g0); [B] float64 ||g0||^2)."""
+    v_k . (g_k - g0); [B] float64 ||g0||^2 with grad_norm, else None)."""
     _check_args(model, inputs, targets, n_probes, h, chunk_size, scale)
     if seed is None:
         seed = _new_seed()
@@ -247,7 +247,8 @@ def _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scal
     B = inputs.shape[0]
     n_probes = int(n_probes)
     if B == 0:
-        return inputs.new_zeros(3, 0, dtype=torch.float32), inputs.new_zeros(0, dtype=torch.float64)
+        empty_norms = inputs.new_zeros(0, dtype=torch.float64) if grad_norm else None
+        return inputs.new_zeros(3, 0, dtype=torch.float32), empty_norms
     op = _ops.ops(device)
     # The ops work on the standard layout, which keys the probes; the model sees
     # `layout` (channels_last where given, or chosen below on the CPU).
@@ -279,7 +280,7 @@ def _input_curvature(model, inputs, targets, n_probes, h, chunk_size, seed, scal
             grads, _ = _loss_and_grad(model, xp, y.repeat(count), scale)
             sums += op.curvature_reduce(grads.detach().contiguous(), g0, seed, first)
             del xp, grads
-    return sums, _squared_norms(g0)
+    return sums, _squared_norms(g0) if grad_norm else None
 
 
 def input_gradient_norm(model, inputs, targets, *, squared=False, scale=1.0):
@@ -383,7 +384,7 @@ def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None,
         seed = _new_seed()
     for index, x, y, ids in _scored_batches("score_curvature", loader, tracker.num_samples, progress, "curvature"):
         sums, g0_sq = _input_curvature(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                       n_probes, h, chunk_size, _batch_seed(seed, index), scale)
+                                       n_probes, h, chunk_size, _batch_seed(seed, index), scale, grad_norm)
         _accumulate(tracker, "curv", ids, (sums[1] if squared else sums[0]) / n_probes)
         if grad_norm:
             _accumulate(tracker, "grad_norm", ids, g0_sq.sqrt())
