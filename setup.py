@@ -108,7 +108,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     version = read_version()
-    sources = ["csrc/memfast.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/memfast.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [f'-DMEMFAST_VERSION="{version}"']
     # -fno-trapping-math lets the compiler turn the selects in fast_exp into
     # vector blends (results are unchanged: nothing here traps on FP exceptions).

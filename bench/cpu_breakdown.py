@@ -7,8 +7,9 @@ bench/NOTES.md and the comments of csrc/cpu/.
 Each line times two variants alternately (medians of --repeats):
   forward op, AVX-512 loops vs the portable ones (MEMFAST_CPU_KERNEL=generic);
   step with tracking vs without;
-  step through the eager autograd.Function vs through torch.library's
-  registered autograd (calling the op directly, as traced code does);
+  step through memfast's C++ eager autograd Function (csrc/autograd.cpp) vs
+  through torch.library's registered Python autograd (calling the op
+  directly, as traced code does);
   a forward without gradient (tracker.update, eval) below autograd, as
   memfast calls it, vs through torch.library's Python autograd kernel;
   at the tiny 8x4 shape, where every figure is host time: the eager

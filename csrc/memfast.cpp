@@ -46,7 +46,12 @@ TORCH_LIBRARY(memfast, m) {
 
 namespace py = pybind11;
 
+namespace memfast {
+void init_autograd(py::module& m);  // autograd.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
+  memfast::init_autograd(m);
   m.def("build_info", []() {
     py::dict d;
     d["version"] = MEMFAST_VERSION;

@@ -116,6 +116,13 @@ def _live_logits(ctx, why):
     return logits
 
 
+def _differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction, grad_loss):
+    """grad_loss * d loss / d logits as a differentiable function of the logits (create_graph=True,
+    torch.func): whole-tensor reference ops. The C++ eager Function (csrc/autograd.cpp) calls it too."""
+    grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction)
+    return reference.cross_entropy_bwd(grad, grad_loss)
+
+
 def _backward(lib, ctx, grad_loss):
     """d loss / d logits from the gradient the forward saved (see _fwd_setup_context)."""
     if grad_loss is None:
@@ -126,8 +133,8 @@ def _backward(lib, ctx, grad_loss):
         # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
         logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)")
-        grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction)
-        return (reference.cross_entropy_bwd(grad, grad_loss),) + (None,) * 8
+        return (_differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction,
+                                     grad_loss),) + (None,) * 8
     if not ctx.saved_grad_consumed:
         grad = ctx.saved_tensors[0]
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
@@ -194,42 +201,45 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return (per_row if reduction == 0 else per_row.sum()), None, None
 
 
-class _EagerCrossEntropy(torch.autograd.Function):
-    """Plain eager (no transform active): _FusedCrossEntropy's pieces as an
-    old-style Function, which skips torch.library's per-call wrapper (~20 us a
-    step, bench/cpu_breakdown.py) and the setup_context form's own overhead
-    (~25 us a 256x10 step when eager went through it, ad-hoc timing)."""
-
-    @staticmethod
-    def forward(ctx, lib, *inputs):
-        output = _FusedCrossEntropy.forward(lib, *inputs)
-        _FusedCrossEntropy.setup_context(ctx, (lib, *inputs), output)
-        return output
-
-    backward = _FusedCrossEntropy.backward
-
-
 def _forward_ad_active():
     return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
-def cross_entropy_fwd(lib, logits, *rest):
-    """lib.cross_entropy_fwd(logits, *rest), differentiable in logits."""
+_NO_TRACKING = (None, None, None, [])
+
+
+def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
+                  track=None, source=None):
+    """lib.cross_entropy_fwd, differentiable in logits, then lib.track_ of its row statistics when
+    track = (state, counters, sample_ids, stat_rows) is given. Returns (loss, row_stats).
+    source: the caller's tensor the rows were made from (loss._as_rows), when it is not logits:
+    what a second or a differentiable backward recomputes from."""
+    args = (logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction)
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
-        transformed = _forward_ad_active()
-        if transformed:
-            return _FusedCrossEntropy.apply(lib, logits, *rest)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            return _EagerCrossEntropy.apply(lib, logits, *rest)
-        # No gradient (eval, no_grad, tracker.update): skip torch.library's Python autograd
-        # kernel, which the dispatcher would otherwise run on every call (~5 us, bench/cpu_breakdown.py).
-        with torch._C._AutoDispatchBelowAutograd():
-            return lib.cross_entropy_fwd(logits, *rest)
-    return lib.cross_entropy_fwd(logits, *rest)  # traced: the op's registered autograd and fake
+        if _forward_ad_active():
+            loss, row_stats, _ = _FusedCrossEntropy.apply(lib, *args)
+        elif _C is not None:
+            # Plain eager: one C++ call does the forward (through the C++ autograd Function when
+            # the logits require grad) and the tracking -- no Python on the step's autograd path.
+            return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), source)
+        elif torch.is_grad_enabled() and logits.requires_grad:
+            loss, row_stats, _ = _FusedCrossEntropy.apply(lib, *args)
+        else:
+            # No gradient (eval, no_grad, tracker.update): skip torch.library's Python autograd
+            # kernel, which the dispatcher would otherwise run on every call (~5 us, bench/cpu_breakdown.py).
+            with torch._C._AutoDispatchBelowAutograd():
+                loss, row_stats, _ = lib.cross_entropy_fwd(*args)
+    else:
+        loss, row_stats, _ = lib.cross_entropy_fwd(*args)  # traced: the op's registered autograd and fake
+    if track is not None:
+        state, counters, sample_ids, stat_rows = track
+        lib.track_(state, counters, row_stats.detach(), target, sample_ids, ignore_index, logits.shape[1], stat_rows)
+    return loss, row_stats
 
 
 _register("memfast_ref")
 if _C is not None:
+    _C._set_differentiable_grad(_differentiable_grad)
     _register("memfast")
     BUILD_INFO = _C.build_info()
 else:
@@ -248,6 +258,7 @@ def extension_available(device_type="cpu"):
 
 
 _backend = None
+_ops_for_type = {}  # device type -> op namespace under the current backend (ops() runs on every call)
 
 
 def set_backend(name):
@@ -256,6 +267,7 @@ def set_backend(name):
     if name not in ("kernels", "reference", "auto"):
         raise ValueError(f"memfast backend must be 'kernels', 'reference' or 'auto', got {name!r}")
     _backend = "reference" if name == "reference" else "kernels"
+    _ops_for_type.clear()
 
 
 def get_backend():
@@ -267,12 +279,19 @@ set_backend(os.environ.get("MEMFAST_BACKEND", "auto"))
 
 def ops(device):
     """The op namespace (torch.ops.memfast or torch.ops.memfast_ref) for a device."""
-    dtype = torch.device(device).type
-    if _backend == "kernels" and extension_available(dtype):
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    lib = _ops_for_type.get(kind)
+    if lib is None:
+        lib = _ops_for_type[kind] = _choose_ops(kind)
+    return lib
+
+
+def _choose_ops(kind):
+    if _backend == "kernels" and extension_available(kind):
         return torch.ops.memfast
-    if _backend == "kernels" and dtype not in _warned:
-        _warned.add(dtype)
-        why = f"the extension failed to load ({_EXT_ERROR})" if BUILD_INFO is None else f"it was built without {dtype} kernels"
-        warnings.warn(f"memfast: using the pure-PyTorch reference backend on {dtype}: {why}", RuntimeWarning,
-                      stacklevel=3)
+    if _backend == "kernels" and kind not in _warned:
+        _warned.add(kind)
+        why = f"the extension failed to load ({_EXT_ERROR})" if BUILD_INFO is None else f"it was built without {kind} kernels"
+        warnings.warn(f"memfast: using the pure-PyTorch reference backend on {kind}: {why}", RuntimeWarning,
+                      stacklevel=4)
     return torch.ops.memfast_ref

@@ -56,7 +56,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
         input = input.unsqueeze(0)
         target = target.reshape(1)
     expected = (input.shape[0],) + tuple(input.shape[2:])
-    if tuple(target.shape) != expected:
+    if target.shape != expected:
         raise ValueError(f"memfast.cross_entropy: target has shape {tuple(target.shape)}, expected {expected} "
                          f"for input of shape {tuple(input.shape)}")
     if target.device != input.device:
@@ -64,7 +64,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
     C = input.shape[1]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     logits = _as_rows(input, True)
-    target_rows = target.reshape(-1)
+    target_rows = target if target.dim() == 1 else target.reshape(-1)
     if target_rows.dtype != torch.long:
         target_rows = target_rows.long()
     target_rows = target_rows.contiguous()
@@ -140,20 +140,20 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise ValueError("memfast.cross_entropy: sample_ids and tracker must be given together")
     logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
         input, target, weight, ignore_index, label_smoothing, adjustment, groups)
+    track = None
     if tracker is not None:
         ids = tracker._check_batch(logits, sample_ids, target_rows.numel())
+        track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
-    op = _ops.ops(input.device)
     # The reduction happens inside the op: for the mean its gradient already
     # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
-    loss, row_stats, _ = _ops.cross_entropy_fwd(
-        op, logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment, groups_rows,
-        compute_grad, _REDUCTIONS.index(reduction))
-    if tracker is not None:
-        tracker._scatter(row_stats, target_rows, ids, int(ignore_index), logits.shape[1])
+    loss, _ = _ops.cross_entropy(
+        _ops.ops(input.device), logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment,
+        groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else target_shape)
-    return loss.to(_loss_dtype(input))
+    dtype = _loss_dtype(input)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 class CrossEntropyLoss(nn.Module):

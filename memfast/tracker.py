@@ -151,7 +151,7 @@ class SampleTracker:
                              f"create it with device={str(logits.device)!r} or call tracker.to(...)")
         if sample_ids.device != self.device:
             raise ValueError(f"sample_ids is on {sample_ids.device} but the tracker is on {self.device}")
-        ids = sample_ids.reshape(-1)
+        ids = sample_ids if sample_ids.dim() == 1 else sample_ids.reshape(-1)
         n = ids.numel()
         if not (n == num_rows or (n > 0 and num_rows % n == 0)):
             raise ValueError(f"sample_ids has {n} entries; it needs one per row ({num_rows}) or a number that "

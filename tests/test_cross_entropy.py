@@ -1,6 +1,7 @@
 """memfast.cross_entropy against torch.nn.functional.cross_entropy, and the
 compiled forward op against its reference twin."""
 import math
+import sys
 import warnings
 
 import pytest
@@ -377,6 +378,63 @@ def test_create_graph_needs_live_logits(backend):
     loss = memfast.cross_entropy(model(x), torch.tensor([0, 1, 2]))
     with pytest.raises(RuntimeError, match="logits alive"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("shape, target_shape", [((2, 3, 4, 5), (2, 4, 5)), ((3,), ())],
+                         ids=["spatial", "unbatched"])
+def test_second_and_differentiable_backward_of_reshaped_inputs(backend, shape, target_shape):
+    # memfast makes the op's [R, C] rows itself here (a movedim + reshape copy, an unsqueeze): a
+    # recompute must start from the caller's tensor, which is what the caller keeps alive
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, target_shape)
+    logits = x * 1.5
+    (got,) = torch.autograd.grad(memfast.cross_entropy(logits, y), x, create_graph=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(logits, y), x, create_graph=True)
+    torch.testing.assert_close(got, want)
+    (got2,) = torch.autograd.grad(got.pow(2).sum(), x, retain_graph=True)
+    (want2,) = torch.autograd.grad(want.pow(2).sum(), x)
+    torch.testing.assert_close(got2, want2)
+    loss = memfast.cross_entropy(x * 1.5, y, reduction="sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="logits alive"):  # that temporary is gone
+        loss.backward()
+    x.grad = None
+    logits = x * 1.5  # the one above's graph was freed
+    loss = memfast.cross_entropy(logits, y, reduction="sum")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    (want,) = torch.autograd.grad(F.cross_entropy(x * 1.5, y, reduction="sum"), x)
+    torch.testing.assert_close(x.grad, 2 * want)
+
+
+def test_eager_step_runs_no_python_autograd(backend):
+    """With the extension built, a plain eager step goes through the C++ autograd Function
+    (csrc/autograd.cpp): torch.library's Python autograd wrapper never runs, and (kernels) nor
+    does any memfast Python in the backward -- at small shapes a step is host time."""
+    if memfast.build_info() is None:
+        pytest.skip("the extension is not built")
+    x = torch.randn(6, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, -100])
+    tracker = memfast.SampleTracker(6, stats="all")
+    files = []
+
+    def record(frame, event, arg):
+        if event == "call":
+            files.append(frame.f_code.co_filename)
+
+    sys.setprofile(record)
+    try:
+        loss = memfast.cross_entropy(x, y, sample_ids=torch.arange(6), tracker=tracker)
+        forward_files, files[:] = list(files), []
+        loss.backward()
+    finally:
+        sys.setprofile(None)
+    assert "CrossEntropyFunction" in loss.grad_fn.name()
+    assert not [f for f in forward_files + files if "_library" in f], "torch.library's Python autograd ran"
+    if backend == "kernels":
+        assert not [f for f in files if "memfast" in f], files
+    torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, y), x)[0])
+    assert tracker.stat("count").tolist() == [1, 1, 1, 1, 1, 0]
 
 
 def test_torch_func_transforms(backend):

@@ -514,6 +514,19 @@ __global__ void __launch_bounds__(256) mean_denominator_kernel(const int64_t* ta
   }
 }
 
+// The mean's or the sum's loss: the row losses summed (in a fixed order: deterministic), divided by
+// the denominator for the mean. One launch where at::sum + at::div took two, each with its own
+// host-side setup: at small shapes a step is host time.
+template <typename acc_t>
+__global__ void __launch_bounds__(256) loss_total_kernel(const acc_t* loss_rows, int64_t R, const acc_t* den,
+                                                         acc_t* out) {
+  __shared__ acc_t smem[256 / 32];
+  acc_t v[1] = {acc_t(0)};
+  for (int64_t r = threadIdx.x; r < R; r += 256) v[0] += loss_rows[r];
+  block_reduce<256, 1>(v, SumOp(), smem);
+  if (threadIdx.x == 0) *out = den ? v[0] / *den : v[0];
+}
+
 // A zero stays zero (ignored rows) even when the row's grad_loss is inf/NaN,
 // e.g. a mean over no rows (as the CPU kernel and the reference).
 template <typename acc_t>
@@ -679,6 +692,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   at::Tensor mean_den;
   if (reduction == REDUCTION_MEAN) mean_den = at::empty({2}, logits.options().dtype(acc_dtype));
 
+  at::Tensor loss = loss_rows;  // reduction none; else the 0-d total below
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     FwdArgs<acc_t> a;
@@ -711,10 +725,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     a.ignore_index = ignore_index;
     a.eps = static_cast<acc_t>(label_smoothing);
     launch_forward<scalar_t>(a, stream);
+    if (reduction != REDUCTION_NONE) {
+      loss = at::empty({}, loss_rows.options());
+      loss_total_kernel<acc_t><<<1, 256, 0, stream>>>(a.loss, R, mean_den.defined() ? mean_den.const_data_ptr<acc_t>() : nullptr,
+                                                      loss.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  if (reduction == REDUCTION_NONE) return {loss_rows, row_stats, grad};
-  at::Tensor loss = at::sum(loss_rows);  // on the device: no synchronisation
-  if (reduction == REDUCTION_MEAN) loss = at::div(loss, mean_den.select(0, 0));
   return {loss, row_stats, grad};
 }
 

@@ -19,7 +19,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -235,7 +234,9 @@ void track_cuda(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_s
   const int64_t N = state.size(1);
   const int64_t n_ids = sample_ids.numel();
   const int64_t rows_per_id = n_ids > 0 ? R / n_ids : 1;
-  at::Tensor flag = at::zeros({1}, state.options().dtype(at::kInt));
+  // A 4-byte memset, not at::zeros (a fill kernel with TensorIterator's host-side setup).
+  at::Tensor flag = at::empty({1}, state.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(flag.mutable_data_ptr<int>(), 0, sizeof(int), stream));
   const int64_t* ids = sample_ids.const_data_ptr<int64_t>();
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   int64_t* cnt = counters.mutable_data_ptr<int64_t>();

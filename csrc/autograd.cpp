@@ -1,0 +1,200 @@
+// The eager autograd of cross_entropy_fwd as a C++ autograd Function, called
+// from memfast/_ops.py for plain (not traced, not functorch) tensors: at small
+// shapes a training step is host time, and a Python autograd.Function costs
+// ~20 us of it (forward wrapper + Python backward; bench/cpu_breakdown.py).
+// It follows _ops.py's _backward for eager tensors:
+//  - the forward saves the gradient it wrote; the backward scales it in place
+//    (cross_entropy_bwd_, nothing to do for a mean's or sum's grad_loss == 1)
+//    and returns it, so a step holds one [R, C] buffer;
+//  - a second backward through the same graph recomputes the gradient from the
+//    logits, held weakly (they cost no memory);
+//  - create_graph=True calls back into Python (the reference's differentiable
+//    gradient, memfast._ops._differentiable_grad), the one place that math is.
+// Traced code (torch.compile) and torch.func transforms keep the Python
+// formula registered with torch.library.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <memory>
+#include <string>
+
+namespace memfast {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, double,
+                                                  const OptTensor&, const OptTensor&, bool, int64_t);
+using BwdInplaceSig = void(Tensor&, const Tensor&);
+using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                      c10::IntArrayRef);
+
+// The ops of one namespace (memfast: the kernels; memfast_ref: the reference,
+// registered from Python).
+struct OpSet {
+  c10::TypedOperatorHandle<FwdSig> fwd;
+  c10::TypedOperatorHandle<BwdInplaceSig> bwd_inplace;
+  c10::TypedOperatorHandle<TrackSig> track;
+
+  explicit OpSet(const std::string& ns)
+      : fwd(find(ns, "cross_entropy_fwd").typed<FwdSig>()),
+        bwd_inplace(find(ns, "cross_entropy_bwd_").typed<BwdInplaceSig>()),
+        track(find(ns, "track_").typed<TrackSig>()) {}
+
+  static c10::OperatorHandle find(const std::string& ns, const char* name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow((ns + "::" + name).c_str(), "");
+  }
+};
+
+const OpSet& ops_for(const std::string& ns) {
+  static const OpSet kernels("memfast");
+  if (ns == "memfast") return kernels;
+  TORCH_CHECK(ns == "memfast_ref", "memfast: unknown op namespace ", ns);
+  // Looked up on first use: memfast_ref is defined by memfast/_ops.py after _C loads.
+  static const OpSet reference("memfast_ref");
+  return reference;
+}
+
+// memfast._ops._differentiable_grad (set at import); leaked on purpose so that
+// no Python object is destroyed after the interpreter has gone.
+py::object* differentiable_grad = nullptr;
+
+// What the backward needs besides the saved gradient, in one capsule.
+struct SavedInputs : torch::CustomClassHolder {
+  const OpSet* ops = nullptr;
+  Tensor target;
+  OptTensor weight, adjustment, groups;
+  int64_t ignore_index = 0, reduction = 0;
+  double label_smoothing = 0.0;
+  // The caller's logits, held weakly, for recomputing the gradient: the rows
+  // themselves, or (source_is_rows false) the [N, C, d...] or [C] input the rows
+  // were made from (memfast/loss.py's _as_rows), which the caller keeps alive.
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source{
+      c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+  int64_t source_version = 0;
+  bool source_is_rows = true;
+  bool saved_grad_consumed = false;
+
+  Tensor live_logits(const char* why) const {
+    auto impl = source.lock();
+    Tensor t = impl ? Tensor(std::move(impl)) : Tensor();
+    TORCH_CHECK(t.defined() && t._version() == source_version, "memfast.cross_entropy: ", why,
+                " needs the logits alive and unmodified; keep a reference to them (or compute the loss again)");
+    if (source_is_rows) return t;
+    return t.dim() == 1 ? t.unsqueeze(0) : t.movedim(1, -1).reshape({-1, t.size(1)});
+  }
+};
+
+}  // namespace
+
+// Named (not in the anonymous namespace): autograd shows it in grad_fn and anomaly reports.
+struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
+  static variable_list forward(AutogradContext* ctx, const OpSet* ops, const Tensor& logits, const Tensor& target,
+                               const OptTensor& weight, int64_t ignore_index, double label_smoothing,
+                               const OptTensor& adjustment, const OptTensor& groups, bool compute_grad,
+                               int64_t reduction, const Tensor* source) {
+    // Function::apply only turns grad mode off: without this the call would go through
+    // torch.library's Python autograd kernel of the op.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, row_stats, grad] = ops->fwd.call(logits, target, weight, ignore_index, label_smoothing, adjustment,
+                                                 groups, compute_grad, reduction);
+    ctx->mark_non_differentiable({row_stats, grad});
+    // Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({grad});
+    auto saved = c10::make_intrusive<SavedInputs>();
+    saved->ops = ops;
+    saved->target = target;
+    saved->weight = weight;
+    saved->adjustment = adjustment;
+    saved->groups = groups;
+    saved->ignore_index = ignore_index;
+    saved->reduction = reduction;
+    saved->label_smoothing = label_smoothing;
+    // A pointer, not a tensor argument: Function::apply would make it an input of the node.
+    const Tensor& held = source != nullptr ? *source : logits;
+    saved->source = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(held.getIntrusivePtr());
+    saved->source_version = held._version();
+    saved->source_is_rows = source == nullptr;
+    ctx->saved_data["inputs"] = c10::IValue::make_capsule(std::move(saved));
+    return {loss, row_stats, grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // One entry per forward argument (ops, logits, target, ... reduction, source); only logits gets one.
+    variable_list out(11);
+    const Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return out;
+    auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True (a gradient penalty): a differentiable gradient, recomputed from the logits
+      Tensor logits = saved->live_logits("a differentiable gradient (create_graph=True, torch.func)");
+      py::gil_scoped_acquire gil;
+      out[1] = (*differentiable_grad)(logits, saved->target, saved->weight, saved->ignore_index,
+                                      saved->label_smoothing, saved->adjustment, saved->groups, saved->reduction,
+                                      grad_loss)
+                   .cast<Tensor>();
+      return out;
+    }
+    Tensor grad;
+    if (!saved->saved_grad_consumed) {
+      grad = ctx->get_saved_variables()[0];
+    } else {  // a second backward: the saved gradient was scaled in place (its version moved on)
+      Tensor logits = saved->live_logits("backward twice through one loss (retain_graph=True)");
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      grad = std::get<2>(saved->ops->fwd.call(logits.detach(), saved->target, saved->weight, saved->ignore_index,
+                                              saved->label_smoothing, saved->adjustment, saved->groups, true,
+                                              saved->reduction));
+    }
+    saved->saved_grad_consumed = true;
+    saved->ops->bwd_inplace.call(grad, grad_loss);
+    out[1] = grad;
+    return out;
+  }
+};
+
+void init_autograd(py::module& m) {
+  m.def("_set_differentiable_grad", [](py::object fn) {
+    delete differentiable_grad;
+    differentiable_grad = new py::object(std::move(fn));
+  });
+  m.def(
+      "cross_entropy",
+      [](const std::string& ns, const Tensor& logits, const Tensor& target, const OptTensor& weight,
+         int64_t ignore_index, double label_smoothing, const OptTensor& adjustment, const OptTensor& groups,
+         bool compute_grad, int64_t reduction, const OptTensor& state, const OptTensor& counters,
+         const OptTensor& sample_ids, std::vector<int64_t> stat_rows, const OptTensor& source) {
+        TORCH_CHECK(differentiable_grad != nullptr, "memfast: _set_differentiable_grad was not called");
+        const OpSet* ops = &ops_for(ns);
+        py::gil_scoped_release no_gil;  // as torch's own ops: the kernels may run for a while
+        Tensor loss, row_stats;
+        if (at::GradMode::is_enabled() && logits.requires_grad()) {
+          auto out = CrossEntropyFunction::apply(ops, logits, target, weight, ignore_index, label_smoothing,
+                                                 adjustment, groups, compute_grad, reduction,
+                                                 source.has_value() ? &*source : nullptr);
+          loss = std::move(out[0]);
+          row_stats = std::move(out[1]);
+        } else {
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          std::tie(loss, row_stats, std::ignore) = ops->fwd.call(logits, target, weight, ignore_index,
+                                                                 label_smoothing, adjustment, groups, compute_grad,
+                                                                 reduction);
+        }
+        if (state.has_value()) {
+          Tensor state_t = *state, counters_t = *counters;
+          ops->track.call(state_t, counters_t, row_stats, target, *sample_ids, ignore_index, logits.size(1),
+                          stat_rows);
+        }
+        return std::make_tuple(loss, row_stats);
+      },
+      "Eager memfast.cross_entropy: cross_entropy_fwd (through the C++ autograd Function when the logits\n"
+      "require grad), then track_(state, counters, row_stats, target, sample_ids, ...) when a tracker is\n"
+      "given. source: the tensor the logits rows were made from when they are not the caller's own\n"
+      "(held weakly, for a second or a differentiable backward). Returns (loss, row_stats).");
+}
+
+}  // namespace memfast
