@@ -77,7 +77,16 @@ def _reduce_fake(grads, g0, seed, probe_offset):
     return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
 
 
-def _fwd_setup_context(ctx, inputs, output):
+def as_rows(t):
+    """The op's [R, C] rows of a caller's logits: [C] -> [1, C], [N, C] as is, [N, C, d1, ...] ->
+    [N*d1*..., C] in the target's order (a copy). csrc/autograd.cpp rebuilds them the same way."""
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    return t if t.dim() == 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _fwd_setup_context(ctx, inputs, output, source=None):
+    """source: None, or (weakref, version) of the caller's tensor the rows were made from."""
     _, row_stats, grad = output
     ctx.mark_non_differentiable(row_stats, grad)
     # Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
@@ -96,8 +105,9 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.keeps_logits = False
     # For a second backward through the same graph (retain_graph=True, gradcheck) or
     # create_graph, the gradient is recomputed from the logits -- held weakly, so they cost
-    # no memory.
-    ctx.logits_ref, ctx.logits_version = weakref.ref(logits), logits._version
+    # no memory: the caller's tensor (source) when memfast made the rows from it.
+    ctx.logits_ref, ctx.logits_version = (weakref.ref(logits), logits._version) if source is None else source
+    ctx.rows_from_source = source is not None
 
 
 def _plain_eager(t):
@@ -113,7 +123,7 @@ def _live_logits(ctx, why):
     if logits is None or logits._version != ctx.logits_version:
         raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
                            "reference to them (or compute the loss again)")
-    return logits
+    return as_rows(logits) if ctx.rows_from_source else logits
 
 
 def _differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction, grad_loss):
@@ -174,22 +184,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
     generate_vmap_rule = True  # vmap runs the op per example (PyTorch's fallback loop)
 
     @staticmethod
-    def forward(lib, *inputs):
+    def forward(lib, source, *inputs):  # source: see _fwd_setup_context (not a tensor: no graph edge)
         with torch._C._AutoDispatchBelowAutograd():
             return lib.cross_entropy_fwd(*inputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        lib, *inputs = inputs
-        _fwd_setup_context(ctx, inputs, output)
+        lib, source, *inputs = inputs
+        _fwd_setup_context(ctx, inputs, output, source)
         ctx.lib = lib
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_stats, _grad_grad):
-        return (None,) + _backward(ctx.lib, ctx, grad_loss)
+        return (None, None) + _backward(ctx.lib, ctx, grad_loss)
 
     @staticmethod
-    def jvp(ctx, _lib_tangent, logits_tangent, *_other_tangents):
+    def jvp(ctx, _lib_tangent, _source_tangent, logits_tangent, *_other_tangents):
         # d loss = <d loss / d logits, d logits>, per row for reduction 'none'
         if logits_tangent is None:
             return None, None, None
@@ -212,18 +222,19 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
                   track=None, source=None):
     """lib.cross_entropy_fwd, differentiable in logits, then lib.track_ of its row statistics when
     track = (state, counters, sample_ids, stat_rows) is given. Returns (loss, row_stats).
-    source: the caller's tensor the rows were made from (loss._as_rows), when it is not logits:
+    source: the caller's tensor the rows were made from (as_rows), when it is not logits:
     what a second or a differentiable backward recomputes from."""
     args = (logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction)
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
-        if _forward_ad_active():
-            loss, row_stats, _ = _FusedCrossEntropy.apply(lib, *args)
+        if _forward_ad_active():  # the logits are kept (_fwd_setup_context): no source needed
+            loss, row_stats, _ = _FusedCrossEntropy.apply(lib, None, *args)
         elif _C is not None:
             # Plain eager: one C++ call does the forward (through the C++ autograd Function when
             # the logits require grad) and the tracking -- no Python on the step's autograd path.
             return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), source)
-        elif torch.is_grad_enabled() and logits.requires_grad:
-            loss, row_stats, _ = _FusedCrossEntropy.apply(lib, *args)
+        elif torch.is_grad_enabled() and logits.requires_grad:  # no extension: the Python Function
+            held = None if source is None else (weakref.ref(source), source._version)
+            loss, row_stats, _ = _FusedCrossEntropy.apply(lib, held, *args)
         else:
             # No gradient (eval, no_grad, tracker.update): skip torch.library's Python autograd
             # kernel, which the dispatcher would otherwise run on every call (~5 us, bench/cpu_breakdown.py).

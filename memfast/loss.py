@@ -19,13 +19,6 @@ def _legacy_reduction(size_average, reduce, reduction):
     return _reduction.legacy_get_string(size_average, reduce)
 
 
-def _as_rows(t, class_dim_last):
-    """[N, C, d1, ...] -> [N*d1*..., C] (rows in target order)."""
-    if t.dim() <= 2:
-        return t
-    return t.movedim(1, -1).reshape(-1, t.shape[1]) if class_dim_last else t
-
-
 def _loss_dtype(input):
     """F.cross_entropy's output dtype: the input's, except under autocast, whose policy runs
     cross entropy in fp32 and so returns an fp32 loss for fp16 / bf16 logits (the op computes
@@ -63,7 +56,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
         raise ValueError(f"memfast.cross_entropy: target is on {target.device} but input is on {input.device}")
     C = input.shape[1]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    logits = _as_rows(input, True)
+    logits = _ops.as_rows(input)
     target_rows = target if target.dim() == 1 else target.reshape(-1)
     if target_rows.dtype != torch.long:
         target_rows = target_rows.long()
@@ -103,7 +96,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
         elif tuple(adjustment.shape) == (C,):
             adjustment = adjustment.expand(logits.shape[0], C)  # one shift for every row, no copy
         elif tuple(adjustment.shape) == tuple(input.shape):
-            adjustment = _as_rows(adjustment.reshape(input.shape), True)
+            adjustment = _ops.as_rows(adjustment.reshape(input.shape))
         else:
             raise ValueError(f"memfast.cross_entropy: adjustment must have the input's shape, be a [{C}] vector, "
                              f"or be a table [A, {C}] with groups; got {tuple(adjustment.shape)}")
