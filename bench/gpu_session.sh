@@ -101,7 +101,7 @@ fi
 stage tests tests.log 200 "$PY" -m pytest -q -rfE -p no:cacheprovider --maxfail=25 \
     tests/test_cuda_cross_entropy.py tests/test_curvature.py tests/test_mat.py tests/test_ops.py
 # 2. Against eager and Liger, every case (the compile peers come last: each compiles per shape).
-stage bench bench.log 130 "$PY" bench/gpu.py "${DEV[@]}" --methods memfast,eager,liger --budget-s 100 \
+stage bench bench.log 130 "$PY" bench/gpu.py "${DEV[@]}" --methods memfast,inplace,eager,liger --budget-s 100 \
     --json "$OUT/bench.json"
 # 3. Curvature (ResNet18, B=128, 10 probes) and the scale figures (100M-sample tracker).
 stage curvature other.log 60 "$PY" bench/gpu_curvature.py "${DEV[@]}" --reps "$(( DRY ? 1 : 10 ))"

@@ -9,7 +9,10 @@
 //  - a second backward through the same graph recomputes the gradient from the
 //    logits, held weakly (they cost no memory);
 //  - create_graph=True calls back into Python (the reference's differentiable
-//    gradient, memfast._ops._differentiable_grad), the one place that math is.
+//    gradient, memfast._ops._differentiable_grad), the one place that math is;
+//  - inplace_backward=True: cross_entropy_fwd_ writes the gradient over the
+//    logits (no [R, C] allocation at all) and their version counter is bumped,
+//    so autograd refuses any other backward that saved them.
 // Traced code (torch.compile) and torch.func transforms keep the Python
 // formula registered with torch.library.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -29,6 +32,8 @@ using OptTensor = std::optional<Tensor>;
 
 using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, double,
                                                   const OptTensor&, const OptTensor&, bool, int64_t);
+using FwdInplaceSig = std::tuple<Tensor, Tensor>(Tensor&, const Tensor&, const OptTensor&, int64_t, double,
+                                                  const OptTensor&, const OptTensor&, int64_t);
 using BwdInplaceSig = void(Tensor&, const Tensor&);
 using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                       c10::IntArrayRef);
@@ -37,11 +42,13 @@ using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tens
 // registered from Python).
 struct OpSet {
   c10::TypedOperatorHandle<FwdSig> fwd;
+  c10::TypedOperatorHandle<FwdInplaceSig> fwd_inplace;
   c10::TypedOperatorHandle<BwdInplaceSig> bwd_inplace;
   c10::TypedOperatorHandle<TrackSig> track;
 
   explicit OpSet(const std::string& ns)
       : fwd(find(ns, "cross_entropy_fwd").typed<FwdSig>()),
+        fwd_inplace(find(ns, "cross_entropy_fwd_").typed<FwdInplaceSig>()),
         bwd_inplace(find(ns, "cross_entropy_bwd_").typed<BwdInplaceSig>()),
         track(find(ns, "track_").typed<TrackSig>()) {}
 
@@ -77,6 +84,7 @@ struct SavedInputs : torch::CustomClassHolder {
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
   int64_t source_version = 0;
   bool source_is_rows = true;
+  bool grad_over_logits = false;  // inplace_backward: the saved gradient is the logits' own buffer
   bool saved_grad_consumed = false;
 
   Tensor live_logits(const char* why) const {
@@ -96,13 +104,28 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const OpSet* ops, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, int64_t ignore_index, double label_smoothing,
                                const OptTensor& adjustment, const OptTensor& groups, bool compute_grad,
-                               int64_t reduction, const Tensor* source) {
+                               int64_t reduction, bool inplace, const Tensor* source) {
     // Function::apply only turns grad mode off: without this the call would go through
     // torch.library's Python autograd kernel of the op.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, row_stats, grad] = ops->fwd.call(logits, target, weight, ignore_index, label_smoothing, adjustment,
-                                                 groups, compute_grad, reduction);
-    ctx->mark_non_differentiable({row_stats, grad});
+    Tensor loss, row_stats, grad;
+    if (inplace) {
+      Tensor buffer = logits;  // the op writes the gradient over it
+      std::tie(loss, row_stats) = ops->fwd_inplace.call(buffer, target, weight, ignore_index, label_smoothing,
+                                                        adjustment, groups, reduction);
+      // Tell autograd: a node that saved these logits (or anything sharing their storage) now
+      // fails its version check at backward instead of reading the gradient as the logits.
+      torch::autograd::impl::bump_version(logits);
+      // Saved as a detached alias (same storage and version counter): saving the input itself
+      // would make autograd regenerate a view's grad_fn after the bump (and refuse views made
+      // inside a custom Function).
+      grad = logits.detach();
+      ctx->mark_non_differentiable({row_stats});
+    } else {
+      std::tie(loss, row_stats, grad) = ops->fwd.call(logits, target, weight, ignore_index, label_smoothing,
+                                                      adjustment, groups, compute_grad, reduction);
+      ctx->mark_non_differentiable({row_stats, grad});
+    }
     // Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad});
@@ -120,16 +143,25 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     saved->source = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(held.getIntrusivePtr());
     saved->source_version = held._version();
     saved->source_is_rows = source == nullptr;
+    saved->grad_over_logits = inplace;
     ctx->saved_data["inputs"] = c10::IValue::make_capsule(std::move(saved));
+    if (inplace) return {loss, row_stats};
     return {loss, row_stats, grad};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // One entry per forward argument (ops, logits, target, ... reduction, source); only logits gets one.
-    variable_list out(11);
+    // One entry per forward argument (ops, logits, target, ... reduction, inplace, source); only
+    // logits gets one.
+    variable_list out(12);
     const Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
+    TORCH_CHECK(!(saved->grad_over_logits && (at::GradMode::is_enabled() || saved->saved_grad_consumed)),
+                "memfast.cross_entropy: ",
+                at::GradMode::is_enabled() ? "a differentiable gradient (create_graph=True)"
+                                           : "a second backward through one loss (retain_graph=True)",
+                " recomputes the gradient from the logits, which inplace_backward=True overwrote with it; leave "
+                "inplace_backward off for this loss");
     if (at::GradMode::is_enabled()) {
       // create_graph=True (a gradient penalty): a differentiable gradient, recomputed from the logits
       Tensor logits = saved->live_logits("a differentiable gradient (create_graph=True, torch.func)");
@@ -167,14 +199,14 @@ void init_autograd(py::module& m) {
       [](const std::string& ns, const Tensor& logits, const Tensor& target, const OptTensor& weight,
          int64_t ignore_index, double label_smoothing, const OptTensor& adjustment, const OptTensor& groups,
          bool compute_grad, int64_t reduction, const OptTensor& state, const OptTensor& counters,
-         const OptTensor& sample_ids, std::vector<int64_t> stat_rows, const OptTensor& source) {
+         const OptTensor& sample_ids, std::vector<int64_t> stat_rows, bool inplace, const OptTensor& source) {
         TORCH_CHECK(differentiable_grad != nullptr, "memfast: _set_differentiable_grad was not called");
         const OpSet* ops = &ops_for(ns);
         py::gil_scoped_release no_gil;  // as torch's own ops: the kernels may run for a while
         Tensor loss, row_stats;
         if (at::GradMode::is_enabled() && logits.requires_grad()) {
           auto out = CrossEntropyFunction::apply(ops, logits, target, weight, ignore_index, label_smoothing,
-                                                 adjustment, groups, compute_grad, reduction,
+                                                 adjustment, groups, compute_grad, reduction, inplace,
                                                  source.has_value() ? &*source : nullptr);
           loss = std::move(out[0]);
           row_stats = std::move(out[1]);
@@ -193,7 +225,8 @@ void init_autograd(py::module& m) {
       },
       "Eager memfast.cross_entropy: cross_entropy_fwd (through the C++ autograd Function when the logits\n"
       "require grad), then track_(state, counters, row_stats, target, sample_ids, ...) when a tracker is\n"
-      "given. source: the tensor the logits rows were made from when they are not the caller's own\n"
+      "given. inplace: write the gradient over the logits (cross_entropy_fwd_; only when they require\n"
+      "grad). source: the tensor the logits rows were made from when they are not the caller's own\n"
       "(held weakly, for a second or a differentiable backward). Returns (loss, row_stats).");
 }
 

@@ -20,6 +20,10 @@ SCHEMAS = {
         "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction) "
         "-> (Tensor loss, Tensor row_stats, Tensor grad)"
     ),
+    "cross_entropy_fwd_": (
+        "cross_entropy_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
+        "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction) -> (Tensor loss, Tensor row_stats)"
+    ),
     "cross_entropy_bwd": "cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor",
     "cross_entropy_bwd_": "cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()",
     "track_": (
@@ -55,6 +59,12 @@ def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment,
     grad = logits.new_empty((R, C) if compute_grad else (0, 0))
     loss = logits.new_empty(R if reduction == 0 else (), dtype=acc)
     return loss, logits.new_empty((5, R), dtype=acc), grad
+
+
+def _fwd_inplace_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction):
+    loss, row_stats, _ = _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, False,
+                                   reduction)
+    return loss, row_stats
 
 
 def _bwd_fake(grad, grad_loss):
@@ -164,6 +174,7 @@ def _backward(lib, ctx, grad_loss):
 def _register(ns):
     lib = getattr(torch.ops, ns)
     torch.library.register_fake(f"{ns}::cross_entropy_fwd", _fwd_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_fwd_", _fwd_inplace_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_bwd", _bwd_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_bwd_", _bwd_inplace_fake)
     torch.library.register_fake(f"{ns}::track_", _track_fake)
@@ -219,11 +230,13 @@ _NO_TRACKING = (None, None, None, [])
 
 
 def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
-                  track=None, source=None):
+                  track=None, source=None, inplace=False):
     """lib.cross_entropy_fwd, differentiable in logits, then lib.track_ of its row statistics when
     track = (state, counters, sample_ids, stat_rows) is given. Returns (loss, row_stats).
     source: the caller's tensor the rows were made from (as_rows), when it is not logits:
-    what a second or a differentiable backward recomputes from."""
+    what a second or a differentiable backward recomputes from. inplace: write the gradient over
+    the logits (loss.cross_entropy's inplace_backward; plain eager with the extension only --
+    traced code, torch.func and the extension-less fallback allocate it as usual)."""
     args = (logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction)
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
         if _forward_ad_active():  # the logits are kept (_fwd_setup_context): no source needed
@@ -231,7 +244,7 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
         elif _C is not None:
             # Plain eager: one C++ call does the forward (through the C++ autograd Function when
             # the logits require grad) and the tracking -- no Python on the step's autograd path.
-            return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), source)
+            return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), inplace, source)
         elif torch.is_grad_enabled() and logits.requires_grad:  # no extension: the Python Function
             held = None if source is None else (weakref.ref(source), source._version)
             loss, row_stats, _ = _FusedCrossEntropy.apply(lib, held, *args)

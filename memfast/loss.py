@@ -107,9 +107,23 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
     return logits, target_rows, weight, adjustment, groups_rows, target.shape, unbatched
 
 
+def _check_inplace(input):
+    """inplace_backward writes into input's storage: refuse what an in-place op on it would."""
+    base = input._base if input._base is not None else input
+    if base.is_leaf and base.requires_grad:
+        what = "a view of a leaf" if base is not input else "a leaf"
+        raise ValueError(f"memfast.cross_entropy: inplace_backward=True would write the gradient over input, which is "
+                         f"{what} tensor that requires grad (a parameter, or made with requires_grad=True); pass "
+                         "the model's output (or a clone), or leave inplace_backward off")
+    if input.dim() == 2 and not input.is_contiguous():
+        raise ValueError("memfast.cross_entropy: inplace_backward=True writes the gradient into input, which must be "
+                         f"contiguous; got strides {tuple(input.stride())} (call .contiguous() first, or leave "
+                         "inplace_backward off)")
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, sample_ids=None, tracker=None,
-                  adjustment=None, groups=None):
+                  adjustment=None, groups=None, inplace_backward=False):
     """Cross entropy with the semantics of ``torch.nn.functional.cross_entropy``.
 
     Extra keyword arguments:
@@ -125,6 +139,15 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         dense (the input's shape), a ``[C]`` vector for every row, or a table
         ``[A, C]`` gathered per row by ``groups`` (the target's shape).
         ``loss = CE(input + shift, target)``; no gradient flows into it.
+      inplace_backward: write the gradient over ``input`` in the forward
+        instead of allocating it (zero extra memory: for a [B*T, V] LM head
+        that is the size of the logits). Afterwards ``input`` holds
+        d loss / d input, so read anything else from it first; a backward
+        that saved it (e.g. a z-loss on the same logits) raises, as after any
+        in-place op. Contiguous inputs only; a leaf (or a view of a leaf) that
+        requires grad is refused. Only in eager mode with a gradient to
+        compute: under torch.compile / torch.func the gradient is allocated as
+        usual. [N, C, d...] inputs are copied to rows, so the copy gets it.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if reduction not in _REDUCTIONS:
@@ -138,11 +161,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         ids = tracker._check_batch(logits, sample_ids, target_rows.numel())
         track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
+    inplace = bool(inplace_backward) and compute_grad and not torch.compiler.is_compiling()
+    if inplace:
+        _check_inplace(input)
     # The reduction happens inside the op: for the mean its gradient already
     # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
     loss, _ = _ops.cross_entropy(
         _ops.ops(input.device), logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment,
-        groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input)
+        groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input, inplace)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else target_shape)
     dtype = _loss_dtype(input)
@@ -152,16 +178,18 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 class CrossEntropyLoss(nn.Module):
     """``nn.CrossEntropyLoss`` with memfast's extras: an optional tracker (then
     call it as ``loss_fn(logits, target, sample_ids)``; a training call
-    without sample_ids is not tracked and warns once) and adjustment."""
+    without sample_ids is not tracked and warns once), adjustment and
+    inplace_backward (see memfast.cross_entropy)."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, tracker=None):
+                 label_smoothing=0.0, *, tracker=None, inplace_backward=False):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.tracker = tracker
+        self.inplace_backward = inplace_backward
         self._warned_untracked = False
 
     def forward(self, input, target, sample_ids=None, *, adjustment=None, groups=None):
@@ -174,4 +202,4 @@ class CrossEntropyLoss(nn.Module):
                              label_smoothing=self.label_smoothing,
                              sample_ids=sample_ids if self.tracker is not None else None,
                              tracker=self.tracker if sample_ids is not None else None,
-                             adjustment=adjustment, groups=groups)
+                             adjustment=adjustment, groups=groups, inplace_backward=self.inplace_backward)

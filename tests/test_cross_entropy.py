@@ -501,3 +501,142 @@ def test_backward_op_scalar_and_unit_factors(ns, dtype):
         inplace = g.clone()
         op.cross_entropy_bwd_(inplace, factor)
         torch.testing.assert_close(inplace, want, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------ inplace_backward
+def _lm_head(dtype, R=11, H=6, C=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(R, H, generator=g).to(dtype)
+    w = torch.randn(H, C, generator=g).to(dtype).requires_grad_(True)
+    y = torch.randint(0, C, (R,), generator=g)
+    y[3] = -100
+    return h, w, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", ["plain", "weight+smooth", "table", "tracked"])
+def test_inplace_backward_matches_pytorch(backend, dtype, reduction, opts):
+    h, w, y = _lm_head(dtype)
+    C = w.shape[1]
+    kw, want_kw = {}, {}
+    if opts == "weight+smooth":
+        kw = want_kw = {"weight": torch.rand(C, dtype=torch.float64).to(dtype) + 0.5, "label_smoothing": 0.1}
+    table, groups = torch.randn(2, C, dtype=torch.float64), torch.randint(0, 2, y.shape)
+    if opts == "table":
+        kw = {"adjustment": table.to(dtype), "groups": groups}
+
+    def run(inplace):
+        w.grad = None
+        tracker = memfast.SampleTracker(len(y), stats="all")
+        extra = {"sample_ids": torch.arange(len(y)), "tracker": tracker} if opts == "tracked" else {}
+        logits = h @ w
+        loss = memfast.cross_entropy(logits, y, reduction=reduction, inplace_backward=inplace, **kw, **extra)
+        buffer = logits.detach().clone()
+        grads = []
+        logits.register_hook(lambda g: grads.append(g.data_ptr()))
+        upstream = torch.linspace(0.5, 2.0, len(y), dtype=loss.dtype) if reduction == "none" else None
+        loss.backward(upstream)
+        return loss.detach(), w.grad.clone(), buffer, grads[0] == logits.data_ptr(), tracker.state
+
+    loss, grad, buffer, reused, state = run(True)
+    loss_alloc, grad_alloc, _, reused_alloc, state_alloc = run(False)
+    assert reused and not reused_alloc  # the gradient the head's backward got is the logits' own buffer
+    torch.testing.assert_close(loss, loss_alloc)
+    torch.testing.assert_close(grad, grad_alloc)
+    torch.testing.assert_close(state, state_alloc, equal_nan=True)
+    # after the forward the logits hold d loss / d logits (for 'none', before the upstream scaling)
+    logits = (h @ w).detach().requires_grad_(True)
+    if opts == "table":
+        z = logits.double() + table[groups]
+        want = torch.autograd.grad(F.cross_entropy(z, y, reduction="sum" if reduction == "none" else reduction), logits)
+    else:
+        want = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum" if reduction == "none" else reduction,
+                                                   **want_kw), logits)
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(buffer, want[0].to(dtype), **tol)
+
+
+def test_inplace_backward_is_refused_where_it_would_corrupt(backend):
+    h, w, y = _lm_head(torch.float32)
+    with pytest.raises(ValueError, match="a leaf"):
+        memfast.cross_entropy(w, y[:6], inplace_backward=True)
+    with pytest.raises(ValueError, match="a view of a leaf"):
+        memfast.cross_entropy(w[:, :5], y[:6], inplace_backward=True)
+    assert w.grad is None
+    with pytest.raises(ValueError, match="contiguous"):
+        memfast.cross_entropy((h @ w).t().contiguous().t(), y, inplace_backward=True)
+    # another backward that saved the logits: autograd refuses it, as after any in-place op
+    logits = h @ w
+    z_loss = logits.logsumexp(1).pow(2).mean()
+    loss = memfast.cross_entropy(logits, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + 1e-4 * z_loss).backward()
+    # recomputing the gradient needs the logits, which now hold it
+    logits = h @ w
+    loss = memfast.cross_entropy(logits, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    loss = memfast.cross_entropy(h @ w, y, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        loss.backward()
+
+
+def test_inplace_backward_without_a_gradient_writes_nothing(backend):
+    h, w, y = _lm_head(torch.float32)
+    logits = h @ w
+    before = logits.detach().clone()
+    with torch.no_grad():
+        memfast.cross_entropy(logits, y, inplace_backward=True)
+    memfast.cross_entropy(logits.detach(), y, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+
+
+def test_inplace_backward_spatial_input_is_left_alone(backend):
+    # [N, C, d] inputs are copied to rows: the gradient goes over memfast's copy, not the input
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (2, 3))
+    logits = x * 2
+    before = logits.detach().clone()
+    memfast.cross_entropy(logits, y, inplace_backward=True).backward()
+    assert torch.equal(logits.detach(), before)
+    (want,) = torch.autograd.grad(F.cross_entropy(x * 2, y), x)
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_inplace_backward_through_the_module(backend):
+    h, w, y = _lm_head(torch.float32)
+    loss_fn = memfast.CrossEntropyLoss(inplace_backward=True)
+    logits = h @ w
+    loss_fn(logits, y).backward()
+    (want,) = torch.autograd.grad(F.cross_entropy(h @ w, y), w)
+    torch.testing.assert_close(w.grad, want)
+    assert not torch.equal(logits.detach(), (h @ w).detach())  # the logits now hold the gradient
+
+
+class _ViewInCustomFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_inplace_backward_through_views(backend):
+    # an LM's logits: a [B, T, V] output viewed as rows, or a view made inside a custom Function
+    h, w, y = _lm_head(torch.float64, R=12)
+    C = w.shape[1]
+    (want,) = torch.autograd.grad(F.cross_entropy(h @ w, y), w)
+    for make in (lambda: (h @ w).view(3, 4, C).view(-1, C), lambda: _ViewInCustomFunction.apply(h @ w)):
+        w.grad = None
+        rows = make()
+        memfast.cross_entropy(rows, y, inplace_backward=True).backward()
+        torch.testing.assert_close(w.grad, want)
+    # a softcap saved its output (tanh): that backward must refuse the overwritten values
+    rows = (h @ w).tanh().view(3, 4, C).view(-1, C)
+    loss = memfast.cross_entropy(rows, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

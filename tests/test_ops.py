@@ -61,6 +61,49 @@ def test_opcheck_forward_backward(ns):
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
+def test_opcheck_forward_inplace(ns):
+    if ns == "memfast" and not _ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    for x, y, w, ii, eps, adj, groups, _, reduction in _fwd_samples():
+        # the gradient goes over the logits: a fresh buffer each time (opcheck runs the op repeatedly)
+        torch.library.opcheck(op.cross_entropy_fwd_, (x.detach().clone(), y, w, ii, eps, adj, groups, reduction))
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_forward_inplace_writes_the_gradient_over_the_logits(ns, dtype):
+    if ns == "memfast" and not _ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for C in (1, 3, 17, 1000):
+        R = 13
+        x = (torch.randn(R, C) * 4).to(dtype)
+        y = torch.randint(0, C, (R,))
+        y[::4] = -100
+        table, groups = torch.randn(3, C, dtype=acc), torch.randint(0, 3, (R,))
+        for kw in ({}, {"weight": torch.rand(C, dtype=acc) + 0.1, "eps": 0.1}, {"adj": table, "groups": groups}):
+            args = (y, kw.get("weight"), -100, kw.get("eps", 0.0), kw.get("adj"), kw.get("groups"))
+            for reduction in (0, 1, 2):
+                loss, row_stats, grad = reference.cross_entropy_fwd(x, *args, True, reduction)
+                buffer = x.clone()
+                got_loss, got_stats = op.cross_entropy_fwd_(buffer, *args, reduction)
+                torch.testing.assert_close(got_loss, loss, equal_nan=True)
+                torch.testing.assert_close(got_stats, row_stats, equal_nan=True)
+                tol = dict(atol=1e-2, rtol=1e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+                torch.testing.assert_close(buffer.to(acc), grad.to(acc), **tol)
+    with pytest.raises(ValueError, match="contiguous"):
+        op.cross_entropy_fwd_(torch.randn(4, 6)[:, :5], torch.zeros(4, dtype=torch.long), None, -100, 0.0, None, None,
+                              1)
+    before = torch.randn(3, 4)
+    buffer = before.clone()
+    with pytest.raises(IndexError):  # a bad target is refused before anything is written
+        op.cross_entropy_fwd_(buffer, torch.tensor([0, 9, 1]), None, -100, 0.0, None, None, 1)
+    assert torch.equal(buffer, before)
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
 def test_opcheck_track(ns):
     if ns == "memfast" and not _ops.extension_available("cpu"):
         pytest.skip("compiled extension not available")

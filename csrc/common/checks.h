@@ -58,6 +58,14 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
   }
 }
 
+// cross_entropy_fwd_ writes the gradient over the logits, row by row in their own layout.
+inline void check_inplace_logits(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(),
+                    "memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, which must be "
+                    "contiguous [rows, classes]; got sizes ", logits.sizes(), " and strides ", logits.strides(),
+                    " (call .contiguous() first, or leave inplace_backward off)");
+}
+
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& grad_loss) {
   TORCH_CHECK_VALUE(grad.dim() == 2, "memfast.cross_entropy backward: the saved gradient is missing (the forward ran with "
                     "compute_grad=False)");

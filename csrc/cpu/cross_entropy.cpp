@@ -26,6 +26,7 @@
 
 #include "../common/ce_math.h"
 #include "../common/checks.h"
+#include "../common/forward_entries.h"
 
 namespace memfast {
 namespace {
@@ -342,13 +343,16 @@ acc_t mean_denominator(const int64_t* tgt, int64_t R, const acc_t* w, int64_t ig
   return static_cast<acc_t>(den);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
+// grad_into: nullptr (allocate the gradient when compute_grad) or the logits themselves
+// (cross_entropy_fwd_): each row is read into the row buffer before its gradient is written.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
-    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction) {
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, const at::Tensor* grad_into) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
+  if (grad_into) check_inplace_logits(logits_in);
   check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction);
   // Rows may be strided; the class dimension must be dense.
   const at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
@@ -359,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
   at::Tensor loss_rows = at::empty({R}, logits.options().dtype(acc_dtype));
   at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
-  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
+  at::Tensor grad = grad_into ? *grad_into : at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
   at::Tensor loss = reduction == REDUCTION_NONE ? loss_rows : at::empty({}, loss_rows.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -428,7 +432,8 @@ void cross_entropy_bwd_inplace_cpu(at::Tensor& grad, const at::Tensor& grad_loss
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memfast, CPU, m) {
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_fwd", &forward_allocating<forward_cpu>);
+  m.impl("cross_entropy_fwd_", &forward_grad_over_logits<forward_cpu>);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_bwd_", &cross_entropy_bwd_inplace_cpu);
 }

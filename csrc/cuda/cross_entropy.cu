@@ -41,6 +41,7 @@
 
 #include "../common/ce_math.h"
 #include "../common/checks.h"
+#include "../common/forward_entries.h"
 #include "../common/cuda_utils.cuh"
 
 namespace memfast {
@@ -655,13 +656,25 @@ void launch_forward(const FwdArgs<at::opmath_type<scalar_t>>& a, cudaStream_t st
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+// grad_into: nullptr (allocate the gradient when compute_grad) or the logits themselves
+// (cross_entropy_fwd_, contiguous and 16-byte aligned): every kernel reads a row element (the
+// resident ones: the whole row, and the target logit up front) before the same thread, or a thread
+// after a reduction that waited for the read, writes its gradient; the loads are plain (not the
+// read-only cache path) and the pointers not __restrict__, so the aliasing is well defined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
-    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction) {
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, const at::Tensor* grad_into) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
+  if (grad_into) {
+    check_inplace_logits(logits_in);
+    // the backward's 16-byte vector loads and stores of that gradient need it (cross_entropy_bwd_)
+    TORCH_CHECK_VALUE(logits_in.numel() == 0 || aligned16(logits_in.const_data_ptr()),
+                      "memfast.cross_entropy: inplace_backward=True on CUDA needs 16-byte-aligned logits (an offset "
+                      "view is not); call .clone() first, or leave inplace_backward off");
+  }
   check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
@@ -671,13 +684,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   // The vectorised gradient stores need the logits row and the (dense) gradient
   // row to share their alignment: true for dense, aligned logits; otherwise copy.
   const int64_t ld = logits.size(0) > 1 ? logits.stride(0) : C;
-  if (compute_grad && R > 0 && C > 0 && (!aligned16(logits.const_data_ptr()) || ld % vec != C % vec)) {
+  if (!grad_into && compute_grad && R > 0 && C > 0 && (!aligned16(logits.const_data_ptr()) || ld % vec != C % vec)) {
     logits = logits.clone(at::MemoryFormat::Contiguous);
   }
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
   at::Tensor loss_rows = at::empty({R}, logits.options().dtype(acc_dtype));
   at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
-  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
+  at::Tensor grad = grad_into ? *grad_into : at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
   if (R == 0) {
     if (reduction == REDUCTION_NONE) return {loss_rows, row_stats, grad};
     // The mean over no rows is NaN, as in PyTorch.
@@ -792,7 +805,8 @@ void cross_entropy_bwd_inplace_cuda(at::Tensor& grad, const at::Tensor& grad_los
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memfast, CUDA, m) {
-  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_fwd", &forward_allocating<forward_cuda>);
+  m.impl("cross_entropy_fwd_", &forward_grad_over_logits<forward_cuda>);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_bwd_", &cross_entropy_bwd_inplace_cuda);
 }

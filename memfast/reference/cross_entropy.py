@@ -37,6 +37,19 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adj
                     reduction, validate=True)
 
 
+def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction):
+    """cross_entropy_fwd with the gradient written over the logits (contiguous [R, C]), which are
+    then the gradient; returns the loss and the row statistics."""
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError("memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, which "
+                         f"must be contiguous [rows, classes]; got sizes {list(logits.shape)} and strides "
+                         f"{list(logits.stride())} (call .contiguous() first, or leave inplace_backward off)")
+    loss, row_stats, grad = cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment,
+                                              groups, True, reduction)
+    logits.copy_(grad)
+    return loss, row_stats
+
+
 def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction):
     """d loss / d logits as a differentiable function of the logits (create_graph,
     torch.func); the indices were validated by the forward, and no host reads

@@ -1,0 +1,39 @@
+// The two registered forms of a backend's forward, from one function
+//   forward(logits, target, weight, ignore_index, label_smoothing, adjustment,
+//           groups, compute_grad, reduction, const at::Tensor* grad_into)
+// cross_entropy_fwd allocates the gradient (grad_into = nullptr);
+// cross_entropy_fwd_ writes it over the logits (grad_into = &logits), which the
+// backend's forward checks first (check_inplace_logits and its own needs).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace memfast {
+
+using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, int64_t, const at::Tensor*);
+
+template <ForwardFn forward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_allocating(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, const std::optional<at::Tensor>& adjustment, const std::optional<at::Tensor>& groups,
+    bool compute_grad, int64_t reduction) {
+  return forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
+                 nullptr);
+}
+
+template <ForwardFn forward>
+std::tuple<at::Tensor, at::Tensor> forward_grad_over_logits(
+    at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    double label_smoothing, const std::optional<at::Tensor>& adjustment, const std::optional<at::Tensor>& groups,
+    int64_t reduction) {
+  auto out = forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, true, reduction,
+                     &logits);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+}  // namespace memfast
