@@ -190,7 +190,9 @@ def _register(ns):
 class _FusedCrossEntropy(torch.autograd.Function):
     """cross_entropy_fwd's autograd under torch.func transforms and forward-mode
     AD (torch.library's registered Function has no setup_context, so functorch
-    refuses it): the same setup and backward as the registered formula, plus jvp."""
+    refuses it), and in eager mode when the compiled extension (whose C++
+    Function serves eager mode) is missing: the same setup and backward as the
+    registered formula, plus jvp."""
 
     generate_vmap_rule = True  # vmap runs the op per example (PyTorch's fallback loop)
 

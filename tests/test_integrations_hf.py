@@ -116,6 +116,25 @@ def test_causal_lm_loss_reads_the_models_logits_in_place(tmp_path, monkeypatch):
     assert len(loss_storage) == N // BATCH and loss_storage == model_storage[:len(loss_storage)]
 
 
+def test_inplace_backward_trains_the_same(tmp_path):
+    """inplace_backward=True (the gradient written over the model's logits) gives the same training:
+    same parameters and tracker totals after two epochs."""
+    runs = []
+    for inplace in (False, True):
+        model, tracker = make_model(), memfast.SampleTracker(N, stats=("csl", "count", "last_loss"))
+        logits = []
+        model.register_forward_hook(lambda m, args, out: logits.append(out.logits))
+        MemfastTrainer(model=model, args=make_args(tmp_path / str(inplace)), train_dataset=add_sample_ids(make_examples()),
+                       tracker=tracker, inplace_backward=inplace).train()
+        runs.append((model.state_dict(), tracker.state.clone()))
+        assert all(z._version == (1 if inplace else 0) for z in logits)  # overwritten by the gradient, or not
+    (params, state), (params_inplace, state_inplace) = runs
+    for name in params:
+        torch.testing.assert_close(params_inplace[name], params[name], msg=name)
+    torch.testing.assert_close(state_inplace, state)
+    assert state[1].sum() > 0
+
+
 def test_missing_sample_ids_raise(tmp_path):
     trainer = MemfastTrainer(model=make_model(), args=make_args(tmp_path, max_steps=1), train_dataset=make_examples(),
                              tracker=memfast.SampleTracker(N))

@@ -131,6 +131,10 @@ class MemfastTrainer(Trainer):
         token classification). "auto": True for the architectures
         transformers lists as causal LMs.
       ignore_index: the label that is not a target (-100).
+      inplace_backward: memfast.cross_entropy's: a training step writes the
+        loss's gradient over the model's logits instead of allocating it
+        (for an LM, memory of the logits' size saved); the logits are not
+        used after the loss in training.
 
     Only training batches update the tracker; evaluation batches do not.
     The tracker moves to the logits' device on the first training step.
@@ -141,7 +145,7 @@ class MemfastTrainer(Trainer):
     """
 
     def __init__(self, *args, tracker=None, sample_id_column="sample_id", shift_labels="auto", ignore_index=-100,
-                 **kwargs):
+                 inplace_backward=False, **kwargs):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("MemfastTrainer computes the loss itself (memfast.cross_entropy); "
                              "compute_loss_func cannot be combined with it")
@@ -154,6 +158,7 @@ class MemfastTrainer(Trainer):
         self.tracker = tracker
         self.sample_id_column = sample_id_column
         self.ignore_index = ignore_index
+        self.inplace_backward = inplace_backward
         self._batch_sample_ids = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if tracker is not None:
@@ -208,12 +213,11 @@ class MemfastTrainer(Trainer):
             ids = ids.to(logits.device)
         else:
             tracker = None
-        smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)
+        kw = dict(ignore_index=self.ignore_index, sample_ids=ids, tracker=tracker, inplace_backward=self.inplace_backward,
+                  label_smoothing=float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0))
         if num_items_in_batch is None:
-            return memfast.cross_entropy(logits, labels, ignore_index=self.ignore_index, label_smoothing=smoothing,
-                                         sample_ids=ids, tracker=tracker)
-        total = memfast.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum",
-                                      label_smoothing=smoothing, sample_ids=ids, tracker=tracker)
+            return memfast.cross_entropy(logits, labels, **kw)
+        total = memfast.cross_entropy(logits, labels, reduction="sum", **kw)
         if hasattr(num_items_in_batch, "to"):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch
