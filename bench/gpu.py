@@ -117,21 +117,9 @@ def row_ids(case, ids):
 METHODS = ("memfast", "inplace", "eager", "compile", "liger")
 
 
-class _ModelOutput(torch.autograd.Function):
-    """The bench's logits as a model would give them: a non-leaf that requires grad (a leaf is
-    refused by inplace_backward), at no cost: a view of the input and no gradient back."""
-
-    @staticmethod
-    def forward(ctx, x, anchor):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, None
-
-
 def make_methods(case, liger, device, wanted=METHODS):
     import memfast
+    from memfast.bench import ModelOutput  # a non-leaf as a model's output: inplace_backward refuses leaves
 
     tracker = memfast.SampleTracker(BUFFER, stats=("csl", "count"), device=device)
     buf = torch.zeros(BUFFER, device=device)
@@ -147,7 +135,7 @@ def make_methods(case, liger, device, wanted=METHODS):
     anchor = torch.zeros((), device=device, requires_grad=True)
 
     def mf_inplace(x, y, ids, table, groups):
-        return mf(_ModelOutput.apply(x.detach(), anchor), y, ids, table, groups, inplace=True)
+        return mf(ModelOutput.apply(x.detach(), anchor), y, ids, table, groups, inplace=True)
 
     def eager_loss(x, y, ids, table, groups):
         z = x.float() + table[groups] if case.table else x

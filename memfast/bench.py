@@ -1,5 +1,6 @@
 """`memfast bench`: time one training step's loss (forward + backward +
-per-sample loss tracking) with memfast beside eager PyTorch doing the same job.
+per-sample loss tracking) with memfast beside eager PyTorch doing the same job,
+and memfast with inplace_backward=True (the gradient written over the logits).
 
 The step functions here are also what bench/test_bench_cross_entropy.py times.
 """
@@ -36,21 +37,47 @@ def memfast_step(logits, target, ids, tracker):
     memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker).backward()
 
 
+class ModelOutput(torch.autograd.Function):
+    """Logits as a model gives them, at no cost: a non-leaf that requires grad (a leaf is refused
+    by inplace_backward) -- a view of x, with no gradient going back. anchor: any scalar that
+    requires grad."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def memfast_inplace_step(work, anchor, target, ids, tracker):
+    """memfast_step with inplace_backward=True: overwrites `work` (restore it between steps)."""
+    logits = ModelOutput.apply(work, anchor)
+    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, inplace_backward=True).backward()
+
+
 def time_step(fn, args, device, repeats=20, warmup=3):
     """Median seconds of fn(*args) over `repeats` runs after warm-up."""
     return time_steps([(fn, args)], device, repeats, warmup)[0]
 
 
 def time_steps(steps, device, repeats=20, warmup=3):
-    """Median seconds of each (fn, args) in `steps`, run in turn (interleaved),
-    so that a slow spell of a shared machine slows all of them alike."""
+    """Median seconds of each (fn, args) or (fn, args, before) in `steps`, run
+    in turn (interleaved), so that a slow spell of a shared machine slows all of
+    them alike; before() runs untimed ahead of each call."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for fn, args in steps:
+    steps = [step if len(step) == 3 else (*step, None) for step in steps]
+    for fn, args, before in steps:
         for _ in range(warmup):
+            if before:
+                before()
             fn(*args)
     times = [[] for _ in steps]
     for _ in range(repeats):
-        for (fn, args), out in zip(steps, times):
+        for (fn, args, before), out in zip(steps, times):
+            if before:
+                before()
             sync()
             t0 = time.perf_counter()
             fn(*args)
@@ -71,15 +98,19 @@ def add_arguments(parser):
 def run(args):
     print(f"memfast {memfast.__version__} ({memfast.get_backend()}), torch {torch.__version__}, "
           f"device {args.device}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
-    print("| shape | dtype | eager ms | memfast ms | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| shape | dtype | eager ms | memfast ms | speed-up | memfast inplace_backward ms | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         rows, classes = (int(v) for v in shape.lower().split("x"))
         for name in args.dtypes:
             logits, target, ids = make_inputs(rows, classes, DTYPES[name], args.num_samples, args.device)
             csl = torch.zeros(args.num_samples, device=args.device)
             tracker = memfast.SampleTracker(args.num_samples, device=args.device)
-            eager, fast = time_steps([(eager_step, (logits, target, ids, csl)),
-                                      (memfast_step, (logits, target, ids, tracker))], args.device, args.repeats)
-            print(f"| {rows}x{classes} | {name} | {eager * 1e3:.3f} | {fast * 1e3:.3f} | {eager / fast:.2f}x |")
+            work, anchor = logits.detach().clone(), torch.zeros((), device=args.device, requires_grad=True)
+            eager, fast, inplace = time_steps(
+                [(eager_step, (logits, target, ids, csl)), (memfast_step, (logits, target, ids, tracker)),
+                 (memfast_inplace_step, (work, anchor, target, ids, tracker), lambda: work.copy_(logits.detach()))],
+                args.device, args.repeats)
+            print(f"| {rows}x{classes} | {name} | {eager * 1e3:.3f} | {fast * 1e3:.3f} | {eager / fast:.2f}x | "
+                  f"{inplace * 1e3:.3f} | {eager / inplace:.2f}x |")
     return 0
