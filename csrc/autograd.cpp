@@ -79,7 +79,7 @@ struct SavedInputs : torch::CustomClassHolder {
   double label_smoothing = 0.0;
   // The caller's logits, held weakly, for recomputing the gradient: the rows
   // themselves, or (source_is_rows false) the [N, C, d...] or [C] input the rows
-  // were made from (memfast/loss.py's _as_rows), which the caller keeps alive.
+  // were made from (memfast._ops.as_rows), which the caller keeps alive.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source{
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
   int64_t source_version = 0;
