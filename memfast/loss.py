@@ -163,7 +163,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     inplace = bool(inplace_backward) and compute_grad and not torch.compiler.is_compiling()
     if inplace:
-        _check_inplace(input)
+        if input.dim() <= 2:  # the rows are the caller's storage
+            _check_inplace(input)
+        elif logits._is_view():  # [N, C, d...] rows that happen to be a view of the input: a copy of its own
+            logits = logits.clone(memory_format=torch.contiguous_format)
     # The reduction happens inside the op: for the mean its gradient already
     # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
     loss, _ = _ops.cross_entropy(

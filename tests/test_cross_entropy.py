@@ -593,10 +593,12 @@ def test_inplace_backward_without_a_gradient_writes_nothing(backend):
     assert torch.equal(logits.detach(), before)
 
 
-def test_inplace_backward_spatial_input_is_left_alone(backend):
-    # [N, C, d] inputs are copied to rows: the gradient goes over memfast's copy, not the input
-    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
-    y = torch.randint(0, 4, (2, 3))
+@pytest.mark.parametrize("shape", [(2, 4, 3), (1, 4, 3), (2, 4, 1)], ids=["copied", "strided-view", "view"])
+def test_inplace_backward_spatial_input_is_left_alone(backend, shape):
+    # [N, C, d] inputs are copied to rows (also where the rows could be a view of the input):
+    # the gradient goes over memfast's copy, not the input
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (shape[0], shape[2]))
     logits = x * 2
     before = logits.detach().clone()
     memfast.cross_entropy(logits, y, inplace_backward=True).backward()

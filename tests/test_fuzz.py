@@ -87,3 +87,52 @@ def test_kernels_match_reference(case):
         track(t.state, t.counters, want[1], target, ids, -100, C, t._stat_rows)
     torch.testing.assert_close(trackers[0].state, trackers[1].state, atol=1e-4, rtol=1e-4)
     assert torch.equal(trackers[0].counters, trackers[1].counters)
+
+
+@st.composite
+def api_cases(draw):
+    return dict(
+        shape=draw(st.sampled_from(["rows", "spatial", "unbatched"])),
+        R=draw(st.integers(0, 12)), C=draw(st.integers(1, 9)), d=draw(st.integers(1, 3)),
+        weighted=draw(st.booleans()),
+        eps=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        inplace=draw(st.booleans()),
+        tracked=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(api_cases())
+def test_api_matches_pytorch(case):
+    """memfast.cross_entropy end to end (the C++ eager autograd Function, inplace_backward, the
+    tracker call) against F.cross_entropy in float64: loss and input gradient."""
+    import torch.nn.functional as F
+
+    import memfast
+
+    g = torch.Generator().manual_seed(case["seed"])
+    R, C, d = case["R"], case["C"], case["d"]
+    shape, tshape = {"rows": ((R, C), (R,)), "spatial": ((R, C, d), (R, d)), "unbatched": ((C,), ())}[case["shape"]]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, C, tshape, generator=g)
+    target[torch.rand(tshape, generator=g) < case["ignore_frac"]] = -100
+    weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.1 if case["weighted"] else None
+    kw = dict(weight=weight, label_smoothing=case["eps"], reduction=case["reduction"])
+    upstream = torch.rand(tshape, generator=g, dtype=torch.float64) if case["reduction"] == "none" else None
+    extra = {}
+    if case["tracked"] and target.dim() > 0:
+        extra = dict(sample_ids=torch.arange(target.shape[0]), tracker=SampleTracker(max(1, target.shape[0])))
+    logits = x * 1.0  # a non-leaf, as a model's output (inplace_backward refuses leaves)
+    got = memfast.cross_entropy(logits, target, inplace_backward=case["inplace"], **kw, **extra)
+    (got_grad,) = torch.autograd.grad(got, x, upstream)
+    want = F.cross_entropy(x, target, **kw)
+    (want_grad,) = torch.autograd.grad(want, x, upstream)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, equal_nan=True)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10, equal_nan=True)
+    if extra:
+        valid = target != -100  # one sample per leading index: its rows that are not ignored
+        counted = valid.flatten(1).sum(1) if valid.dim() > 1 else valid.long()
+        torch.testing.assert_close(extra["tracker"].stat("count")[:target.shape[0]], counted.float())
