@@ -100,6 +100,7 @@ def api_cases(draw):
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         inplace=draw(st.booleans()),
         tracked=draw(st.booleans()),
+        adjustment=draw(st.sampled_from(["none", "dense", "vector", "table"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -125,14 +126,24 @@ def test_api_matches_pytorch(case):
     extra = {}
     if case["tracked"] and target.dim() > 0:
         extra = dict(sample_ids=torch.arange(target.shape[0]), tracker=SampleTracker(max(1, target.shape[0])))
+    shift = None  # what memfast adds to the logits, in the input's shape
+    if case["adjustment"] == "dense":
+        extra["adjustment"] = shift = torch.randn(*shape, generator=g, dtype=torch.float64)
+    elif case["adjustment"] == "vector":
+        extra["adjustment"] = torch.randn(C, generator=g, dtype=torch.float64)
+        shift = extra["adjustment"].reshape((C,) + (1,) * (x.dim() - 2) if x.dim() > 1 else (C,))
+    elif case["adjustment"] == "table":
+        table, groups = torch.randn(3, C, generator=g, dtype=torch.float64), torch.randint(0, 3, tshape, generator=g)
+        extra.update(adjustment=table, groups=groups)
+        shift = table[groups].movedim(-1, 1) if x.dim() > 2 else table[groups]
     logits = x * 1.0  # a non-leaf, as a model's output (inplace_backward refuses leaves)
     got = memfast.cross_entropy(logits, target, inplace_backward=case["inplace"], **kw, **extra)
     (got_grad,) = torch.autograd.grad(got, x, upstream)
-    want = F.cross_entropy(x, target, **kw)
+    want = F.cross_entropy(x if shift is None else x + shift, target, **kw)
     (want_grad,) = torch.autograd.grad(want, x, upstream)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, equal_nan=True)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10, equal_nan=True)
-    if extra:
+    if "tracker" in extra:
         valid = target != -100  # one sample per leading index: its rows that are not ignored
         counted = valid.flatten(1).sum(1) if valid.dim() > 1 else valid.long()
         torch.testing.assert_close(extra["tracker"].stat("count")[:target.shape[0]], counted.float())
