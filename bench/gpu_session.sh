@@ -29,9 +29,10 @@ SUMMARY="$OUT/summary.md"
 STAGES="$OUT/stages.tmp"
 printf '| stage | rc | seconds | limit s |\n|---|---|---|---|\n' > "$STAGES"
 if [ "$DRY" = 1 ]; then
-    DEV=(--device cpu --smoke); SCALE=(--smoke)
+    DEV=(--device cpu --smoke); SCALE=(--smoke); LINEAR=(--device cpu --tokens 1024 --hidden 32 --vocab 1000)
 else
     DEV=(); SCALE=(--device cuda --samples 100000000)
+    LINEAR=(--device cuda --dtype bf16 --tokens 16384 --hidden 4096 --vocab 128256 --repeats 3)
 fi
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -112,7 +113,9 @@ stage memcheck sanitizer.log 60 compute-sanitizer --tool memcheck --error-exitco
     -k "test_forward_matches_reference and (10 or 1000) or strided or bad_values or per_sequence or sorted"
 stage racecheck sanitizer.log 45 compute-sanitizer --tool racecheck --error-exitcode 3 "$PY" -m pytest -q -x \
     -p no:cacheprovider tests/test_cuda_cross_entropy.py -k "test_forward_matches_reference and 32000 and float32"
-# 5. torch.compile beside memfast on the plain shapes, while time is left.
+# 5. An LM head's loss: eager vs memfast vs memfast.linear_cross_entropy (time, peak memory).
+stage linear other.log 60 "$PY" bench/linear_memory.py "${LINEAR[@]}"
+# 6. torch.compile beside memfast on the plain shapes, while time is left.
 stage compile compile.log 120 "$PY" bench/gpu.py "${DEV[@]}" --methods memfast,compile --iters 20 --budget-s 90 \
     --only '^[0-9]+ x [0-9]+ [a-z0-9]+$'
 
@@ -121,7 +124,7 @@ stage compile compile.log 120 "$PY" bench/gpu.py "${DEV[@]}" --methods memfast,c
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 25
     echo; echo "## bench: memfast, eager, liger"; sed -n '/^Ops alone/,$p' "$OUT/bench.log" | head -n 50
     echo; echo "## compile peers"; sed -n '/median ms of forward/,$p' "$OUT/compile.log" | head -n 20
-    echo; echo "## curvature and scale"; grep -vE "^==" "$OUT/other.log" | tail -n 25
+    echo; echo "## curvature, scale, LM head"; grep -vE "^==" "$OUT/other.log" | tail -n 32
     echo; echo "## sanitizers"; grep -E "ERROR SUMMARY|[0-9]+ passed|failed|not supported|rror" "$OUT/sanitizer.log" | head -n 12
     echo; echo "## stages: $(elapsed) s of a ${DEADLINE_S} s deadline"; cat "$STAGES"
 } > "$SUMMARY" 2>&1

@@ -2,6 +2,7 @@
 from ._version import __version__
 from ._ops import get_backend, set_backend
 from .curvature import input_curvature, input_gradient_norm, score_curvature, score_grad_norm
+from .linear import linear_cross_entropy
 from .loss import CrossEntropyLoss, cross_entropy
 from .tracker import SampleTracker
 from . import data, datasets, mat, metrics, noise, report
@@ -15,7 +16,7 @@ def build_info():
     return None if _ops.BUILD_INFO is None else dict(_ops.BUILD_INFO)
 
 
-__all__ = ["__version__", "cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "build_info",
+__all__ = ["__version__", "cross_entropy", "linear_cross_entropy", "CrossEntropyLoss", "SampleTracker", "MATLoss", "build_info",
            "set_backend", "get_backend", "input_curvature", "score_curvature",
            "input_gradient_norm", "score_grad_norm", "data", "datasets", "mat",
            "metrics", "noise", "report"]

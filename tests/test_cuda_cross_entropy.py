@@ -317,6 +317,46 @@ def test_inplace_backward_needs_no_gradient_buffer():
     assert extra_peak(True) < grad_bytes / 8  # w's gradient (4 MiB) and small per-row buffers only
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_matches_pytorch(reduction, dtype):
+    B, T, H, V = 2, 96, 64, 32000
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, T, H, generator=g).to(DEV, dtype).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g) / 8).to(DEV, dtype).requires_grad_(True)
+    y = torch.randint(0, V, (B, T), generator=g).to(DEV)
+    y[:, :5] = -100
+    tracker = memfast.SampleTracker(B, device=DEV)
+    got = memfast.linear_cross_entropy(x, w, y, reduction=reduction, sample_ids=torch.arange(B, device=DEV),
+                                       tracker=tracker, chunk_size=50)
+    xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    want = F.cross_entropy(F.linear(xr, wr).reshape(-1, V), y.reshape(-1), reduction=reduction)
+    want = want.reshape(B, T) if reduction == "none" else want
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    up = torch.rand_like(want) if reduction == "none" else None
+    ga = torch.autograd.grad(got, (x, w), None if up is None else up.to(got.dtype))
+    gb = torch.autograd.grad(want, (xr, wr), up)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    assert tracker.stat("count").tolist() == [T - 5] * B
+
+
+@cuda_only("CUDA memory statistics")
+def test_linear_cross_entropy_never_holds_the_logits():
+    B, T, H, V = 4, 1024, 256, 32000
+    x = torch.randn(B, T, H, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(V, H, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, V, (B, T), device=DEV)
+    logits_bytes = B * T * V * 2
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    memfast.linear_cross_entropy(x, w, y).backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < logits_bytes / 4
+
+
 def test_api_spatial_and_adjustment_table():
     B, T, V = 4, 33, 1000
     x = torch.randn(B, T, V, device=DEV, dtype=torch.bfloat16)

@@ -1,0 +1,230 @@
+"""memfast.linear_cross_entropy: an LM head's projection and cross entropy in
+chunks of rows, so that the [N, C] logits never exist at once, with the
+per-sample tracking of memfast.cross_entropy in the same pass.
+
+For mean and sum, each chunk's logits are computed, the fused op writes the
+chunk's gradient over them (cross_entropy_fwd_) and the input / weight / bias
+gradients are formed right away (two matmuls), all in the forward: memory of
+one chunk's logits, three matmuls in all, as without chunking. For
+reduction='none' the per-row upstream gradient is only known in the backward,
+which recomputes each chunk's logits (one matmul more).
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ops
+from ._stats import ROW_STATS
+from .loss import _REDUCTIONS, _legacy_reduction
+
+_NONE, _MEAN, _SUM = range(3)
+
+
+_MIN_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 logits: below that the matmuls get small for little gain
+
+
+def _chunk_rows(rows, hidden, classes, chunk_size):
+    """Rows per chunk: by default a chunk's logits hold as many elements as the input rows do (an
+    LM head's logits are then ~1/30 of their full size), or 2^24 if that is more."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"memfast.linear_cross_entropy: chunk_size must be a positive int, got {chunk_size!r}")
+        return chunk_size
+    return max(1, min(rows, -(-max(rows * hidden, _MIN_CHUNK_ELEMENTS) // max(classes, 1))))
+
+
+def _dtypes(input):
+    """(what F.linear computes the logits in, what F.cross_entropy of them returns): autocast's
+    dtype and float32 (autocast runs cross entropy in fp32) when autocast is on, else the input's."""
+    kind = input.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind), torch.float32
+    except RuntimeError:  # a device type autocast does not know
+        pass
+    return input.dtype, input.dtype
+
+
+def _check(input, linear_weight, target, linear_bias, weight):
+    if not isinstance(input, Tensor) or not input.is_floating_point() or input.dim() < 1:
+        raise TypeError("memfast.linear_cross_entropy: input must be a floating-point tensor [..., in_features]")
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"memfast.linear_cross_entropy: linear_weight must be [classes, {input.shape[-1]}], got "
+                         f"{getattr(linear_weight, 'shape', type(linear_weight))}")
+    C = linear_weight.shape[0]
+    if linear_bias is not None and (not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (C,)):
+        raise ValueError(f"memfast.linear_cross_entropy: linear_bias must be [{C}], got "
+                         f"{getattr(linear_bias, 'shape', type(linear_bias))}")
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError("memfast.linear_cross_entropy: target must hold class indices (an integer tensor)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"memfast.linear_cross_entropy: target has shape {tuple(target.shape)}, expected "
+                         f"{tuple(input.shape[:-1])} for input of shape {tuple(input.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias), ("target", target),
+                    ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"memfast.linear_cross_entropy: {name} is on {t.device} but input is on {input.device}")
+    if weight is not None:
+        if not weight.is_floating_point() or tuple(weight.shape) != (C,):
+            raise ValueError(f"memfast.linear_cross_entropy: weight must be a floating-point [{C}] tensor")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("memfast.linear_cross_entropy: weight requires grad, but the loss is not differentiable "
+                             "in the class weights (as in F.cross_entropy); pass weight.detach()")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, reduction, rows,
+                track, dtype):
+        # input: [N, H]; target: [N]; track: None or (state, counters, sample_ids, stat_rows);
+        # dtype: what the logits are computed in (autocast's, else the input's)
+        N, C = input.shape[0], linear_weight.shape[0]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        need = ctx.needs_input_grad[:3]
+        with _explicit_dtypes(input):
+            x, w, b = _cast(input, linear_weight, linear_bias, dtype)
+            grads = _gradient_buffers(x, w, b, need, acc)
+            losses = torch.empty(N, dtype=acc, device=x.device) if reduction == _NONE else None
+            total = torch.zeros((), dtype=acc, device=x.device)
+            # The chunks' row statistics ([5, N]: 20 bytes a row), for one tracker update of the whole
+            # batch after the loop: the same result as memfast.cross_entropy on all the logits.
+            stats = torch.empty((len(ROW_STATS), N), dtype=acc, device=x.device) if track is not None else None
+            in_forward = reduction != _NONE and any(need)  # the gradient now; 'none' recomputes it later
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                z = F.linear(x[s:e], w, b)
+                y = target[s:e]
+                if in_forward:
+                    loss, row_stats = lib.cross_entropy_fwd_(z, y, weight, ignore_index, eps, None, None, _SUM)
+                    _accumulate(grads, z, x[s:e], w, s, e)
+                else:
+                    loss, row_stats, _ = lib.cross_entropy_fwd(z, y, weight, ignore_index, eps, None, None, False,
+                                                               _NONE if reduction == _NONE else _SUM)
+                if reduction == _NONE:
+                    losses[s:e] = loss
+                else:
+                    total += loss
+                if stats is not None:
+                    stats[:, s:e] = row_stats
+            if track is not None:
+                state, counters, ids, stat_rows = track
+                lib.track_(state, counters, stats, target, ids, ignore_index, C, stat_rows)
+            if reduction == _MEAN:
+                valid = target != ignore_index
+                den = (weight.to(acc)[torch.where(valid, target, 0)] * valid).sum() if weight is not None \
+                    else valid.sum().to(acc)
+                total = total / den  # NaN over no rows, as in PyTorch; the gradient of no rows stays 0
+                scale = torch.where(den == 0, torch.zeros_like(den), 1 / den)
+                for g in grads:
+                    if g is not None:
+                        g.mul_(scale.to(g.dtype))
+        ctx.reduction, ctx.lib, ctx.rows, ctx.dtype, ctx.args = reduction, lib, rows, dtype, (weight, ignore_index, eps)
+        ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+        if reduction == _NONE:
+            ctx.save_for_backward(input, linear_weight, linear_bias, target)
+        else:
+            ctx.grads = grads
+        return losses if reduction == _NONE else total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == _NONE:
+            grads = _recompute_grads(ctx, grad_loss)
+        else:
+            grads, ctx.grads = ctx.grads, None  # they are scaled in place: a second backward must not reuse them
+            if grads is None:
+                raise RuntimeError("memfast.linear_cross_entropy: backward twice through one mean / sum loss (its "
+                                   "gradients were formed in the forward and are used up); compute the loss again")
+            grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        grads = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)]
+        return (*grads,) + (None,) * 9
+
+
+def _explicit_dtypes(input):
+    """Autocast off inside: the Function casts to its compute dtype itself (in-place addmm_ has no autocast)."""
+    return torch.autocast(input.device.type, enabled=False) if input.device.type in ("cpu", "cuda") \
+        else torch.autocast("cpu", enabled=False)
+
+
+def _cast(input, linear_weight, linear_bias, dtype):
+    return input.to(dtype), linear_weight.to(dtype), None if linear_bias is None else linear_bias.to(dtype)
+
+
+def _gradient_buffers(x, w, b, need, acc):
+    """Input gradient [N, H], weight gradient [C, H] (accumulated over the chunks by addmm_, in the
+    compute dtype, as cuBLAS accumulates each chunk in fp32), bias gradient [C] in acc."""
+    return [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need[0] else None,
+            torch.zeros(w.shape, dtype=w.dtype, device=w.device) if need[1] else None,
+            torch.zeros(w.shape[0], dtype=acc, device=x.device) if need[2] and b is not None else None]
+
+
+def _accumulate(grads, dz, x, w, s, e):
+    """The chunk's share of the input, weight and bias gradients from d loss / d logits (dz)."""
+    grad_input, grad_weight, grad_bias = grads
+    if grad_input is not None:
+        torch.mm(dz, w, out=grad_input[s:e])
+    if grad_weight is not None:
+        grad_weight.addmm_(dz.t(), x)
+    if grad_bias is not None:
+        grad_bias += dz.sum(0, dtype=grad_bias.dtype)
+
+
+def _recompute_grads(ctx, grad_loss):
+    """reduction='none': each chunk's logits again, its gradient scaled row by row by grad_loss."""
+    input, linear_weight, linear_bias, target = ctx.saved_tensors
+    weight, ignore_index, eps = ctx.args
+    acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+    with _explicit_dtypes(input):
+        x, w, b = _cast(input, linear_weight, linear_bias, ctx.dtype)
+        grads = _gradient_buffers(x, w, b, ctx.needs_input_grad[:3], acc)
+        grad_loss = grad_loss.to(acc)
+        for s in range(0, x.shape[0], ctx.rows):
+            e = min(x.shape[0], s + ctx.rows)
+            z = F.linear(x[s:e], w, b)
+            ctx.lib.cross_entropy_fwd_(z, target[s:e], weight, ignore_index, eps, None, None, _NONE)
+            ctx.lib.cross_entropy_bwd_(z, grad_loss[s:e].contiguous())
+            _accumulate(grads, z, x[s:e], w, s, e)
+    return grads
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=-100, label_smoothing=0.0, sample_ids=None, tracker=None, chunk_size=None,
+                         size_average=None, reduce=None):
+    """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
+
+    The argument names follow ``torch.nn.functional.linear_cross_entropy``
+    (PyTorch 2.13+); class-index targets. input ``[..., H]``, linear_weight
+    ``[C, H]`` (an LM head's weight), target ``input.shape[:-1]``. The
+    projection and the loss run ``chunk_size`` rows at a time (default: a
+    chunk's logits hold as many elements as ``input``, and at least 2^24),
+    so the ``[N, C]`` logits never exist at once. ``sample_ids`` / ``tracker``: as in
+    :func:`memfast.cross_entropy` (one id per row, or per leading index, e.g.
+    ``[B]`` for ``[B, T]`` targets: the tokens of a sequence add into its
+    sample). With ``reduction`` mean or sum all gradients are formed in the
+    forward (no second pass; a second backward through the loss raises);
+    ``'none'`` recomputes each chunk's logits in the backward. The weight
+    gradient is accumulated over chunks in the compute dtype (bf16 under
+    bf16 autocast: one rounding per chunk). Eager mode.
+    """
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"memfast.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if (sample_ids is None) != (tracker is None):
+        raise ValueError("memfast.linear_cross_entropy: sample_ids and tracker must be given together")
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"memfast.linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check(input, linear_weight, target, linear_bias, weight)
+    H, C = input.shape[-1], linear_weight.shape[0]
+    x = input.reshape(-1, H)
+    y = target.reshape(-1).long().contiguous()
+    dtype, out_dtype = _dtypes(input)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    track = None
+    if tracker is not None:
+        track = (tracker.state, tracker.counters, tracker._check_batch(x, sample_ids, y.numel()), tracker._stat_rows)
+    w = None if weight is None else weight.detach().to(acc).contiguous()
+    rows = _chunk_rows(x.shape[0], H, C, chunk_size)
+    loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, _ops.ops(input.device), y, w, ignore_index,
+                                     float(label_smoothing), _REDUCTIONS.index(reduction), rows, track, dtype)
+    return (loss.reshape(target.shape) if reduction == "none" else loss).to(out_dtype)

@@ -1,0 +1,192 @@
+"""memfast.linear_cross_entropy against F.cross_entropy(F.linear(...)): values,
+gradients of input / weight / bias, chunking, tracking, autocast, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memfast
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),
+       torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+
+
+def _head(dtype, B=3, T=5, H=6, C=13, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, generator=g).to(dtype).requires_grad_(True)
+    w = (torch.randn(C, H, generator=g) / H ** 0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(C, generator=g).to(dtype).requires_grad_(True) if bias else None
+    y = torch.randint(0, C, (B, T), generator=g)
+    y[0, :2] = -100  # a prompt
+    return x, w, b, y
+
+
+def _reference(x, w, b, y, **kw):
+    logits = F.linear(x, w, b)
+    return F.cross_entropy(logits.reshape(-1, w.shape[0]), y.reshape(-1), **kw).reshape(
+        y.shape if kw.get("reduction") == "none" else ())
+
+
+def _grads(loss, inputs, upstream=None):
+    inputs = [t for t in inputs if t is not None]
+    return torch.autograd.grad(loss, inputs, upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", ["plain", "weight+smooth", "no-bias"])
+@pytest.mark.parametrize("chunk_size", [1, 4, None, 1000])
+def test_matches_linear_then_cross_entropy(backend, dtype, reduction, opts, chunk_size):
+    x, w, b, y = _head(dtype, bias=opts != "no-bias")
+    kw = {"reduction": reduction}
+    if opts == "weight+smooth":
+        kw.update(weight=torch.rand(w.shape[0], dtype=torch.float64).to(dtype) + 0.5, label_smoothing=0.1)
+    got = memfast.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=chunk_size, **kw)
+    want = _reference(x, w, b, y, **kw)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    upstream = torch.linspace(0.5, 2, want.numel(), dtype=want.dtype).reshape(want.shape) if reduction == "none" \
+        else None
+    for a, c in zip(_grads(got, (x, w, b), upstream), _grads(want, (x, w, b), upstream)):
+        torch.testing.assert_close(a, c, **TOL[dtype])
+
+
+def test_matches_torch_linear_cross_entropy_where_it_exists(backend):
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("torch.nn.functional.linear_cross_entropy: PyTorch 2.13+")
+    x, w, b, y = _head(torch.float64)
+    for reduction in ("mean", "sum", "none"):
+        rows, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1)  # torch's takes 1-D or 2-D input
+        got = memfast.linear_cross_entropy(rows, w, targets, linear_bias=b, reduction=reduction, label_smoothing=0.2)
+        want = F.linear_cross_entropy(rows, w, targets, linear_bias=b, reduction=reduction, label_smoothing=0.2)
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_chunks_bound_the_logits(backend, monkeypatch):
+    from memfast import linear
+
+    x, w, b, y = _head(torch.float32, B=4, T=8)
+    shapes = []
+    real = linear.F.linear
+
+    def spy(*args):
+        out = real(*args)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(linear.F, "linear", spy)
+    memfast.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=5).backward()
+    assert shapes == [(5, 13)] * 6 + [(2, 13)]  # 32 rows; mean: the gradients are formed in the forward
+    shapes.clear()
+    memfast.linear_cross_entropy(x, w, y, linear_bias=b).backward()  # default: at least 2^24 logits a chunk
+    assert shapes == [(32, 13)]
+    shapes.clear()
+    monkeypatch.setattr(linear, "_MIN_CHUNK_ELEMENTS", 1)  # then a chunk's logits hold the input's elements
+    memfast.linear_cross_entropy(x, w, y, linear_bias=b).backward()
+    assert shapes == [(15, 13)] * 2 + [(2, 13)]  # ceil(32 * 6 / 13) = 15 rows
+    shapes.clear()
+    memfast.linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", chunk_size=16).sum().backward()
+    assert shapes == [(16, 13)] * 4  # 'none': forward, then the backward recomputes
+
+
+@pytest.mark.parametrize("ids", ["per-row", "per-sequence"])
+@pytest.mark.parametrize("chunk_size", [3, 7, None])
+def test_tracking_matches_cross_entropy(backend, ids, chunk_size):
+    # chunks of 3 and 7 rows split sequences of 5 tokens: a sequence's tokens still add into it
+    x, w, b, y = _head(torch.float64)
+    sample_ids = torch.tensor([4, 0, 2]) if ids == "per-sequence" else torch.arange(15) % 6
+    got, want = (memfast.SampleTracker(6, stats="all") for _ in range(2))
+    for tracker in (got, want):
+        tracker.end_epoch()
+    memfast.linear_cross_entropy(x, w, y, linear_bias=b, sample_ids=sample_ids, tracker=got,
+                                 chunk_size=chunk_size).backward()
+    logits = F.linear(x, w, b).reshape(-1, w.shape[0])
+    memfast.cross_entropy(logits, y.reshape(-1), sample_ids=sample_ids, tracker=want)
+    torch.testing.assert_close(got.state, want.state, equal_nan=True)
+    assert torch.equal(got.counters, want.counters)
+
+
+def test_without_gradient_only_tracks(backend):
+    x, w, b, y = _head(torch.float32)
+    tracker = memfast.SampleTracker(3)
+    with torch.no_grad():
+        loss = memfast.linear_cross_entropy(x, w, y, linear_bias=b, sample_ids=torch.arange(3), tracker=tracker,
+                                            chunk_size=4)
+    torch.testing.assert_close(loss, _reference(x, w, b, y).detach())
+    assert tracker.stat("count").tolist() == [3, 5, 5]
+
+
+def test_frozen_head_and_frozen_input(backend):
+    x, w, b, y = _head(torch.float64)
+    w.requires_grad_(False)
+    (gx,) = torch.autograd.grad(memfast.linear_cross_entropy(x, w, y, linear_bias=b.detach(), chunk_size=4), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(_reference(x, w, b.detach(), y), x)[0])
+    w.requires_grad_(True)
+    xd = x.detach()
+    gw, gb = torch.autograd.grad(memfast.linear_cross_entropy(xd, w, y, linear_bias=b, chunk_size=4), (w, b))
+    want = torch.autograd.grad(_reference(xd, w, b, y), (w, b))
+    torch.testing.assert_close(gw, want[0])
+    torch.testing.assert_close(gb, want[1])
+
+
+def test_empty_and_all_ignored_are_nan_with_zero_gradients(backend):
+    for B in (0, 2):
+        x, w, b, y = _head(torch.float64, B=max(B, 1))
+        x, y = x[:B].detach().requires_grad_(True), y[:B]
+        y = torch.full_like(y, -100)
+        loss = memfast.linear_cross_entropy(x, w, y, linear_bias=b)
+        assert torch.isnan(loss)
+        gx, gw, gb = torch.autograd.grad(loss, (x, w, b))
+        assert not gx.any() and not gw.any() and not gb.any()
+
+
+def test_backward_twice(backend):
+    x, w, b, y = _head(torch.float64)
+    loss = memfast.linear_cross_entropy(x, w, y, linear_bias=b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        loss.backward()
+    x.grad = None
+    loss = memfast.linear_cross_entropy(x, w, y, linear_bias=b, reduction="none")
+    loss.sum().backward(retain_graph=True)
+    loss.sum().backward()  # 'none' recomputes: fine
+    torch.testing.assert_close(x.grad, 2 * torch.autograd.grad(_reference(x, w, b, y, reduction="sum"), x)[0])
+
+
+def test_autocast_bf16_matches_pytorch(backend):
+    x, w, b, y = _head(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = memfast.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=4)
+        want = _reference(x, w, b, y)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    for a, c in zip(_grads(got, (x, w, b)), _grads(want, (x, w, b))):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, c, **TOL[torch.bfloat16])
+
+
+def test_bad_input_names_the_argument(backend):
+    x, w, b, y = _head(torch.float32)
+    cases = [
+        (dict(input=x.long()), TypeError, "input"),
+        (dict(linear_weight=w.t()), ValueError, "linear_weight"),
+        (dict(linear_bias=b[:3]), ValueError, "linear_bias"),
+        (dict(target=y.float()), TypeError, "target"),
+        (dict(target=y[:, :2]), ValueError, "target"),
+        (dict(weight=torch.ones(3)), ValueError, "weight"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(tracker=memfast.SampleTracker(3)), ValueError, "sample_ids"),
+    ]
+    for override, error, name in cases:
+        args = dict(input=x, linear_weight=w, target=y, linear_bias=b)
+        args.update(override)
+        with pytest.raises(error, match=name):
+            memfast.linear_cross_entropy(args.pop("input"), args.pop("linear_weight"), args.pop("target"), **args)
+    tracker = memfast.SampleTracker(3)
+    bad = y.clone()
+    bad[2, 4] = 99  # the last chunk's: raised there, on the CPU; the tracker is only updated after the loop
+    with pytest.raises(IndexError):
+        memfast.linear_cross_entropy(x, w, bad, linear_bias=b, sample_ids=torch.arange(3), tracker=tracker,
+                                     chunk_size=4)
+    assert not tracker.state.any() and not tracker.counters.any()
