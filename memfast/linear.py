@@ -89,17 +89,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # The chunks' row statistics ([5, N]: 20 bytes a row), for one tracker update of the whole
             # batch after the loop: the same result as memfast.cross_entropy on all the logits.
             stats = torch.empty((len(ROW_STATS), N), dtype=acc, device=x.device) if track is not None else None
+            chunk_weight = weight
+            if reduction == _MEAN:
+                # The mean over all the rows, chunk by chunk: each chunk's sum with the class weights
+                # divided by the whole batch's denominator sum(weight[target]) -- loss and gradient are
+                # linear in the weights, so the kernel forms the mean's gradient in fp32 and rounds it
+                # once (scaling a bf16 gradient afterwards would round the scale too).
+                valid = target != ignore_index
+                w_full = weight if weight is not None else torch.ones(C, dtype=acc, device=x.device)
+                den = (w_full[torch.where(valid, target, 0)] * valid).sum()
+                chunk_weight = (w_full / den).contiguous()
             in_forward = reduction != _NONE and any(need)  # the gradient now; 'none' recomputes it later
             for s in range(0, N, rows):
                 e = min(N, s + rows)
                 z = F.linear(x[s:e], w, b)
                 y = target[s:e]
                 if in_forward:
-                    loss, row_stats = lib.cross_entropy_fwd_(z, y, weight, ignore_index, eps, None, None, _SUM)
+                    loss, row_stats = lib.cross_entropy_fwd_(z, y, chunk_weight, ignore_index, eps, None, None, _SUM)
                     _accumulate(grads, z, x[s:e], w, s, e)
                 else:
-                    loss, row_stats, _ = lib.cross_entropy_fwd(z, y, weight, ignore_index, eps, None, None, False,
-                                                               _NONE if reduction == _NONE else _SUM)
+                    loss, row_stats, _ = lib.cross_entropy_fwd(z, y, chunk_weight, ignore_index, eps, None, None,
+                                                               False, _NONE if reduction == _NONE else _SUM)
                 if reduction == _NONE:
                     losses[s:e] = loss
                 else:
@@ -109,15 +119,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if track is not None:
                 state, counters, ids, stat_rows = track
                 lib.track_(state, counters, stats, target, ids, ignore_index, C, stat_rows)
-            if reduction == _MEAN:
-                valid = target != ignore_index
-                den = (weight.to(acc)[torch.where(valid, target, 0)] * valid).sum() if weight is not None \
-                    else valid.sum().to(acc)
-                total = total / den  # NaN over no rows, as in PyTorch; the gradient of no rows stays 0
-                scale = torch.where(den == 0, torch.zeros_like(den), 1 / den)
-                for g in grads:
-                    if g is not None:
-                        g.mul_(scale.to(g.dtype))
+            if reduction == _MEAN:  # over no rows: NaN, as in PyTorch (the gradient of no rows stays 0)
+                total = torch.where(den == 0, torch.full_like(total, float("nan")), total)
         ctx.reduction, ctx.lib, ctx.rows, ctx.dtype, ctx.args = reduction, lib, rows, dtype, (weight, ignore_index, eps)
         ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         if reduction == _NONE:

@@ -190,3 +190,18 @@ def test_bad_input_names_the_argument(backend):
         memfast.linear_cross_entropy(x, w, bad, linear_bias=b, sample_ids=torch.arange(3), tracker=tracker,
                                      chunk_size=4)
     assert not tracker.state.any() and not tracker.counters.any()
+
+
+def test_bf16_mean_gradient_has_no_scale_bias(backend):
+    # The mean's 1/denominator (60 rows here) enters the kernel in fp32: a bf16-rounded scale would
+    # bias every gradient by the same factor (1/60 is 0.34% off in bf16), which averaging shows
+    # (the bf16 inputs' own rounding leaves ~0.04%).
+    x, w, b, y = _head(torch.bfloat16, B=4, T=16, H=32, C=50)
+    y[1, :2] = -100
+    assert int((y != -100).sum()) == 60
+    got = torch.autograd.grad(memfast.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=16), (x, w, b))
+    xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    want = torch.autograd.grad(_reference(xr, wr, br, y), (xr, wr, br))
+    for a, c in zip(got, want):
+        ratio = float((a.double() * c).sum() / (c * c).sum())
+        assert abs(ratio - 1) < 1e-3, ratio
