@@ -86,6 +86,7 @@ struct SavedInputs : torch::CustomClassHolder {
   bool source_is_rows = true;
   bool grad_over_logits = false;  // inplace_backward: the saved gradient is the logits' own buffer
   bool saved_grad_consumed = false;
+  at::ScalarType acc_dtype = at::kFloat;  // the op's loss dtype: what its backward takes
 
   Tensor live_logits(const char* why) const {
     auto impl = source.lock();
@@ -104,7 +105,8 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const OpSet* ops, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, int64_t ignore_index, double label_smoothing,
                                const OptTensor& adjustment, const OptTensor& groups, bool compute_grad,
-                               int64_t reduction, bool inplace, const Tensor* source) {
+                               int64_t reduction, bool inplace, const Tensor* source,
+                               std::optional<at::ScalarType> loss_dtype) {
     // Function::apply only turns grad mode off: without this the call would go through
     // torch.library's Python autograd kernel of the op.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -144,18 +146,22 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     saved->source_version = held._version();
     saved->source_is_rows = source == nullptr;
     saved->grad_over_logits = inplace;
+    saved->acc_dtype = loss.scalar_type();
     ctx->saved_data["inputs"] = c10::IValue::make_capsule(std::move(saved));
+    // F.cross_entropy's output dtype (the input's, for bf16 / fp16 logits outside autocast), converted
+    // here: a separate .to() would be one more autograd node, and on CUDA two more launches a step.
+    if (loss_dtype.has_value() && *loss_dtype != loss.scalar_type()) loss = loss.to(*loss_dtype);
     if (inplace) return {loss, row_stats};
     return {loss, row_stats, grad};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // One entry per forward argument (ops, logits, target, ... reduction, inplace, source); only
-    // logits gets one.
-    variable_list out(12);
-    const Tensor& grad_loss = grad_outputs[0];
-    if (!grad_loss.defined()) return out;
+    // One entry per forward argument (ops, logits, target, ... reduction, inplace, source,
+    // loss_dtype); only logits gets one.
+    variable_list out(13);
+    if (!grad_outputs[0].defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
+    const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
     TORCH_CHECK(!(saved->grad_over_logits && (at::GradMode::is_enabled() || saved->saved_grad_consumed)),
                 "memfast.cross_entropy: ",
                 at::GradMode::is_enabled() ? "a differentiable gradient (create_graph=True)"
@@ -199,7 +205,8 @@ void init_autograd(py::module& m) {
       [](const std::string& ns, const Tensor& logits, const Tensor& target, const OptTensor& weight,
          int64_t ignore_index, double label_smoothing, const OptTensor& adjustment, const OptTensor& groups,
          bool compute_grad, int64_t reduction, const OptTensor& state, const OptTensor& counters,
-         const OptTensor& sample_ids, std::vector<int64_t> stat_rows, bool inplace, const OptTensor& source) {
+         const OptTensor& sample_ids, std::vector<int64_t> stat_rows, bool inplace, const OptTensor& source,
+         std::optional<at::ScalarType> loss_dtype) {
         TORCH_CHECK(differentiable_grad != nullptr, "memfast: _set_differentiable_grad was not called");
         const OpSet* ops = &ops_for(ns);
         py::gil_scoped_release no_gil;  // as torch's own ops: the kernels may run for a while
@@ -207,7 +214,7 @@ void init_autograd(py::module& m) {
         if (at::GradMode::is_enabled() && logits.requires_grad()) {
           auto out = CrossEntropyFunction::apply(ops, logits, target, weight, ignore_index, label_smoothing,
                                                  adjustment, groups, compute_grad, reduction, inplace,
-                                                 source.has_value() ? &*source : nullptr);
+                                                 source.has_value() ? &*source : nullptr, loss_dtype);
           loss = std::move(out[0]);
           row_stats = std::move(out[1]);
         } else {
@@ -215,6 +222,7 @@ void init_autograd(py::module& m) {
           std::tie(loss, row_stats, std::ignore) = ops->fwd.call(logits, target, weight, ignore_index,
                                                                  label_smoothing, adjustment, groups, compute_grad,
                                                                  reduction);
+          if (loss_dtype.has_value() && *loss_dtype != loss.scalar_type()) loss = loss.to(*loss_dtype);
         }
         if (state.has_value()) {
           Tensor state_t = *state, counters_t = *counters;
@@ -227,7 +235,8 @@ void init_autograd(py::module& m) {
       "require grad), then track_(state, counters, row_stats, target, sample_ids, ...) when a tracker is\n"
       "given. inplace: write the gradient over the logits (cross_entropy_fwd_; only when they require\n"
       "grad). source: the tensor the logits rows were made from when they are not the caller's own\n"
-      "(held weakly, for a second or a differentiable backward). Returns (loss, row_stats).");
+      "(held weakly, for a second or a differentiable backward). loss_dtype: the loss's dtype (None:\n"
+      "the op's, fp32 / fp64). Returns (loss, row_stats).");
 }
 
 }  // namespace memfast

@@ -232,13 +232,14 @@ _NO_TRACKING = (None, None, None, [])
 
 
 def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
-                  track=None, source=None, inplace=False):
+                  track=None, source=None, inplace=False, loss_dtype=None):
     """lib.cross_entropy_fwd, differentiable in logits, then lib.track_ of its row statistics when
     track = (state, counters, sample_ids, stat_rows) is given. Returns (loss, row_stats).
     source: the caller's tensor the rows were made from (as_rows), when it is not logits:
     what a second or a differentiable backward recomputes from. inplace: write the gradient over
     the logits (loss.cross_entropy's inplace_backward; plain eager with the extension only --
-    traced code, torch.func and the extension-less fallback allocate it as usual)."""
+    traced code, torch.func and the extension-less fallback allocate it as usual). loss_dtype: the
+    dtype to return the loss in (None: the op's); the caller converts what comes back otherwise."""
     args = (logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction)
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
         if _forward_ad_active():  # the logits are kept (_fwd_setup_context): no source needed
@@ -246,7 +247,7 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
         elif _C is not None:
             # Plain eager: one C++ call does the forward (through the C++ autograd Function when
             # the logits require grad) and the tracking -- no Python on the step's autograd path.
-            return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), inplace, source)
+            return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), inplace, source, loss_dtype)
         elif torch.is_grad_enabled() and logits.requires_grad:  # no extension: the Python Function
             held = None if source is None else (weakref.ref(source), source._version)
             loss, row_stats, _ = _FusedCrossEntropy.apply(lib, held, *args)

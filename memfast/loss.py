@@ -169,12 +169,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             logits = logits.clone(memory_format=torch.contiguous_format)
     # The reduction happens inside the op: for the mean its gradient already
     # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
+    dtype = _loss_dtype(input)
     loss, _ = _ops.cross_entropy(
         _ops.ops(input.device), logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment,
-        groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input, inplace)
+        groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input, inplace,
+        dtype)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else target_shape)
-    dtype = _loss_dtype(input)
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 

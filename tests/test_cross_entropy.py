@@ -436,6 +436,9 @@ def test_eager_step_runs_no_python_autograd(backend):
         sys.setprofile(None)
     assert "CrossEntropyFunction" in loss.grad_fn.name()
     assert not [f for f in forward_files + files if "_library" in f], "torch.library's Python autograd ran"
+    # a bf16 loss (F.cross_entropy's dtype) comes out of the Function itself: no extra .to() node
+    half = memfast.cross_entropy(x.detach().bfloat16().requires_grad_(True), y)
+    assert half.dtype == torch.bfloat16 and "CrossEntropyFunction" in half.grad_fn.name()
     if backend == "kernels":
         assert not [f for f in files if "memfast" in f], files
     torch.testing.assert_close(x.grad, torch.autograd.grad(F.cross_entropy(x, y), x)[0])
