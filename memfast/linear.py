@@ -145,8 +145,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _explicit_dtypes(input):
     """Autocast off inside: the Function casts to its compute dtype itself (in-place addmm_ has no autocast)."""
-    return torch.autocast(input.device.type, enabled=False) if input.device.type in ("cpu", "cuda") \
-        else torch.autocast("cpu", enabled=False)
+    return torch.autocast(input.device.type, enabled=False)
 
 
 def _cast(input, linear_weight, linear_bias, dtype):

@@ -115,10 +115,7 @@ def _check_inplace(input):
         raise ValueError(f"memfast.cross_entropy: inplace_backward=True would write the gradient over input, which is "
                          f"{what} tensor that requires grad (a parameter, or made with requires_grad=True); pass "
                          "the model's output (or a clone), or leave inplace_backward off")
-    if input.dim() == 2 and not input.is_contiguous():
-        raise ValueError("memfast.cross_entropy: inplace_backward=True writes the gradient into input, which must be "
-                         f"contiguous; got strides {tuple(input.stride())} (call .contiguous() first, or leave "
-                         "inplace_backward off)")
+    # (non-contiguous logits: the op refuses them, check_inplace_logits)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,

@@ -478,11 +478,16 @@ def test_bad_input_raises_naming_the_argument():
 
 
 # ------------------------------------------------------------- over a dataset
-def test_score_curvature_accumulates_mean_over_calls():
+def _shuffled_id_loader():
+    """A small CNN and 10 samples in two batches whose sample ids are shuffled."""
     model = small_cnn(torch.float32)
     x, y = cnn_batch(B=10, dtype=torch.float32)
     ids = torch.tensor([3, 0, 9, 4, 1, 8, 2, 7, 6, 5])
-    loader = [(x[:4], y[:4], ids[:4]), (x[4:], y[4:], ids[4:])]
+    return model, x, y, ids, [(x[:4], y[:4], ids[:4]), (x[4:], y[4:], ids[4:])]
+
+
+def test_score_curvature_accumulates_mean_over_calls():
+    model, x, y, ids, loader = _shuffled_id_loader()
     tracker = memfast.SampleTracker(12, stats=("csl", "count", "curv"))
     memfast.score_curvature(model, loader, tracker, n_probes=3, seed=1, progress=False)
     memfast.score_curvature(model, loader, tracker, n_probes=3, seed=2, progress=False)
@@ -554,10 +559,7 @@ def test_input_gradient_norm_bad_input():
 
 
 def test_score_grad_norm_returns_this_pass_and_accumulates():
-    model = small_cnn(torch.float32)
-    x, y = cnn_batch(B=10, dtype=torch.float32)
-    ids = torch.tensor([3, 0, 9, 4, 1, 8, 2, 7, 6, 5])
-    loader = [(x[:4], y[:4], ids[:4]), (x[4:], y[4:], ids[4:])]
+    model, x, y, ids, loader = _shuffled_id_loader()
     tracker = memfast.SampleTracker(12, stats=("csl", "count", "grad_norm"))
     first = memfast.score_grad_norm(model, loader, tracker, progress=False)
     expected = torch.full((12,), math.nan)
