@@ -87,6 +87,13 @@ def _reduce_fake(grads, g0, seed, probe_offset):
     return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
 
 
+def in_backward():
+    """True while autograd runs a backward pass on this thread: activation checkpointing
+    (torch.utils.checkpoint) re-runs its forward there, and a loss recomputed for its
+    gradient must not add its statistics to a tracker a second time."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def as_rows(t):
     """The op's [R, C] rows of a caller's logits: [C] -> [1, C], [N, C] as is, [N, C, d1, ...] ->
     [N*d1*..., C] in the target's order (a copy). csrc/autograd.cpp rebuilds them the same way."""

@@ -224,7 +224,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     track = None
     if tracker is not None:
-        track = (tracker.state, tracker.counters, tracker._check_batch(x, sample_ids, y.numel()), tracker._stat_rows)
+        ids = tracker._check_batch(x, sample_ids, y.numel())
+        if not _ops.in_backward():  # a checkpoint's recompute: tracked by the first forward already
+            track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     w = None if weight is None else weight.detach().to(acc).contiguous()
     rows = _chunk_rows(x.shape[0], H, C, chunk_size)
     loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, _ops.ops(input.device), y, w, ignore_index,

@@ -1,9 +1,11 @@
 """memfast.cross_entropy: a drop-in for torch.nn.functional.cross_entropy
-(class-index targets) that can also track per-sample statistics and shift the
-logits (MAT's adjusted softmax) inside the same fused op."""
+that can also track per-sample statistics and shift the logits (MAT's
+adjusted softmax) inside the same fused op (class-index targets; for
+class-probability targets the loss is PyTorch's and the tracking one pass)."""
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ops
@@ -40,8 +42,8 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
     if not isinstance(target, Tensor):
         raise TypeError(f"memfast.cross_entropy: target must be a tensor, got {type(target)}")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-        raise TypeError("memfast.cross_entropy: target must hold class indices (an integer tensor); "
-                        f"got {target.dtype} (class-probability targets are not supported)")
+        raise TypeError("memfast.cross_entropy: target must hold class indices (an integer tensor) or class "
+                        f"probabilities (a floating-point tensor of the input's shape); got {target.dtype}")
     if input.dim() == 0:
         raise ValueError("memfast.cross_entropy: input must have a class dimension, got a 0-d tensor")
     unbatched = input.dim() == 1
@@ -107,6 +109,45 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
     return logits, target_rows, weight, adjustment, groups_rows, target.shape, unbatched
 
 
+def _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker,
+                               adjustment, groups):
+    """Class-probability targets. The loss is PyTorch's (autograd included: not fused); the
+    tracker gets one memfast pass over the detached logits with each row's most probable class
+    as its label, so its statistics mean what they mean for index targets (the smoothing and
+    the target's own entropy stay out of CSL). Rows with no target mass are not tracked."""
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        raise TypeError(f"memfast.cross_entropy: input must be a floating-point tensor, got "
+                        f"{getattr(input, 'dtype', type(input))}")
+    if target.is_complex():
+        raise TypeError(f"memfast.cross_entropy: target must be real, got {target.dtype}")
+    if ignore_index != -100:  # as F.cross_entropy
+        raise ValueError("memfast.cross_entropy: ignore_index applies to class-index targets only; with "
+                         "class-probability targets give an ignored row zero probability mass instead")
+    if input.dim() == 0 or target.shape != input.shape:
+        raise ValueError(f"memfast.cross_entropy: target is floating point, so it holds class probabilities and "
+                         f"needs the input's shape {tuple(input.shape)}; got {tuple(target.shape)} (class indices "
+                         "must be an integer tensor)")
+    class_dim = 0 if input.dim() == 1 else 1
+    with torch.no_grad():
+        label = torch.where(target.sum(class_dim) > 0, target.argmax(class_dim), -100)
+    # Validates weight, label_smoothing, adjustment and groups as for index targets.
+    logits, _, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
+        input, label, weight, -100, label_smoothing, adjustment, groups)
+    if adjustment is None:
+        loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
+    else:  # on rows: the shift has the rows' layout, computed in fp32 (fp64 for fp64 logits)
+        shift = shift if groups_rows is None else shift[groups_rows]
+        shifted = logits + shift
+        loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
+                               label_smoothing=label_smoothing)
+        if reduction == "none":
+            loss = loss.reshape(() if unbatched else label_shape)
+    if tracker is not None and not _ops.in_backward():
+        tracker.update(input.detach(), label, sample_ids, adjustment=adjustment, groups=groups)
+    dtype = _loss_dtype(input)
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
 def _check_inplace(input):
     """inplace_backward writes into input's storage: refuse what an in-place op on it would."""
     base = input._base if input._base is not None else input
@@ -129,13 +170,18 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         one id per row (the target's shape), or one id per leading index
         (e.g. ``[B]`` for ``[B*T]`` token rows: the tokens of a sequence add
         into its sample). Rows whose target is ``ignore_index`` are not
-        tracked. The tracked loss is the unsmoothed, unweighted cross entropy
+        tracked. A forward re-run inside a backward pass (activation
+        checkpointing's recompute) is not tracked again. The tracked loss is the unsmoothed, unweighted cross entropy
         of the logits the loss sees (the adjusted ones when ``adjustment`` is
         given).
       adjustment, groups: an additive, constant shift of the logits:
         dense (the input's shape), a ``[C]`` vector for every row, or a table
         ``[A, C]`` gathered per row by ``groups`` (the target's shape).
         ``loss = CE(input + shift, target)``; no gradient flows into it.
+      Class-probability targets (floating point, the input's shape) give
+        PyTorch's loss (not fused; inplace_backward does not apply); a
+        tracker records each row's statistics against its most probable
+        class, and skips rows whose probabilities sum to zero.
       inplace_backward: write the gradient over ``input`` in the forward
         instead of allocating it (zero extra memory: for a [B*T, V] LM head
         that is the size of the logits). Afterwards ``input`` holds
@@ -151,12 +197,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise ValueError(f"memfast.cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if (sample_ids is None) != (tracker is None):
         raise ValueError("memfast.cross_entropy: sample_ids and tracker must be given together")
+    if isinstance(target, Tensor) and target.is_floating_point():
+        return _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids,
+                                          tracker, adjustment, groups)
     logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
         input, target, weight, ignore_index, label_smoothing, adjustment, groups)
     track = None
     if tracker is not None:
         ids = tracker._check_batch(logits, sample_ids, target_rows.numel())
-        track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
+        if not _ops.in_backward():  # a checkpoint's recompute: tracked by the first forward already
+            track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     inplace = bool(inplace_backward) and compute_grad and not torch.compiler.is_compiling()
     if inplace:

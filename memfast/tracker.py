@@ -165,7 +165,9 @@ class SampleTracker:
     @torch.no_grad()
     def update(self, logits, targets, sample_ids, *, ignore_index=-100, adjustment=None, groups=None):
         """Forward-only update (e.g. an eval-mode scoring pass, the reference
-        code's way of computing CSL). Returns the per-row losses."""
+        code's way of computing CSL). ``targets``: class indices, or class
+        probabilities (scored against each row's most probable class).
+        Returns the per-row losses."""
         from .loss import cross_entropy
 
         return cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", sample_ids=sample_ids,

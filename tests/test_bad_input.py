@@ -28,7 +28,8 @@ def _snapshot(t):
 BAD_CALLS = [
     # (description, kwargs builder, exception, message fragment)
     ("integer logits", lambda: dict(input=torch.randint(0, 3, (4, 3))), TypeError, "input"),
-    ("float targets", lambda: dict(target=torch.rand(4)), TypeError, "target"),
+    ("float targets of the index shape", lambda: dict(target=torch.rand(4)), ValueError, "target is floating"),
+    ("class probabilities of the wrong shape", lambda: dict(target=torch.rand(4, 2)), ValueError, "target"),
     ("bool targets", lambda: dict(target=torch.ones(4, dtype=torch.bool)), TypeError, "target"),
     ("float sample ids", lambda: dict(sample_ids=torch.zeros(4)), TypeError, "sample_ids"),
     ("sample ids of the wrong length", lambda: dict(sample_ids=torch.arange(3)), ValueError, "sample_ids"),

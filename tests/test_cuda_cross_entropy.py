@@ -450,6 +450,20 @@ def test_tracked_values_match_through_api():
     torch.testing.assert_close(got.state, want.state, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+def test_probability_targets_track_the_most_probable_class():
+    N, C = 256, 1000
+    got, want = fresh_pair(64)
+    x = torch.randn(N, C, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.softmax(torch.randn(N, C, device=DEV) * 3, 1)
+    q[::7] = 0  # no mass: not tracked
+    ids = torch.randint(0, 64, (N,), device=DEV)
+    loss = memfast.cross_entropy(x, q.bfloat16(), sample_ids=ids, tracker=got, label_smoothing=0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(x, q.bfloat16(), label_smoothing=0.1))
+    label = torch.where(q.sum(1) > 0, q.bfloat16().argmax(1), -100)
+    want.update(x.detach(), label, ids)
+    assert_trackers_close(got, want)
+
+
 @cuda_only("the CPU kernels raise on bad ids / targets instead of counting them")
 @pytest.mark.parametrize("what", ["id", "id-per-sequence", "target"])
 def test_bad_values_write_nothing_and_raise_at_check(what):

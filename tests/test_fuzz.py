@@ -100,6 +100,7 @@ def api_cases(draw):
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         inplace=draw(st.booleans()),
         tracked=draw(st.booleans()),
+        probabilities=draw(st.booleans()),
         adjustment=draw(st.sampled_from(["none", "dense", "vector", "table"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -109,7 +110,7 @@ def api_cases(draw):
 @given(api_cases())
 def test_api_matches_pytorch(case):
     """memfast.cross_entropy end to end (the C++ eager autograd Function, inplace_backward, the
-    tracker call) against F.cross_entropy in float64: loss and input gradient."""
+    tracker call, class-probability targets) against F.cross_entropy in float64: loss and input gradient."""
     import torch.nn.functional as F
 
     import memfast
@@ -119,13 +120,18 @@ def test_api_matches_pytorch(case):
     shape, tshape = {"rows": ((R, C), (R,)), "spatial": ((R, C, d), (R, d)), "unbatched": ((C,), ())}[case["shape"]]
     x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, C, tshape, generator=g)
-    target[torch.rand(tshape, generator=g) < case["ignore_frac"]] = -100
+    ignored = torch.rand(tshape, generator=g) < case["ignore_frac"]
+    target[ignored] = -100
+    if case["probabilities"]:  # class probabilities; an ignored row has no mass
+        class_dim = 0 if x.dim() == 1 else 1
+        target = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) * 2, class_dim)
+        target = target * (~ignored).unsqueeze(class_dim)
     weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.1 if case["weighted"] else None
     kw = dict(weight=weight, label_smoothing=case["eps"], reduction=case["reduction"])
     upstream = torch.rand(tshape, generator=g, dtype=torch.float64) if case["reduction"] == "none" else None
     extra = {}
-    if case["tracked"] and target.dim() > 0:
-        extra = dict(sample_ids=torch.arange(target.shape[0]), tracker=SampleTracker(max(1, target.shape[0])))
+    if case["tracked"] and tshape:
+        extra = dict(sample_ids=torch.arange(tshape[0]), tracker=SampleTracker(max(1, tshape[0])))
     shift = None  # what memfast adds to the logits, in the input's shape
     if case["adjustment"] == "dense":
         extra["adjustment"] = shift = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -144,6 +150,6 @@ def test_api_matches_pytorch(case):
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, equal_nan=True)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10, equal_nan=True)
     if "tracker" in extra:
-        valid = target != -100  # one sample per leading index: its rows that are not ignored
+        valid = ~ignored  # one sample per leading index: its rows that are not ignored
         counted = valid.flatten(1).sum(1) if valid.dim() > 1 else valid.long()
-        torch.testing.assert_close(extra["tracker"].stat("count")[:target.shape[0]], counted.float())
+        torch.testing.assert_close(extra["tracker"].stat("count")[:tshape[0]], counted.float())

@@ -219,3 +219,43 @@ def test_empty_batch_counts_a_call(backend):
     t = SampleTracker(4)
     t.update(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     assert t.state.abs().sum() == 0
+
+
+@pytest.mark.parametrize("use_reentrant,early_stop", [(True, True), (False, False), (False, True)])
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_checkpoint_recompute_tracks_once(backend, loss, use_reentrant, early_stop):
+    """Activation checkpointing re-runs the loss inside the backward: the tracker must
+    count the step once, with the first forward's statistics, and the gradient be unchanged."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    head = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 3, -100, 1])
+    ids = torch.tensor([0, 1, 1, 2, 3, 4])
+
+    def step(checkpointed):
+        tracker = SampleTracker(5, stats="all")
+        inp = x.clone().requires_grad_()
+
+        def f(inp):
+            if loss == "cross_entropy":
+                return memfast.cross_entropy(inp @ head.t(), target, sample_ids=ids, tracker=tracker)
+            return memfast.linear_cross_entropy(inp, head, target, sample_ids=ids, tracker=tracker)
+
+        if checkpointed:
+            with set_checkpoint_early_stop(early_stop):
+                out = checkpoint(f, inp, use_reentrant=use_reentrant)
+                out.backward()
+        else:
+            out = f(inp)
+            out.backward()
+        return tracker, out.detach(), inp.grad
+
+    plain, loss_plain, grad_plain = step(False)
+    ckpt, loss_ckpt, grad_ckpt = step(True)
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    torch.testing.assert_close(grad_ckpt, grad_plain)
+    assert ckpt.stat("count").tolist() == [1.0, 2.0, 1.0, 0.0, 1.0]
+    for name in plain.stored_stats:
+        torch.testing.assert_close(ckpt.stat(name), plain.stat(name), msg=name)

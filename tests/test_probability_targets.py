@@ -1,0 +1,163 @@
+"""Class-probability targets (soft labels, mixup, distillation): memfast.cross_entropy
+gives F.cross_entropy's loss and gradients, and a tracker records each row against
+its most probable class."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memfast
+from memfast import SampleTracker
+
+
+def soft(shape, dim=1, dtype=torch.float64, generator=None):
+    return torch.softmax(torch.randn(shape, dtype=dtype, generator=generator) * 2, dim)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (5,), (3, 4, 2, 3), (4, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_matches_pytorch(backend, shape, reduction, weighted, eps):
+    class_dim = 0 if len(shape) == 1 else 1
+    C = shape[class_dim]
+    x = (torch.randn(shape, dtype=torch.float64) * 3).requires_grad_()
+    q = soft(shape, class_dim).requires_grad_()  # differentiable in the target too, as F
+    w = torch.rand(C, dtype=torch.float64) + 0.1 if weighted else None
+    got = memfast.cross_entropy(x, q, w, reduction=reduction, label_smoothing=eps)
+    want = F.cross_entropy(x, q, w, reduction=reduction, label_smoothing=eps)
+    torch.testing.assert_close(got, want)
+    seed = torch.randn(want.shape, dtype=torch.float64)
+    got_grads = torch.autograd.grad(got, (x, q), seed)
+    want_grads = torch.autograd.grad(want, (x, q), seed)
+    for g, h in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_follows_pytorch(backend, dtype):
+    x = torch.randn(8, 7).to(dtype).requires_grad_()
+    q = soft((8, 7), dtype=torch.float32).to(dtype)
+    got, want = memfast.cross_entropy(x, q), F.cross_entropy(x, q)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
+@pytest.mark.parametrize("form", ["dense", "vector", "table"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_adjustment_shifts_the_logits(backend, form, reduction):
+    N, C, A = 6, 5, 3
+    x = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    q = soft((N, C))
+    groups = torch.randint(0, A, (N,))
+    shift = {"dense": torch.randn(N, C, dtype=torch.float64), "vector": torch.randn(C, dtype=torch.float64),
+             "table": torch.randn(A, C, dtype=torch.float64)}[form]
+    dense = shift[groups] if form == "table" else shift
+    got = memfast.cross_entropy(x, q, reduction=reduction, adjustment=shift,
+                                groups=groups if form == "table" else None)
+    want = F.cross_entropy(x + dense, q, reduction=reduction)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0])
+
+
+def test_spatial_adjustment_keeps_the_layout(backend):
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    q = soft((2, 4, 3))
+    shift = torch.randn(2, 4, 3, dtype=torch.float64)
+    got = memfast.cross_entropy(x, q, reduction="none", adjustment=shift)
+    torch.testing.assert_close(got, F.cross_entropy(x + shift, q, reduction="none"))
+    assert got.shape == (2, 3)
+
+
+def test_tracker_sees_the_most_probable_class(backend):
+    N, C = 12, 6
+    x = torch.randn(N, C, dtype=torch.float64) * 3
+    q = soft((N, C))
+    q[3] = 0  # no target mass: not tracked
+    ids = torch.tensor([0, 1, 2, 3, 4, 4, 5, 6, 7, 7, 8, 9])  # repeats add
+    got, want = SampleTracker(10, stats="all"), SampleTracker(10, stats="all")
+    memfast.cross_entropy(x.clone().requires_grad_(), q, sample_ids=ids, tracker=got, label_smoothing=0.1)
+    label = q.argmax(1)
+    label[3] = -100
+    want.update(x, label, ids)
+    torch.testing.assert_close(got.state, want.state)
+    assert got.stat("count")[3] == 0 and got.stat("count")[4] == 2
+    # and through tracker.update itself, returning the soft losses
+    again = SampleTracker(10, stats="all")
+    losses = again.update(x, q, ids)
+    torch.testing.assert_close(again.state, want.state)
+    torch.testing.assert_close(losses, F.cross_entropy(x, q, reduction="none"))
+
+
+def test_one_hot_targets_equal_index_targets(backend):
+    N, C = 9, 4
+    x = torch.randn(N, C, dtype=torch.float64) * 2
+    y = torch.randint(0, C, (N,))
+    ids = torch.randint(0, 5, (N,))
+    w = torch.rand(C, dtype=torch.float64) + 0.5
+    trackers = SampleTracker(5, stats="all"), SampleTracker(5, stats="all")
+    results = []
+    for target, tracker in zip((F.one_hot(y, C).double(), y), trackers):
+        xi = x.clone().requires_grad_()
+        loss = memfast.cross_entropy(xi, target, w, reduction="sum", sample_ids=ids, tracker=tracker)
+        loss.backward()
+        results.append((loss.detach(), xi.grad))
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(trackers[0].state, trackers[1].state)
+
+
+def test_per_sequence_ids_on_spatial_input(backend):
+    B, C, T = 3, 5, 4
+    x = torch.randn(B, C, T, dtype=torch.float64)
+    q = soft((B, C, T))
+    got, want = SampleTracker(B, stats="all"), SampleTracker(B, stats="all")
+    memfast.cross_entropy(x, q, sample_ids=torch.arange(B), tracker=got)
+    want.update(x, q.argmax(1), torch.arange(B))
+    torch.testing.assert_close(got.state, want.state)
+    assert got.stat("count").tolist() == [T] * B
+
+
+def test_bad_input_names_the_argument_and_leaves_the_tracker(backend):
+    x = torch.randn(4, 3)
+    q = soft((4, 3), dtype=torch.float32)
+    tracker = SampleTracker(4, stats="all")
+    ids = torch.arange(4)
+    before = tracker.state.clone()
+    with pytest.raises(ValueError, match="ignore_index"):
+        memfast.cross_entropy(x, q, ignore_index=0, sample_ids=ids, tracker=tracker)
+    with pytest.raises(ValueError, match="holds class probabilities and needs the input"):
+        memfast.cross_entropy(x, q[:, :2], sample_ids=ids, tracker=tracker)
+    with pytest.raises(TypeError, match="input must be a floating-point"):
+        memfast.cross_entropy(x.long(), q)
+    with pytest.raises(ValueError, match="weight must be"):
+        memfast.cross_entropy(x, q, torch.ones(2), sample_ids=ids, tracker=tracker)
+    with pytest.raises(ValueError, match="sample_ids has 3 entries"):
+        memfast.cross_entropy(x, q, sample_ids=ids[:3], tracker=tracker)
+    with pytest.raises(IndexError, match="out of range"):
+        memfast.cross_entropy(x, q, sample_ids=ids + 1, tracker=tracker)
+    assert torch.equal(tracker.state, before)
+
+
+def test_empty_batch(backend):
+    tracker = SampleTracker(3)
+    x = torch.randn(0, 4, requires_grad=True)
+    q = torch.zeros(0, 4)
+    for reduction in ("mean", "sum", "none"):
+        got, want = memfast.cross_entropy(x, q, reduction=reduction), F.cross_entropy(x, q, reduction=reduction)
+        torch.testing.assert_close(got, want, equal_nan=True)
+    memfast.cross_entropy(x, q, sample_ids=torch.zeros(0, dtype=torch.long), tracker=tracker)
+    assert tracker.stat("count").sum() == 0
+
+
+def test_module_and_compile(backend):
+    x = torch.randn(6, 5, requires_grad=True)
+    q = soft((6, 5), dtype=torch.float32)
+    ids = torch.arange(6)
+    trackers = SampleTracker(6, stats="all"), SampleTracker(6, stats="all")
+    eager_fn, compiled_fn = (memfast.CrossEntropyLoss(label_smoothing=0.1, tracker=t) for t in trackers)
+    eager = eager_fn(x, q, ids)
+    compiled = torch.compile(lambda x, q, ids: compiled_fn(x, q, ids), fullgraph=True, backend="aot_eager")(x, q, ids)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(trackers[1].state, trackers[0].state)
+    torch.testing.assert_close(trackers[1].counters, trackers[0].counters)
+    torch.testing.assert_close(eager, F.cross_entropy(x, q, label_smoothing=0.1))
