@@ -206,7 +206,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     forward (no second pass; a second backward through the loss raises);
     ``'none'`` recomputes each chunk's logits in the backward. The weight
     gradient is accumulated over chunks in the compute dtype (bf16 under
-    bf16 autocast: one rounding per chunk). Eager mode.
+    bf16 autocast: one rounding per chunk). Traceable by torch.compile.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if reduction not in _REDUCTIONS:
