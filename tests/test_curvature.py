@@ -186,6 +186,8 @@ def test_op_argument_errors():
             ops.curvature_perturb(torch.ones(3, 4, dtype=torch.int64), 0, 0, 2, 1e-3)
         with pytest.raises(ValueError, match="probe_offset"):
             ops.curvature_perturb(x, 0, -1, 2, 1e-3)
+        with pytest.raises(ValueError, match="do not fit"):  # 2^32 probes of 2^31 empty samples: 2^63 rows
+            ops.curvature_perturb(torch.empty(2**31, 0), 0, 0, 2**32, 1e-3)
         with pytest.raises(ValueError, match="multiple of the batch"):
             ops.curvature_reduce(torch.randn(7, 4), x, 0, 0)
         with pytest.raises(ValueError, match="trailing shape"):

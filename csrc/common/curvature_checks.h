@@ -39,6 +39,9 @@ inline void check_perturb_args(const at::Tensor& x, int64_t probe_offset, int64_
                     x.scalar_type());
   check_sample_shape("curvature_perturb", x, "x");
   check_probe_range("curvature_perturb", probe_offset, num_probes);
+  // The output has num_probes * B rows: the product must not overflow.
+  TORCH_CHECK_VALUE(x.size(0) == 0 || num_probes <= INT64_MAX / x.size(0), "memfast.curvature_perturb: num_probes (",
+                    num_probes, ") x batch (", x.size(0), ") rows do not fit a tensor");
 }
 
 // Returns the number of probes in grads.

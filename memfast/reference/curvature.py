@@ -77,6 +77,8 @@ def curvature_perturb(x, seed, probe_offset, num_probes, h):
         raise ValueError("memfast.curvature_perturb: x must have a batch dimension, got a 0-d tensor")
     _check_probe_range("curvature_perturb", probe_offset, num_probes)
     B = x.shape[0]
+    if num_probes * B > 2**63 - 1:
+        raise ValueError(f"memfast.curvature_perturb: num_probes ({num_probes}) x batch ({B}) rows do not fit a tensor")
     flat = x.reshape(B, math.prod(x.shape[1:]))
     v = probe_signs(seed, B, flat.shape[1], probe_offset, num_probes, x.device)
     acc = _opmath(x.dtype)
