@@ -124,6 +124,33 @@ def test_non_finite_logits(backend):
 
 
 @pytest.mark.parametrize("kernel", ["default", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("C", [2, 3, 17, 100, 1000])
+def test_nan_logits_row_stats_match_reference(kernel, dtype, C, monkeypatch):
+    """NaN logits: for the largest other logit and correctness they count as -inf, and a NaN
+    target logit is never correct -- the same in the kernels (CPU and CUDA) and the reference."""
+    if not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    if kernel == "generic":
+        monkeypatch.setenv("MEMFAST_CPU_KERNEL", "generic")
+    g = torch.Generator().manual_seed(C)
+    R = 64
+    x = torch.randn(R, C, generator=g) * 3
+    y = torch.randint(0, C, (R,), generator=g)
+    x[1::3].scatter_(1, y[1::3, None], 50.0)  # rows the target wins unless a NaN lands on it
+    for r in range(R):
+        x[r, torch.randint(0, C, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g)] = math.nan
+        if r % 5 == 0:
+            x[r, y[r]] = math.nan
+        if r % 7 == 0:  # -inf everywhere else: a NaN before the target ties it (argmax: first index)
+            x[r] = torch.where(x[r].isnan(), x[r], torch.full_like(x[r], -math.inf))
+    args = (x.to(dtype), y, None, -100, 0.0, None, None, False, 0)
+    got, want = torch.ops.memfast.cross_entropy_fwd(*args), reference.cross_entropy_fwd(*args)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True)
+    assert want[1][ROW["correct"], ::5].eq(0).all() and want[1][ROW["correct"]].eq(1).any()
+
+
+@pytest.mark.parametrize("kernel", ["default", "generic"])
 def test_all_minus_inf_row_stats_match_reference(kernel, monkeypatch):
     """A row of only -inf logits: lse NaN (as -inf - -inf), and `correct` as argmax (first index: 0)."""
     if not memfast._ops.extension_available("cpu"):

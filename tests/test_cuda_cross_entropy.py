@@ -146,6 +146,32 @@ def test_nan_in_a_row_gives_nan_loss(monkeypatch, kernel, C):
             assert want[0].isnan() and want[2].isnan() and want[3].isfinite()  # the test's own premise
 
 
+@pytest.mark.parametrize("kernel", ["auto", "stream", "no-cluster"])
+@pytest.mark.parametrize("C", [3, 100, 1000, 32000, 140001])
+def test_nan_logits_row_stats_match_reference(monkeypatch, kernel, C):
+    """NaN logits count as -inf for the largest other logit and correctness; a NaN target
+    logit is never correct (tests/test_cross_entropy.py checks the CPU the same way)."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    elif kernel == "no-cluster":
+        monkeypatch.setenv("MEMFAST_CE_CLUSTER", "0")
+    R = 24
+    x, y = random_case(R, C, torch.float32, ignore_every=0)
+    x[1::3].scatter_(1, y[1::3, None], 50.0)  # the target wins unless a NaN lands on it
+    for r in range(R):
+        x[r, torch.randint(0, C, (3,), device=DEV)] = math.nan
+        if r % 5 == 0:
+            x[r, y[r]] = math.nan
+        if r % 7 == 0:  # -inf elsewhere: a NaN before the target ties it
+            x[r] = torch.where(x[r].isnan(), x[r], torch.full_like(x[r], -math.inf))
+    for dtype in (torch.float32, torch.bfloat16):
+        args = (x.to(dtype), y, None, -100, 0.0, None, None, True, 0)
+        got, want = torch.ops.memfast.cross_entropy_fwd(*args), ref.cross_entropy_fwd(*args)
+        for name in ("target_logit", "max_other", "weight", "correct"):
+            torch.testing.assert_close(got[1][ROW[name]], want[1][ROW[name]], equal_nan=True, msg=name)
+        assert got[1][ROW["lse"]].isnan().all() and got[0].isnan().all()
+
+
 @pytest.mark.parametrize("kernel", ["auto", "stream"])
 @pytest.mark.parametrize("C", [11, 1000, 70001])
 @pytest.mark.parametrize("target_at", ["first", "middle"])

@@ -143,9 +143,12 @@ __device__ __forceinline__ bool row_begin(const FwdArgs<acc_t>& a, int64_t row, 
 
 // Pass-1 bookkeeping for one (adjusted) logit: the largest other logit and
 // whether an other class beats the target under "argmax = first maximal index".
+// A NaN logit counts as -inf here (as on the CPU and in the reference); a NaN target
+// logit is never correct (row_finish).
 template <typename acc_t, typename index_t>
 __device__ __forceinline__ void visit(acc_t v, index_t c, index_t y, acc_t z_y, acc_t& max_other, acc_t& beaten) {
   if (c == y) return;
+  if (isnan(v)) v = neg_inf<acc_t>();
   max_other = v > max_other ? v : max_other;
   const bool beats = c < y ? v >= z_y : v > z_y;
   beaten = beats ? acc_t(1) : beaten;
@@ -166,7 +169,7 @@ __device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row,
     a.stats[ROW_TARGET_LOGIT * a.R + row] = z_y;
     a.stats[ROW_MAX_OTHER * a.R + row] = max_other;  // -inf when C == 1
     a.stats[ROW_WEIGHT * a.R + row] = w_y;
-    a.stats[ROW_CORRECT * a.R + row] = beaten == acc_t(0) ? acc_t(1) : acc_t(0);
+    a.stats[ROW_CORRECT * a.R + row] = beaten == acc_t(0) && !isnan(z_y) ? acc_t(1) : acc_t(0);
   }
   k = grad_coefficients(w_y, weight_sum, a.eps, a.C, a.grad_scale ? *a.grad_scale : acc_t(1));
   scale = k.scale_p / sum;
@@ -502,16 +505,17 @@ template <typename acc_t>
 __global__ void __launch_bounds__(256) mean_denominator_kernel(const int64_t* target, int64_t R, const acc_t* w,
                                                                int64_t C, int64_t ignore_index, acc_t* den,
                                                                acc_t* inv_den) {
-  __shared__ acc_t smem[256 / 32];
-  acc_t v[1] = {acc_t(0)};
+  // double, as the CPU: the exact count of up to 2^53 rows, weights summed without drift
+  __shared__ double smem[256 / 32];
+  double v[1] = {0.0};
   for (int64_t r = threadIdx.x; r < R; r += 256) {
     const int64_t y = target[r];
-    if (y != ignore_index) v[0] += (w && y >= 0 && y < C) ? w[y] : acc_t(1);
+    if (y != ignore_index) v[0] += (w && y >= 0 && y < C) ? static_cast<double>(w[y]) : 1.0;
   }
   block_reduce<256, 1>(v, SumOp(), smem);
   if (threadIdx.x == 0) {
-    *den = v[0];
-    *inv_den = acc_t(1) / v[0];
+    *den = static_cast<acc_t>(v[0]);
+    *inv_den = acc_t(1) / static_cast<acc_t>(v[0]);
   }
 }
 
@@ -521,11 +525,11 @@ __global__ void __launch_bounds__(256) mean_denominator_kernel(const int64_t* ta
 template <typename acc_t>
 __global__ void __launch_bounds__(256) loss_total_kernel(const acc_t* loss_rows, int64_t R, const acc_t* den,
                                                          acc_t* out) {
-  __shared__ acc_t smem[256 / 32];
-  acc_t v[1] = {acc_t(0)};
+  __shared__ double smem[256 / 32];
+  double v[1] = {0.0};  // double, as the CPU's total
   for (int64_t r = threadIdx.x; r < R; r += 256) v[0] += loss_rows[r];
   block_reduce<256, 1>(v, SumOp(), smem);
-  if (threadIdx.x == 0) *out = den ? v[0] / *den : v[0];
+  if (threadIdx.x == 0) *out = den ? static_cast<acc_t>(v[0]) / *den : static_cast<acc_t>(v[0]);
 }
 
 // A zero stays zero (ignored rows) even when the row's grad_loss is inf/NaN,
@@ -624,6 +628,22 @@ void launch_resident(const FwdArgs<at::opmath_type<scalar_t>>& a, int cs, cudaSt
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a, cs));
 }
 
+// Clusters need the kernel's code built for sm_90+: an image JIT-compiled from older
+// PTX (e.g. TORCH_CUDA_ARCH_LIST=8.0+PTX) on an H100 would reach the __trap() branch.
+// Asked of the loaded kernel once (its PTX version); the device check stays per call.
+template <typename scalar_t>
+bool cluster_code_loaded() {
+  static const bool loaded = [] {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, ce_fwd_resident_kernel<scalar_t, 512, 4>) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: clear it, or the next launch check would report it
+      return false;
+    }
+    return attr.ptxVersion >= 90;
+  }();
+  return loaded;
+}
+
 // Pick the kernel for a row of C elements: the smallest register-resident
 // configuration that holds C / VEC vectors, else the streaming kernel.
 // MEMFAST_CE_KERNEL=stream forces the streaming kernel; MEMFAST_CE_CLUSTER=0
@@ -633,7 +653,7 @@ void launch_forward(const FwdArgs<at::opmath_type<scalar_t>>& a, cudaStream_t st
   constexpr int VEC = vec_width<scalar_t>();
   const int64_t need = a.C / VEC;
   const bool stream_only = env_is("MEMFAST_CE_KERNEL", "stream");
-  const bool clusters = !env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9;
+  const bool clusters = !env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9 && cluster_code_loaded<scalar_t>();
   if (!stream_only) {
     if (need <= 8 * 1) return launch_resident<scalar_t, 8, 1>(a, 1, stream);
     if (need <= 32 * 2) return launch_resident<scalar_t, 32, 2>(a, 1, stream);

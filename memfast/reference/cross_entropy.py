@@ -93,12 +93,15 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
         smooth = w.sum() * lse - (z * w).sum(1)
         loss = (1 - eps) * loss + eps / C * smooth
     loss = torch.where(valid, loss, torch.zeros_like(loss))
+    # For the largest other logit and correctness a NaN logit counts as -inf, and a NaN target
+    # logit is never correct (the kernels' comparisons; the loss of such a row is NaN anyway).
+    z_num = torch.where(z.isnan(), torch.full_like(z, -math.inf), z)
     if C > 1:
-        others = z.scatter(1, y[:, None], -math.inf)
+        others = z_num.scatter(1, y[:, None], -math.inf)
         max_other = others.max(1).values
     else:
         max_other = torch.full_like(lse, -math.inf)
-    correct = (z.argmax(1) == y).to(acc)
+    correct = ((z_num.argmax(1) == y) & ~z_y.isnan()).to(acc)
     # Ignored rows: zeros everywhere (the tracker skips them by target).
     row_stats = torch.stack([lse, z_y, max_other, w_y, correct])
     row_stats = torch.where(valid[None], row_stats, torch.zeros_like(row_stats))
