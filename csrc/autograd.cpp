@@ -31,9 +31,9 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, double,
-                                                  const OptTensor&, const OptTensor&, bool, int64_t);
+                                                  const OptTensor&, const OptTensor&, bool, int64_t, double);
 using FwdInplaceSig = std::tuple<Tensor, Tensor>(Tensor&, const Tensor&, const OptTensor&, int64_t, double,
-                                                  const OptTensor&, const OptTensor&, int64_t);
+                                                  const OptTensor&, const OptTensor&, int64_t, double);
 using BwdInplaceSig = void(Tensor&, const Tensor&);
 using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                       c10::IntArrayRef);
@@ -76,7 +76,7 @@ struct SavedInputs : torch::CustomClassHolder {
   Tensor target;
   OptTensor weight, adjustment, groups;
   int64_t ignore_index = 0, reduction = 0;
-  double label_smoothing = 0.0;
+  double label_smoothing = 0.0, lse_square_scale = 0.0;
   // The caller's logits, held weakly, for recomputing the gradient: the rows
   // themselves, or (source_is_rows false) the [N, C, d...] or [C] input the rows
   // were made from (memfast._ops.as_rows), which the caller keeps alive.
@@ -105,7 +105,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const OpSet* ops, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, int64_t ignore_index, double label_smoothing,
                                const OptTensor& adjustment, const OptTensor& groups, bool compute_grad,
-                               int64_t reduction, bool inplace, const Tensor* source,
+                               int64_t reduction, double lse_square_scale, bool inplace, const Tensor* source,
                                std::optional<at::ScalarType> loss_dtype) {
     // Function::apply only turns grad mode off: without this the call would go through
     // torch.library's Python autograd kernel of the op.
@@ -114,7 +114,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     if (inplace) {
       Tensor buffer = logits;  // the op writes the gradient over it
       std::tie(loss, row_stats) = ops->fwd_inplace.call(buffer, target, weight, ignore_index, label_smoothing,
-                                                        adjustment, groups, reduction);
+                                                        adjustment, groups, reduction, lse_square_scale);
       // Tell autograd: a node that saved these logits (or anything sharing their storage) now
       // fails its version check at backward instead of reading the gradient as the logits.
       torch::autograd::impl::bump_version(logits);
@@ -125,7 +125,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       ctx->mark_non_differentiable({row_stats});
     } else {
       std::tie(loss, row_stats, grad) = ops->fwd.call(logits, target, weight, ignore_index, label_smoothing,
-                                                      adjustment, groups, compute_grad, reduction);
+                                                      adjustment, groups, compute_grad, reduction, lse_square_scale);
       ctx->mark_non_differentiable({row_stats, grad});
     }
     // Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
@@ -140,6 +140,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     saved->ignore_index = ignore_index;
     saved->reduction = reduction;
     saved->label_smoothing = label_smoothing;
+    saved->lse_square_scale = lse_square_scale;
     // A pointer, not a tensor argument: Function::apply would make it an input of the node.
     const Tensor& held = source != nullptr ? *source : logits;
     saved->source = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(held.getIntrusivePtr());
@@ -156,9 +157,9 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    // One entry per forward argument (ops, logits, target, ... reduction, inplace, source,
-    // loss_dtype); only logits gets one.
-    variable_list out(13);
+    // One entry per forward argument (ops, logits, target, ... reduction, lse_square_scale,
+    // inplace, source, loss_dtype); only logits gets one.
+    variable_list out(14);
     if (!grad_outputs[0].defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
     const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
@@ -174,7 +175,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       py::gil_scoped_acquire gil;
       out[1] = (*differentiable_grad)(logits, saved->target, saved->weight, saved->ignore_index,
                                       saved->label_smoothing, saved->adjustment, saved->groups, saved->reduction,
-                                      grad_loss)
+                                      saved->lse_square_scale, grad_loss)
                    .cast<Tensor>();
       return out;
     }
@@ -186,7 +187,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       grad = std::get<2>(saved->ops->fwd.call(logits.detach(), saved->target, saved->weight, saved->ignore_index,
                                               saved->label_smoothing, saved->adjustment, saved->groups, true,
-                                              saved->reduction));
+                                              saved->reduction, saved->lse_square_scale));
     }
     saved->saved_grad_consumed = true;
     saved->ops->bwd_inplace.call(grad, grad_loss);
@@ -204,7 +205,8 @@ void init_autograd(py::module& m) {
       "cross_entropy",
       [](const std::string& ns, const Tensor& logits, const Tensor& target, const OptTensor& weight,
          int64_t ignore_index, double label_smoothing, const OptTensor& adjustment, const OptTensor& groups,
-         bool compute_grad, int64_t reduction, const OptTensor& state, const OptTensor& counters,
+         bool compute_grad, int64_t reduction, double lse_square_scale, const OptTensor& state,
+         const OptTensor& counters,
          const OptTensor& sample_ids, std::vector<int64_t> stat_rows, bool inplace, const OptTensor& source,
          std::optional<at::ScalarType> loss_dtype) {
         TORCH_CHECK(differentiable_grad != nullptr, "memfast: _set_differentiable_grad was not called");
@@ -213,15 +215,15 @@ void init_autograd(py::module& m) {
         Tensor loss, row_stats;
         if (at::GradMode::is_enabled() && logits.requires_grad()) {
           auto out = CrossEntropyFunction::apply(ops, logits, target, weight, ignore_index, label_smoothing,
-                                                 adjustment, groups, compute_grad, reduction, inplace,
-                                                 source.has_value() ? &*source : nullptr, loss_dtype);
+                                                 adjustment, groups, compute_grad, reduction, lse_square_scale,
+                                                 inplace, source.has_value() ? &*source : nullptr, loss_dtype);
           loss = std::move(out[0]);
           row_stats = std::move(out[1]);
         } else {
           at::AutoDispatchBelowADInplaceOrView below_autograd;
           std::tie(loss, row_stats, std::ignore) = ops->fwd.call(logits, target, weight, ignore_index,
                                                                  label_smoothing, adjustment, groups, compute_grad,
-                                                                 reduction);
+                                                                 reduction, lse_square_scale);
           if (loss_dtype.has_value() && *loss_dtype != loss.scalar_type()) loss = loss.to(*loss_dtype);
         }
         if (state.has_value()) {

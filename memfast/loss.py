@@ -2,6 +2,7 @@
 that can also track per-sample statistics and shift the logits (MAT's
 adjusted softmax) inside the same fused op (class-index targets; for
 class-probability targets the loss is PyTorch's and the tracking one pass)."""
+import math
 import warnings
 
 import torch
@@ -19,6 +20,13 @@ def _legacy_reduction(size_average, reduce, reduction):
     from torch.nn import _reduction
 
     return _reduction.legacy_get_string(size_average, reduce)
+
+
+def _check_lse_square_scale(value, who):
+    """The z-loss factor as a float: finite and >= 0 (a bool or a tensor is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{who}: lse_square_scale must be a finite number >= 0 (e.g. 1e-4), got {value!r}")
+    return float(value)
 
 
 def _loss_dtype(input):
@@ -110,7 +118,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
 
 
 def _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker,
-                               adjustment, groups):
+                               adjustment, groups, zeta):
     """Class-probability targets. The loss is PyTorch's (autograd included: not fused); the
     tracker gets one memfast pass over the detached logits with each row's most probable class
     as its label, so its statistics mean what they mean for index targets (the smoothing and
@@ -129,23 +137,35 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
                          "must be an integer tensor)")
     class_dim = 0 if input.dim() == 1 else 1
     with torch.no_grad():
-        label = torch.where(target.sum(class_dim) > 0, target.argmax(class_dim), -100)
+        has_mass = target.sum(class_dim) > 0
+        label = torch.where(has_mass, target.argmax(class_dim), -100)
     # Validates weight, label_smoothing, adjustment and groups as for index targets.
     logits, _, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
         input, label, weight, -100, label_smoothing, adjustment, groups)
     if adjustment is None:
         loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
+        if zeta:
+            acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+            z_loss = zeta * torch.logsumexp(input.to(acc), class_dim) ** 2 * has_mass
+            loss = loss + _reduce(z_loss, reduction).to(loss.dtype)
     else:  # on rows: the shift has the rows' layout, computed in fp32 (fp64 for fp64 logits)
         shift = shift if groups_rows is None else shift[groups_rows]
         shifted = logits + shift
         loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
                                label_smoothing=label_smoothing)
+        if zeta:
+            loss = loss + _reduce(zeta * torch.logsumexp(shifted, 1) ** 2 * has_mass.reshape(-1), reduction)
         if reduction == "none":
             loss = loss.reshape(() if unbatched else label_shape)
     if tracker is not None and not _ops.in_backward():
         tracker.update(input.detach(), label, sample_ids, adjustment=adjustment, groups=groups)
     dtype = _loss_dtype(input)
     return loss if loss.dtype == dtype else loss.to(dtype)
+
+
+def _reduce(per_row, reduction):
+    """A per-row term reduced as PyTorch reduces class-probability losses (the mean over rows)."""
+    return per_row if reduction == "none" else per_row.mean() if reduction == "mean" else per_row.sum()
 
 
 def _check_inplace(input):
@@ -161,7 +181,7 @@ def _check_inplace(input):
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, sample_ids=None, tracker=None,
-                  adjustment=None, groups=None, inplace_backward=False):
+                  adjustment=None, groups=None, inplace_backward=False, lse_square_scale=0.0):
     """Cross entropy with the semantics of ``torch.nn.functional.cross_entropy``.
 
     Extra keyword arguments:
@@ -178,6 +198,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         dense (the input's shape), a ``[C]`` vector for every row, or a table
         ``[A, C]`` gathered per row by ``groups`` (the target's shape).
         ``loss = CE(input + shift, target)``; no gradient flows into it.
+      lse_square_scale: the z-loss (PaLM; Liger's and flash-attn's argument
+        of this name): ``lse_square_scale * weight[target] * logsumexp(row)**2``
+        is added to each row's loss inside the fused op (reduced with it; no
+        extra pass), e.g. 1e-4. Not tracked: the tracker's loss stays the
+        cross entropy.
       Class-probability targets (floating point, the input's shape) give
         PyTorch's loss (not fused; inplace_backward does not apply); a
         tracker records each row's statistics against its most probable
@@ -197,9 +222,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise ValueError(f"memfast.cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if (sample_ids is None) != (tracker is None):
         raise ValueError("memfast.cross_entropy: sample_ids and tracker must be given together")
+    zeta = _check_lse_square_scale(lse_square_scale, "memfast.cross_entropy")
     if isinstance(target, Tensor) and target.is_floating_point():
         return _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids,
-                                          tracker, adjustment, groups)
+                                          tracker, adjustment, groups, zeta)
     logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
         input, target, weight, ignore_index, label_smoothing, adjustment, groups)
     track = None
@@ -220,7 +246,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     loss, _ = _ops.cross_entropy(
         _ops.ops(input.device), logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment,
         groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input, inplace,
-        dtype)
+        dtype, zeta)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else target_shape)
     return loss if loss.dtype == dtype else loss.to(dtype)
@@ -229,11 +255,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 class CrossEntropyLoss(nn.Module):
     """``nn.CrossEntropyLoss`` with memfast's extras: an optional tracker (then
     call it as ``loss_fn(logits, target, sample_ids)``; a training call
-    without sample_ids is not tracked and warns once), adjustment and
-    inplace_backward (see memfast.cross_entropy)."""
+    without sample_ids is not tracked and warns once), adjustment,
+    inplace_backward and lse_square_scale (see memfast.cross_entropy)."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, tracker=None, inplace_backward=False):
+                 label_smoothing=0.0, *, tracker=None, inplace_backward=False, lse_square_scale=0.0):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -241,6 +267,7 @@ class CrossEntropyLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.tracker = tracker
         self.inplace_backward = inplace_backward
+        self.lse_square_scale = lse_square_scale
         self._warned_untracked = False
 
     def forward(self, input, target, sample_ids=None, *, adjustment=None, groups=None):
@@ -253,4 +280,5 @@ class CrossEntropyLoss(nn.Module):
                              label_smoothing=self.label_smoothing,
                              sample_ids=sample_ids if self.tracker is not None else None,
                              tracker=self.tracker if sample_ids is not None else None,
-                             adjustment=adjustment, groups=groups, inplace_backward=self.inplace_backward)
+                             adjustment=adjustment, groups=groups, inplace_backward=self.inplace_backward,
+                             lse_square_scale=self.lse_square_scale)

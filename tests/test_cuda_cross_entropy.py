@@ -64,10 +64,11 @@ def random_case(R, C, dtype, ignore_every=5, scale=3.0):
 
 
 def check_forward(x, y, weight=None, ignore_index=-100, eps=0.0, adjustment=None, groups=None, compute_grad=True,
-                  reduction=0):
+                  reduction=0, lse_square_scale=0.0):
     got = torch.ops.memfast.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad,
-                                              reduction)
-    want = ref.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction)
+                                              reduction, lse_square_scale)
+    want = ref.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
+                                 lse_square_scale)
     tol = TOL[x.dtype]
     loss_tol = max(tol, 1e-5) if x.dtype != torch.float64 else tol
     torch.testing.assert_close(got[0], want[0], atol=loss_tol, rtol=loss_tol, equal_nan=True)
@@ -96,7 +97,7 @@ def test_forward_matches_reference(dtype, C):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [10, 1000, 32000, 50257])
-@pytest.mark.parametrize("opts", ["smooth", "weight", "weight+smooth", "ignore=2"])
+@pytest.mark.parametrize("opts", ["smooth", "weight", "weight+smooth", "ignore=2", "zloss", "zloss+weight+smooth"])
 def test_forward_options(dtype, C, opts):
     x, y = random_case(rows_for(C), C, dtype)
     kw = {}
@@ -104,6 +105,8 @@ def test_forward_options(dtype, C, opts):
         kw["weight"] = torch.rand(C, device=DEV, dtype=acc_dtype(dtype)) + 0.1
     if "smooth" in opts:
         kw["eps"] = 0.1
+    if "zloss" in opts:
+        kw["lse_square_scale"] = 1e-2
     if opts == "ignore=2":
         y[y == -100] = 0
         y[1::3] = 2
@@ -124,6 +127,7 @@ def test_forced_kernel_paths(monkeypatch, kernel, C):
         x, y = random_case(rows_for(C), C, dtype)
         check_forward(x, y, eps=0.05, adjustment=torch.randn(4, C, device=DEV), groups=torch.randint(0, 4, y.shape,
                                                                                                         device=DEV))
+        check_forward(x, y, reduction=1, lse_square_scale=1e-2)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "stream"])
@@ -309,8 +313,9 @@ def test_forward_inplace_matches_reference(monkeypatch, kernel, C, dtype):
         monkeypatch.setenv("MEMFAST_CE_CLUSTER", "0")
     x, y = random_case(rows_for(C), C, dtype)
     table, groups = torch.randn(3, C, device=DEV, dtype=acc_dtype(dtype)), torch.randint(0, 3, y.shape, device=DEV)
-    for args in ((y, None, -100, 0.0, None, None, 1), (y, None, -100, 0.1, table, groups, 0)):
-        want_loss, want_stats, want_grad = ref.cross_entropy_fwd(x, *args[:-1], True, args[-1])
+    for args in ((y, None, -100, 0.0, None, None, 1, 0.0), (y, None, -100, 0.1, table, groups, 0, 0.0),
+                 (y, None, -100, 0.0, None, None, 1, 1e-2)):  # the last with a z-loss
+        want_loss, want_stats, want_grad = ref.cross_entropy_fwd(x, *args[:-2], True, *args[-2:])
         buffer = x.clone()
         loss, stats = torch.ops.memfast.cross_entropy_fwd_(buffer, *args)
         tol = max(TOL[dtype], 1e-5) if dtype != torch.float64 else TOL[dtype]
@@ -318,6 +323,24 @@ def test_forward_inplace_matches_reference(monkeypatch, kernel, C, dtype):
         torch.testing.assert_close(stats, want_stats, atol=tol, rtol=tol, equal_nan=True)
         torch.testing.assert_close(buffer.to(acc_dtype(dtype)), want_grad.to(acc_dtype(dtype)), atol=TOL[dtype],
                                    rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_z_loss_through_api(inplace):
+    """lse_square_scale on an LM-sized bf16 row block, allocating and in place, against the formula in fp32."""
+    N, V = 512, 32000
+    x = (torch.randn(N, V, device=DEV) * 2).bfloat16()
+    y = torch.randint(0, V, (N,), device=DEV)
+    y[::9] = -100
+    xa = x.clone().requires_grad_()
+    xb = x.float().requires_grad_()
+    a = memfast.cross_entropy(xa * 1, y, lse_square_scale=1e-4, inplace_backward=inplace)
+    valid = y != -100
+    b = F.cross_entropy(xb, y) + 1e-4 * (torch.logsumexp(xb, 1)[valid] ** 2).mean()
+    torch.testing.assert_close(a.float(), b, atol=1e-3, rtol=1e-3)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(xa.grad.float(), xb.grad, atol=1e-6, rtol=2e-2)
 
 
 @cuda_only("CUDA memory statistics")

@@ -101,6 +101,7 @@ def api_cases(draw):
         inplace=draw(st.booleans()),
         tracked=draw(st.booleans()),
         probabilities=draw(st.booleans()),
+        z_loss=draw(st.sampled_from([0.0, 0.05])),
         adjustment=draw(st.sampled_from(["none", "dense", "vector", "table"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -143,9 +144,21 @@ def test_api_matches_pytorch(case):
         extra.update(adjustment=table, groups=groups)
         shift = table[groups].movedim(-1, 1) if x.dim() > 2 else table[groups]
     logits = x * 1.0  # a non-leaf, as a model's output (inplace_backward refuses leaves)
-    got = memfast.cross_entropy(logits, target, inplace_backward=case["inplace"], **kw, **extra)
+    zeta = case["z_loss"]
+    got = memfast.cross_entropy(logits, target, inplace_backward=case["inplace"], lse_square_scale=zeta, **kw,
+                                **extra)
     (got_grad,) = torch.autograd.grad(got, x, upstream)
-    want = F.cross_entropy(x if shift is None else x + shift, target, **kw)
+    z = x if shift is None else x + shift
+    want = F.cross_entropy(z, target, **kw)
+    if zeta:  # zeta * w_y * lse^2 per counted row (unweighted for probabilities), reduced like the loss
+        lse = torch.logsumexp(z, 0 if z.dim() == 1 else 1)
+        w_y = (~ignored).double()
+        if weight is not None and not case["probabilities"]:
+            w_y = w_y * weight[target.clamp(min=0)]
+        per_row = zeta * w_y * lse * lse
+        den = w_y.sum() if not case["probabilities"] else per_row.new_tensor(float(per_row.numel()))
+        mean = per_row.sum() / torch.where(den > 0, den, 1.0)  # no rows: F's NaN mean stays, its gradient 0
+        want = want + {"none": per_row, "sum": per_row.sum(), "mean": mean}[case["reduction"]]
     (want_grad,) = torch.autograd.grad(want, x, upstream)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, equal_nan=True)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10, equal_nan=True)

@@ -42,6 +42,8 @@ def _fwd_samples():
         yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, torch.randn(3, C, dtype=acc), torch.randint(0, 3, (R,)), True,
                1)
         yield (x.detach(), y, None, -100, 0.0, torch.randn(R, C, dtype=acc), None, False, 0)
+        yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, None, None, True, 1, 1e-2)  # with a z-loss
+        yield (x, y, None, -100, 0.0, None, None, True, 0, 0.5)
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
@@ -65,9 +67,10 @@ def test_opcheck_forward_inplace(ns):
     if ns == "memfast" and not _ops.extension_available("cpu"):
         pytest.skip("compiled extension not available")
     op = getattr(torch.ops, ns)
-    for x, y, w, ii, eps, adj, groups, _, reduction in _fwd_samples():
+    for x, y, w, ii, eps, adj, groups, _, reduction, *zeta in _fwd_samples():
         # the gradient goes over the logits: a fresh buffer each time (opcheck runs the op repeatedly)
-        torch.library.opcheck(op.cross_entropy_fwd_, (x.detach().clone(), y, w, ii, eps, adj, groups, reduction))
+        torch.library.opcheck(op.cross_entropy_fwd_, (x.detach().clone(), y, w, ii, eps, adj, groups, reduction,
+                                                      *zeta))
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)

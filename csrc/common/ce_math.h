@@ -98,9 +98,9 @@ MEMFAST_HD T nan_max(T a, T b) {
 }
 
 // Coefficients of the per-row gradient of
-//   l = (1-eps) w_y (lse - z_y) + (eps/C) sum_c w_c (lse - z_c)
+//   l = (1-eps) w_y (lse - z_y) + (eps/C) sum_c w_c (lse - z_c) + zeta w_y lse^2
 // with respect to the logits:  dl/dz_c = p_c * scale_p - eps_w * w_c - [c == y] * target_w
-// (w == 1 without class weights; weight_sum = sum_c w_c).
+// (w == 1 without class weights; weight_sum = sum_c w_c; zeta = lse_square_scale, the z-loss).
 template <typename T>
 struct GradCoef {
   T scale_p;   // multiplies p_c
@@ -112,11 +112,13 @@ struct GradCoef {
 // A zero coefficient stays zero when grad_scale is inf (a mean over rows that
 // all weigh 0), so that rows contributing nothing get a zero gradient.
 template <typename T>
-MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C, T grad_scale = T(1)) {
+MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C, T grad_scale = T(1), T zeta = T(0),
+                                         T lse = T(0)) {
   GradCoef<T> g;
   g.eps_w = eps / static_cast<T>(C);
   g.target_w = (T(1) - eps) * w_y;
   g.scale_p = g.target_w + g.eps_w * weight_sum;
+  if (zeta != T(0) && w_y != T(0)) g.scale_p += T(2) * zeta * w_y * lse;  // d(zeta w_y lse^2)/dz_c = 2 zeta w_y lse p_c
   if (grad_scale != T(1)) {
     g.eps_w = g.eps_w == T(0) ? T(0) : g.eps_w * grad_scale;
     g.target_w = g.target_w == T(0) ? T(0) : g.target_w * grad_scale;
@@ -129,13 +131,16 @@ MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C, 
 enum Reduction : int { REDUCTION_NONE = 0, REDUCTION_MEAN = 1, REDUCTION_SUM = 2 };
 
 // The loss of one row from its log-sum-exp, target logit and (when smoothing)
-// sum_c w_c z_c.
+// sum_c w_c z_c; zeta > 0 adds the z-loss zeta w_y lse^2.
 template <typename T>
-MEMFAST_HD T row_loss(T lse, T z_y, T w_y, T weight_sum, T weighted_logit_sum, T eps, int64_t C) {
-  T nll = w_y * (lse - z_y);
-  if (eps == T(0)) return nll;
-  T smooth = weight_sum * lse - weighted_logit_sum;
-  return (T(1) - eps) * nll + eps / static_cast<T>(C) * smooth;
+MEMFAST_HD T row_loss(T lse, T z_y, T w_y, T weight_sum, T weighted_logit_sum, T eps, int64_t C, T zeta = T(0)) {
+  T loss = w_y * (lse - z_y);
+  if (eps != T(0)) {
+    T smooth = weight_sum * lse - weighted_logit_sum;
+    loss = (T(1) - eps) * loss + eps / static_cast<T>(C) * smooth;
+  }
+  if (zeta != T(0) && w_y != T(0)) loss += zeta * w_y * lse * lse;
+  return loss;
 }
 
 // What one finite row contributes to a sample's statistics.

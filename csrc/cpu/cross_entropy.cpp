@@ -253,8 +253,8 @@ T lanes_dot(const T* x, const T* w, int64_t n) {
 template <typename scalar_t>
 void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                   int64_t ignore_index, double label_smoothing, const at::Tensor& adjustment,
-                  const at::Tensor& groups, at::opmath_type<scalar_t> grad_scale, at::Tensor& loss_rows,
-                  at::Tensor& row_stats, at::Tensor& grad) {
+                  const at::Tensor& groups, at::opmath_type<scalar_t> grad_scale, double lse_square_scale,
+                  at::Tensor& loss_rows, at::Tensor& row_stats, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t R = logits.size(0), C = logits.size(1);
   const int64_t ld = logits.stride(0);
@@ -268,6 +268,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   acc_t* st = row_stats.mutable_data_ptr<acc_t>();
   scalar_t* g_base = grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(label_smoothing);
+  const acc_t zeta = static_cast<acc_t>(lse_square_scale);
   const acc_t weight_sum = w ? lanes_dot<acc_t>(w, nullptr, C) : static_cast<acc_t>(C);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool avx512 = use_avx512();
@@ -310,7 +311,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       const acc_t sum = row_exp_sum(row, buf, C, m, avx512);
       const acc_t lse = m + std::log(sum);
       const acc_t w_y = w ? w[y] : acc_t(1);
-      loss_p[r] = row_loss(lse, z_y, w_y, weight_sum, weighted_logit_sum, eps, C);
+      loss_p[r] = row_loss(lse, z_y, w_y, weight_sum, weighted_logit_sum, eps, C, zeta);
       st[ROW_LSE * R + r] = lse;
       st[ROW_TARGET_LOGIT * R + r] = z_y;
       st[ROW_MAX_OTHER * R + r] = C > 1 ? max_other : ninf;
@@ -319,7 +320,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       // when all are -inf.
       st[ROW_CORRECT * R + r] = ((y == 0 || z_y > max_before) && z_y >= max_after) ? 1 : 0;
       if (!g) continue;
-      const GradCoef<acc_t> k = grad_coefficients(w_y, weight_sum, eps, C, grad_scale);
+      const GradCoef<acc_t> k = grad_coefficients(w_y, weight_sum, eps, C, grad_scale, zeta, lse);
       const acc_t scale = k.scale_p / sum;
       if (w && eps > 0) {
         for (int64_t c = 0; c < C; ++c) g[c] = to_storage<scalar_t>(buf[c] * scale - k.eps_w * w[c]);
@@ -348,12 +349,13 @@ acc_t mean_denominator(const int64_t* tgt, int64_t R, const acc_t* w, int64_t ig
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
-    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, const at::Tensor* grad_into) {
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
+    const at::Tensor* grad_into) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
   if (grad_into) check_inplace_logits(logits_in);
-  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction);
+  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale);
   // Rows may be strided; the class dimension must be dense.
   const at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -373,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
                           : acc_t(1);
     if (R > 0) {
       forward_rows<scalar_t>(logits, target, weight, ignore_index, label_smoothing, adjustment, groups,
-                             acc_t(1) / den, loss_rows, row_stats, grad);
+                             acc_t(1) / den, lse_square_scale, loss_rows, row_stats, grad);
     }
     if (reduction != REDUCTION_NONE) {
       double total = 0;

@@ -73,6 +73,7 @@ struct FwdArgs {
   void* grad;               // [R, C] contiguous or nullptr
   int64_t ignore_index;
   acc_t eps;
+  acc_t zeta;               // lse_square_scale (z-loss), 0 for none
 };
 
 template <typename acc_t>
@@ -164,14 +165,14 @@ __device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row,
   const acc_t weight_sum = a.weight_sum ? *a.weight_sum : static_cast<acc_t>(a.C);
   const acc_t lse = m + log(sum);
   if (writer) {
-    a.loss[row] = row_loss(lse, z_y, w_y, weight_sum, weighted_sum, a.eps, a.C);
+    a.loss[row] = row_loss(lse, z_y, w_y, weight_sum, weighted_sum, a.eps, a.C, a.zeta);
     a.stats[ROW_LSE * a.R + row] = lse;
     a.stats[ROW_TARGET_LOGIT * a.R + row] = z_y;
     a.stats[ROW_MAX_OTHER * a.R + row] = max_other;  // -inf when C == 1
     a.stats[ROW_WEIGHT * a.R + row] = w_y;
     a.stats[ROW_CORRECT * a.R + row] = beaten == acc_t(0) && !isnan(z_y) ? acc_t(1) : acc_t(0);
   }
-  k = grad_coefficients(w_y, weight_sum, a.eps, a.C, a.grad_scale ? *a.grad_scale : acc_t(1));
+  k = grad_coefficients(w_y, weight_sum, a.eps, a.C, a.grad_scale ? *a.grad_scale : acc_t(1), a.zeta, lse);
   scale = k.scale_p / sum;
 }
 
@@ -684,7 +685,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
-    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, const at::Tensor* grad_into) {
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
+    const at::Tensor* grad_into) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
@@ -695,7 +697,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
                       "memfast.cross_entropy: inplace_backward=True on CUDA needs 16-byte-aligned logits (an offset "
                       "view is not); call .clone() first, or leave inplace_backward off");
   }
-  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction);
+  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -757,6 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     a.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
     a.ignore_index = ignore_index;
     a.eps = static_cast<acc_t>(label_smoothing);
+    a.zeta = static_cast<acc_t>(lse_square_scale);
     launch_forward<scalar_t>(a, stream);
     if (reduction != REDUCTION_NONE) {
       loss = at::empty({}, loss_rows.options());

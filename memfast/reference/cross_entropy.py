@@ -30,14 +30,16 @@ def _nonzero_times(c, s):
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad,
-                      reduction):
+                      reduction, lse_square_scale=0.0):
     """The loss (per row for reduction 0, else the mean (1) or sum (2)), per-row
-    statistics [5, R] and (when compute_grad) d loss / d logits."""
+    statistics [5, R] and (when compute_grad) d loss / d logits. lse_square_scale
+    adds the z-loss lse_square_scale * weight[target] * lse^2 to each row's loss."""
     return _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad,
-                    reduction, validate=True)
+                    reduction, lse_square_scale, validate=True)
 
 
-def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction):
+def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
+                       lse_square_scale=0.0):
     """cross_entropy_fwd with the gradient written over the logits (contiguous [R, C]), which are
     then the gradient; returns the loss and the row statistics."""
     if logits.dim() != 2 or not logits.is_contiguous():
@@ -45,23 +47,27 @@ def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, ad
                          f"must be contiguous [rows, classes]; got sizes {list(logits.shape)} and strides "
                          f"{list(logits.stride())} (call .contiguous() first, or leave inplace_backward off)")
     loss, row_stats, grad = cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment,
-                                              groups, True, reduction)
+                                              groups, True, reduction, lse_square_scale)
     logits.copy_(grad)
     return loss, row_stats
 
 
-def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction):
+def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
+                       lse_square_scale=0.0):
     """d loss / d logits as a differentiable function of the logits (create_graph,
     torch.func); the indices were validated by the forward, and no host reads
     here keep it usable under vmap."""
     return _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, True, reduction,
-                    validate=False)[2]
+                    lse_square_scale, validate=False)[2]
 
 
 def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
-             validate):
+             lse_square_scale, validate):
     if reduction not in (0, 1, 2):
         raise ValueError(f"memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    zeta = float(lse_square_scale)
+    if not (math.isfinite(zeta) and zeta >= 0):
+        raise ValueError(f"memfast.cross_entropy: lse_square_scale must be finite and >= 0, got {lse_square_scale}")
     acc = _acc_dtype(logits.dtype)
     R, C = logits.shape
     if validate:
@@ -92,6 +98,8 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
     if eps > 0:
         smooth = w.sum() * lse - (z * w).sum(1)
         loss = (1 - eps) * loss + eps / C * smooth
+    if zeta > 0:  # the z-loss, weighted like the row (zero for a zero weight, however large lse)
+        loss = loss + _nonzero_times(w_y, zeta * lse * lse)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     # For the largest other logit and correctness a NaN logit counts as -inf, and a NaN target
     # logit is never correct (the kernels' comparisons; the loss of such a row is NaN anyway).
@@ -115,7 +123,10 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
     if not compute_grad:
         return loss, row_stats, logits.new_empty((0, 0))
     p = e / s[:, None]
-    scale_p = _nonzero_times((1 - eps) * w_y + eps / C * w.sum(), grad_scale)
+    scale_p = (1 - eps) * w_y + eps / C * w.sum()
+    if zeta > 0:  # d(zeta w_y lse^2) / dz_c = 2 zeta w_y lse p_c
+        scale_p = scale_p + _nonzero_times(w_y, 2 * zeta * lse)
+    scale_p = _nonzero_times(scale_p, grad_scale)
     eps_w = _nonzero_times(z.new_tensor(eps / C), grad_scale)
     target_w = _nonzero_times((1 - eps) * w_y, grad_scale)
     g = p * scale_p[:, None] - eps_w * w[None, :]
