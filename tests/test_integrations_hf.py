@@ -4,6 +4,7 @@ the sum of the per-token losses the model itself computes (shifted labels,
 epoch's last step) continues the same totals."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import memfast
 
@@ -226,3 +227,37 @@ def test_add_sample_ids():
     datasets = pytest.importorskip("datasets")
     table = add_sample_ids(datasets.Dataset.from_dict({"x": [5, 6, 7]}))
     assert table["sample_id"] == [0, 1, 2]
+
+
+def test_z_loss_is_added_to_the_models_loss(tmp_path):
+    """lse_square_scale: the step's loss is the sum over target tokens of the cross entropy plus
+    zeta * lse^2, divided by the Trainer's token count (as the model's own loss is)."""
+    zeta = 0.05
+    seen = []
+
+    class Recorder(MemfastTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            inputs_before = dict(inputs)  # the Trainer pops the labels
+            loss = super().compute_loss(model, inputs, *a, **kw)
+            inputs = inputs_before
+            with torch.no_grad():
+                out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                labels = inputs["labels"][:, 1:].reshape(-1)
+                logits = out.logits[:, :-1].reshape(-1, V)
+                valid = labels != -100
+                lse = torch.logsumexp(logits[valid], -1)
+                total = F.cross_entropy(logits, labels, reduction="sum") + zeta * (lse ** 2).sum()
+                # the Trainer's token count for the accumulated batch (the model's own loss divides by it too)
+                count = kw.get("num_items_in_batch")
+                want = total / (valid.sum() if count is None else count)
+            seen.append((float(loss), float(want)))
+            return loss
+
+    Recorder(model=make_model(), args=make_args(tmp_path, num_train_epochs=1),
+             train_dataset=add_sample_ids(make_examples()), tracker=memfast.SampleTracker(N),
+             lse_square_scale=zeta).train()
+    assert len(seen) == N // BATCH
+    for got, want in seen:
+        assert got == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        MemfastTrainer(model=make_model(), args=make_args(tmp_path), lse_square_scale=-1)

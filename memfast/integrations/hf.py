@@ -139,13 +139,14 @@ class MemfastTrainer(Trainer):
     Only training batches update the tracker; evaluation batches do not.
     The tracker moves to the logits' device on the first training step.
     ``args.label_smoothing_factor`` applies to the loss (the tracked loss is
-    unsmoothed). Gradient accumulation is handled as the model's own loss
-    does: the sum over tokens is divided by the number of target tokens in
+    unsmoothed). ``lse_square_scale``: a z-loss (memfast.cross_entropy's), in
+    the same fused pass. Gradient accumulation is handled as the model's own
+    loss does: the sum over tokens is divided by the number of target tokens in
     the accumulated batch.
     """
 
     def __init__(self, *args, tracker=None, sample_id_column="sample_id", shift_labels="auto", ignore_index=-100,
-                 inplace_backward=False, **kwargs):
+                 inplace_backward=False, lse_square_scale=0.0, **kwargs):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("MemfastTrainer computes the loss itself (memfast.cross_entropy); "
                              "compute_loss_func cannot be combined with it")
@@ -159,6 +160,7 @@ class MemfastTrainer(Trainer):
         self.sample_id_column = sample_id_column
         self.ignore_index = ignore_index
         self.inplace_backward = inplace_backward
+        self.lse_square_scale = memfast.loss._check_lse_square_scale(lse_square_scale, "MemfastTrainer")
         self._batch_sample_ids = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if tracker is not None:
@@ -214,7 +216,8 @@ class MemfastTrainer(Trainer):
         else:
             tracker = None
         kw = dict(ignore_index=self.ignore_index, sample_ids=ids, tracker=tracker, inplace_backward=self.inplace_backward,
-                  label_smoothing=float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0))
+                  label_smoothing=float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0),
+                  lse_square_scale=self.lse_square_scale)
         if num_items_in_batch is None:
             return memfast.cross_entropy(logits, labels, **kw)
         total = memfast.cross_entropy(logits, labels, reduction="sum", **kw)
