@@ -93,8 +93,34 @@ def _reduce_fake(grads, g0, seed, probe_offset):
 def in_backward():
     """True while autograd runs a backward pass on this thread: activation checkpointing
     (torch.utils.checkpoint) re-runs its forward there, and a loss recomputed for its
-    gradient must not add its statistics to a tracker a second time."""
+    gradient must not add its statistics to a tracker a second time. While compiling it is
+    False: traced code calls track_rows() below, which decides when the graph runs."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+@torch.library.custom_op("memfast_graph::track_outside_backward_", mutates_args=("state", "counters"))
+def _track_outside_backward(ns: str, state: torch.Tensor, counters: torch.Tensor, row_stats: torch.Tensor,
+                            target: torch.Tensor, sample_ids: torch.Tensor, ignore_index: int, num_classes: int,
+                            stat_rows: list[int]) -> None:
+    """track_ unless autograd is running a backward (a compiled loss inside a checkpointed region
+    is recomputed there: the check has to run with the graph, not when it was traced)."""
+    if torch._C._current_graph_task_id() == -1:
+        getattr(torch.ops, ns).track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes,
+                                      stat_rows)
+
+
+@_track_outside_backward.register_fake
+def _(ns, state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
+    return None
+
+
+def track_rows(lib, state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
+    """lib.track_ of a loss's row statistics (eager callers have checked in_backward already)."""
+    if torch.compiler.is_compiling():
+        torch.ops.memfast_graph.track_outside_backward_(lib.name, state, counters, row_stats, target, sample_ids,
+                                                        ignore_index, num_classes, stat_rows)
+    else:
+        lib.track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows)
 
 
 def as_rows(t):
@@ -275,7 +301,8 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
         loss, row_stats, _ = lib.cross_entropy_fwd(*args)  # traced: the op's registered autograd and fake
     if track is not None:
         state, counters, sample_ids, stat_rows = track
-        lib.track_(state, counters, row_stats.detach(), target, sample_ids, ignore_index, logits.shape[1], stat_rows)
+        track_rows(lib, state, counters, row_stats.detach(), target, sample_ids, ignore_index, logits.shape[1],
+                   stat_rows)
     return loss, row_stats
 
 

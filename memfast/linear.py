@@ -119,7 +119,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     stats[:, s:e] = row_stats
             if track is not None:
                 state, counters, ids, stat_rows = track
-                lib.track_(state, counters, stats, target, ids, ignore_index, C, stat_rows)
+                _ops.track_rows(lib, state, counters, stats, target, ids, ignore_index, C, stat_rows)
             if reduction == _MEAN:  # over no rows: NaN, as in PyTorch (the gradient of no rows stays 0)
                 total = torch.where(den == 0, torch.full_like(total, float("nan")), total)
         ctx.reduction, ctx.lib, ctx.rows, ctx.dtype = reduction, lib, rows, dtype

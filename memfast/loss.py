@@ -3,6 +3,7 @@ that can also track per-sample statistics and shift the logits (MAT's
 adjusted softmax) inside the same fused op (class-index targets; for
 class-probability targets the loss is PyTorch's and the tracking one pass)."""
 import math
+import numbers
 import warnings
 
 import torch
@@ -24,7 +25,7 @@ def _legacy_reduction(size_average, reduce, reduction):
 
 def _check_lse_square_scale(value, who):
     """The z-loss factor as a float: finite and >= 0 (a bool or a tensor is refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{who}: lse_square_scale must be a finite number >= 0 (e.g. 1e-4), got {value!r}")
     return float(value)
 
@@ -118,7 +119,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
 
 
 def _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker,
-                               adjustment, groups, zeta):
+                               adjustment, groups, zeta, track_in_backward):
     """Class-probability targets. The loss is PyTorch's (autograd included: not fused); the
     tracker gets one memfast pass over the detached logits with each row's most probable class
     as its label, so its statistics mean what they mean for index targets (the smoothing and
@@ -128,9 +129,10 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
                         f"{getattr(input, 'dtype', type(input))}")
     if target.is_complex():
         raise TypeError(f"memfast.cross_entropy: target must be real, got {target.dtype}")
-    if ignore_index != -100:  # as F.cross_entropy
-        raise ValueError("memfast.cross_entropy: ignore_index applies to class-index targets only; with "
-                         "class-probability targets give an ignored row zero probability mass instead")
+    if ignore_index >= 0:  # as F.cross_entropy, which ignores a negative one with such targets
+        raise ValueError(f"memfast.cross_entropy: ignore_index ({ignore_index}) applies to class-index targets "
+                         "only; class-probability targets have no ignored rows (a row with no probability mass is "
+                         "not tracked, but still counts in the mean)")
     if input.dim() == 0 or target.shape != input.shape:
         raise ValueError(f"memfast.cross_entropy: target is floating point, so it holds class probabilities and "
                          f"needs the input's shape {tuple(input.shape)}; got {tuple(target.shape)} (class indices "
@@ -157,9 +159,13 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
             loss = loss + _reduce(zeta * torch.logsumexp(shifted, 1) ** 2 * has_mass.reshape(-1), reduction)
         if reduction == "none":
             loss = loss.reshape(() if unbatched else label_shape)
-    if tracker is not None and not _ops.in_backward():
-        tracker.update(input.detach(), label, sample_ids, adjustment=adjustment, groups=groups)
+    if tracker is not None and (track_in_backward or not _ops.in_backward()):
+        _cross_entropy(input.detach(), label, None, -100, "none", 0.0, sample_ids, tracker, adjustment, groups,
+                       False, 0.0, track_in_backward=True)
+    # F.cross_entropy's dtype: the promotion of input and target (fp32 under autocast)
     dtype = _loss_dtype(input)
+    if dtype == input.dtype:
+        dtype = torch.promote_types(input.dtype, target.dtype)
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 
@@ -217,7 +223,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         compute: under torch.compile / torch.func the gradient is allocated as
         usual. [N, C, d...] inputs are copied to rows, so the copy gets it.
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    return _cross_entropy(input, target, weight, ignore_index, _legacy_reduction(size_average, reduce, reduction),
+                          label_smoothing, sample_ids, tracker, adjustment, groups, inplace_backward, lse_square_scale)
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker, adjustment,
+                   groups, inplace_backward, lse_square_scale, track_in_backward=False):
+    """cross_entropy's body. track_in_backward: track even inside a backward pass (tracker.update,
+    an explicit call, e.g. from a hook); the loss itself skips it there (a checkpoint's recompute)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"memfast.cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if (sample_ids is None) != (tracker is None):
@@ -225,13 +238,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     zeta = _check_lse_square_scale(lse_square_scale, "memfast.cross_entropy")
     if isinstance(target, Tensor) and target.is_floating_point():
         return _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids,
-                                          tracker, adjustment, groups, zeta)
+                                          tracker, adjustment, groups, zeta, track_in_backward)
     logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
         input, target, weight, ignore_index, label_smoothing, adjustment, groups)
     track = None
     if tracker is not None:
         ids = tracker._check_batch(logits, sample_ids, target_rows.numel())
-        if not _ops.in_backward():  # a checkpoint's recompute: tracked by the first forward already
+        if track_in_backward or not _ops.in_backward():  # a checkpoint's recompute was tracked the first time
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     inplace = bool(inplace_backward) and compute_grad and not torch.compiler.is_compiling()

@@ -168,10 +168,10 @@ class SampleTracker:
         code's way of computing CSL). ``targets``: class indices, or class
         probabilities (scored against each row's most probable class).
         Returns the per-row losses."""
-        from .loss import cross_entropy
+        from .loss import _cross_entropy
 
-        return cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", sample_ids=sample_ids,
-                             tracker=self, adjustment=adjustment, groups=groups)
+        return _cross_entropy(logits, targets, None, ignore_index, "none", 0.0, sample_ids, self, adjustment, groups,
+                              False, 0.0, track_in_backward=True)
 
     def check(self):
         """Raise if an update saw out-of-range sample ids or targets (the CUDA

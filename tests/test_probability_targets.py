@@ -161,3 +161,18 @@ def test_module_and_compile(backend):
     torch.testing.assert_close(trackers[1].state, trackers[0].state)
     torch.testing.assert_close(trackers[1].counters, trackers[0].counters)
     torch.testing.assert_close(eager, F.cross_entropy(x, q, label_smoothing=0.1))
+
+
+def test_ignore_index_and_dtype_as_pytorch(backend):
+    x = torch.randn(5, 4)
+    q = soft((5, 4), dtype=torch.float32)
+    # PyTorch ignores a negative ignore_index with probability targets and refuses one >= 0
+    torch.testing.assert_close(memfast.cross_entropy(x, q, ignore_index=-1), F.cross_entropy(x, q, ignore_index=-1))
+    with pytest.raises(ValueError, match="ignore_index"):
+        memfast.cross_entropy(x, q, ignore_index=0)
+    for xd, qd in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.float16)):
+        want = F.cross_entropy(x.to(xd), q.to(qd))
+        for adjustment in (None, torch.zeros(4)):
+            got = memfast.cross_entropy(x.to(xd), q.to(qd), adjustment=adjustment)
+            assert got.dtype == want.dtype, (xd, qd, adjustment)
+        torch.testing.assert_close(memfast.cross_entropy(x.to(xd), q.to(qd)), want)

@@ -8,6 +8,7 @@ import torch
 
 import memfast
 from memfast import SampleTracker
+from memfast._stats import COUNTER
 
 
 class Oracle:
@@ -259,3 +260,55 @@ def test_checkpoint_recompute_tracks_once(backend, loss, use_reentrant, early_st
     assert ckpt.stat("count").tolist() == [1.0, 2.0, 1.0, 0.0, 1.0]
     for name in plain.stored_stats:
         torch.testing.assert_close(ckpt.stat(name), plain.stat(name), msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_checkpoint_of_a_compiled_loss_tracks_once(backend, loss, use_reentrant):
+    """A compiled loss inside a checkpointed region: the recompute runs the compiled graph inside
+    the backward, so the skip is decided when the graph runs (memfast_graph::track_outside_backward_)."""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(4, 5, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 3, -100, 1])
+    ids = torch.tensor([0, 1, 1, 2, 3, 4])
+    tracker = SampleTracker(5)
+
+    def f(inp):
+        if loss == "cross_entropy":
+            return memfast.cross_entropy(inp @ head.t(), target, sample_ids=ids, tracker=tracker)
+        return memfast.linear_cross_entropy(inp, head, target, sample_ids=ids, tracker=tracker)
+
+    torch._dynamo.reset()  # f is one code object for every parametrisation: no recompile limit
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with set_checkpoint_early_stop(False):
+        checkpoint(compiled, x, use_reentrant=use_reentrant).backward()
+    assert tracker.stat("count").tolist() == [1.0, 2.0, 1.0, 0.0, 1.0]
+    assert int(tracker.counters[COUNTER["calls"]]) == 1  # one tracked call
+
+
+def test_update_inside_a_backward_hook_is_recorded(backend):
+    """tracker.update is an explicit call: it records even while autograd runs a backward."""
+    tracker = SampleTracker(4)
+    x = torch.randn(4, 3, requires_grad=True)
+    z = x * 2
+    y = torch.tensor([0, 1, 2, 0])
+
+    def hook(grad):
+        tracker.update(z.detach(), y, torch.arange(4))
+
+    z.register_hook(hook)
+    z.sum().backward()
+    assert tracker.stat("count").tolist() == [1.0] * 4
+
+
+def test_graph_track_op_opcheck():
+    tracker = SampleTracker(4, stats="all")
+    logits, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    _, row_stats, _ = torch.ops.memfast_ref.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False, 0)
+    args = ("memfast_ref", tracker.state, tracker.counters, row_stats, y, torch.arange(6) % 4, -100, 3,
+            tracker._stat_rows)
+    torch.library.opcheck(torch.ops.memfast_graph.track_outside_backward_, args)
+    torch.ops.memfast_graph.track_outside_backward_(*args)
+    assert tracker.stat("count").sum() == 6

@@ -35,6 +35,7 @@
 #include <torch/library.h>
 #include <cooperative_groups.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -631,18 +632,26 @@ void launch_resident(const FwdArgs<at::opmath_type<scalar_t>>& a, int cs, cudaSt
 
 // Clusters need the kernel's code built for sm_90+: an image JIT-compiled from older
 // PTX (e.g. TORCH_CUDA_ARCH_LIST=8.0+PTX) on an H100 would reach the __trap() branch.
-// Asked of the loaded kernel once (its PTX version); the device check stays per call.
+// Asked of the kernel loaded for each device once (its PTX version; devices may differ).
 template <typename scalar_t>
 bool cluster_code_loaded() {
-  static const bool loaded = [] {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= kMaxDevices) return false;
+  int8_t state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
     cudaFuncAttributes attr{};
     if (cudaFuncGetAttributes(&attr, ce_fwd_resident_kernel<scalar_t, 512, 4>) != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: clear it, or the next launch check would report it
-      return false;
+      state = 1;
+    } else {
+      state = attr.ptxVersion >= 90 ? 2 : 1;
     }
-    return attr.ptxVersion >= 90;
-  }();
-  return loaded;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 2;
 }
 
 // Pick the kernel for a row of C elements: the smallest register-resident

@@ -1,0 +1,66 @@
+"""The z-loss's cost: one tracked training step's loss (forward + backward) with
+memfast.cross_entropy without and with lse_square_scale (allocating, and in
+place), beside what a user writes without memfast (F.cross_entropy plus
+logsumexp()^2, index_add_ for the per-sample CSL). Interleaved medians.
+
+    .venv/bin/python bench/z_loss.py [--rows 2048 --classes 32000 --dtype fp32 --device cpu]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import memfast
+from memfast.bench import DTYPES, ModelOutput, make_inputs, time_steps
+
+ZETA = 1e-4
+
+
+def eager_z_step(logits, target, ids, csl):
+    logits.grad = None
+    per_sample = F.cross_entropy(logits, target, reduction="none")
+    csl.index_add_(0, ids, per_sample.detach().float())
+    (per_sample.mean() + ZETA * logits.logsumexp(-1).pow(2).mean()).backward()
+
+
+def memfast_z_step(logits, target, ids, tracker, zeta):
+    logits.grad = None
+    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, lse_square_scale=zeta).backward()
+
+
+def memfast_z_inplace_step(work, anchor, target, ids, tracker):
+    logits = ModelOutput.apply(work, anchor)
+    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, lse_square_scale=ZETA,
+                          inplace_backward=True).backward()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=32000)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=9)
+    a = p.parse_args()
+    logits, target, ids = make_inputs(a.rows, a.classes, DTYPES[a.dtype], a.rows, a.device)
+    tracker = memfast.SampleTracker(a.rows, device=a.device)
+    csl = torch.zeros(a.rows, device=a.device)
+    pristine = logits.detach().clone()
+    work = pristine.clone()
+    anchor = torch.zeros((), device=a.device, requires_grad=True)
+    steps = [
+        (memfast_z_step, (logits, target, ids, tracker, 0.0)),
+        (memfast_z_step, (logits, target, ids, tracker, ZETA)),
+        (memfast_z_inplace_step, (work, anchor, target, ids, tracker), lambda: work.copy_(pristine)),
+        (eager_z_step, (logits, target, ids, csl)),
+    ]
+    names = ["memfast", f"memfast, lse_square_scale={ZETA:g}", "same, inplace_backward", "eager + z-loss"]
+    times = time_steps(steps, a.device, repeats=a.repeats, warmup=2)
+    print(f"{a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}")
+    print("| step | ms |\n|---|---|")
+    for name, t in zip(names, times):
+        print(f"| {name} | {1e3 * t:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
