@@ -90,12 +90,16 @@ def _reduce_fake(grads, g0, seed, probe_offset):
     return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
 
 
+# -1 outside a backward pass (private torch API; missing, the checkpoint rule is off)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def in_backward():
     """True while autograd runs a backward pass on this thread: activation checkpointing
     (torch.utils.checkpoint) re-runs its forward there, and a loss recomputed for its
     gradient must not add its statistics to a tracker a second time. While compiling it is
     False: traced code calls track_rows() below, which decides when the graph runs."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and _graph_task_id() != -1
 
 
 @torch.library.custom_op("memfast_graph::track_outside_backward_", mutates_args=("state", "counters"))
@@ -104,7 +108,7 @@ def _track_outside_backward(ns: str, state: torch.Tensor, counters: torch.Tensor
                             stat_rows: list[int]) -> None:
     """track_ unless autograd is running a backward (a compiled loss inside a checkpointed region
     is recomputed there: the check has to run with the graph, not when it was traced)."""
-    if torch._C._current_graph_task_id() == -1:
+    if _graph_task_id() == -1:
         getattr(torch.ops, ns).track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes,
                                       stat_rows)
 
