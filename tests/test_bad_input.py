@@ -51,6 +51,12 @@ BAD_CALLS = [
     ("target too large", lambda: dict(target=torch.tensor([0, 3, 1, 1])), IndexError, "target"),
     ("negative target", lambda: dict(target=torch.tensor([0, -2, 1, 1])), IndexError, "target"),
     ("sample ids without a tracker", lambda: dict(tracker=None), ValueError, "together"),
+    ("negative lse_square_scale", lambda: dict(lse_square_scale=-1e-4), ValueError, "lse_square_scale"),
+    ("NaN lse_square_scale", lambda: dict(lse_square_scale=math.nan), ValueError, "lse_square_scale"),
+    ("class probabilities with ignore_index >= 0", lambda: dict(target=torch.rand(4, 3), ignore_index=1), ValueError,
+     "ignore_index"),
+    ("class probabilities, tracker ids out of range",
+     lambda: dict(target=torch.rand(4, 3), sample_ids=torch.tensor([0, 1, 10, 2])), IndexError, "sample_ids"),
 ]
 
 
