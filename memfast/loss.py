@@ -123,7 +123,8 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     """Class-probability targets. The loss is PyTorch's (autograd included: not fused); the
     tracker gets one memfast pass over the detached logits with each row's most probable class
     as its label, so its statistics mean what they mean for index targets (the smoothing and
-    the target's own entropy stay out of CSL). Rows with no target mass are not tracked."""
+    the target's own entropy stay out of CSL). Rows with no positive target probability are not
+    tracked."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(f"memfast.cross_entropy: input must be a floating-point tensor, got "
                         f"{getattr(input, 'dtype', type(input))}")
@@ -138,9 +139,16 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
                          f"needs the input's shape {tuple(input.shape)}; got {tuple(target.shape)} (class indices "
                          "must be an integer tensor)")
     class_dim = 0 if input.dim() == 1 else 1
-    with torch.no_grad():
-        has_mass = target.sum(class_dim) > 0
-        label = torch.where(has_mass, target.argmax(class_dim), -100)
+    has_mass = None  # rows with some target mass: tracked, and given the z-loss
+    if tracker is not None or zeta:
+        with torch.no_grad():  # one pass (max, not argmax + sum: half the time on the CPU)
+            top, most_probable = target.max(class_dim)
+            has_mass = top > 0
+    if tracker is not None:
+        label = torch.where(has_mass, most_probable, -100)
+    else:  # only for _prepare's checks (shapes, devices)
+        label = torch.zeros(target.shape[:class_dim] + target.shape[class_dim + 1:], dtype=torch.long,
+                            device=target.device)
     # Validates weight, label_smoothing, adjustment and groups as for index targets.
     logits, _, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
         input, label, weight, -100, label_smoothing, adjustment, groups)
@@ -212,7 +220,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
       Class-probability targets (floating point, the input's shape) give
         PyTorch's loss (not fused; inplace_backward does not apply); a
         tracker records each row's statistics against its most probable
-        class, and skips rows whose probabilities sum to zero.
+        class, and skips rows with no positive probability (all zeros).
       inplace_backward: write the gradient over ``input`` in the forward
         instead of allocating it (zero extra memory: for a [B*T, V] LM head
         that is the size of the logits). Afterwards ``input`` holds

@@ -1,9 +1,12 @@
-"""The z-loss's cost: one tracked training step's loss (forward + backward) with
-memfast.cross_entropy without and with lse_square_scale (allocating, and in
-place), beside what a user writes without memfast (F.cross_entropy plus
-logsumexp()^2, index_add_ for the per-sample CSL). Interleaved medians.
+"""What two loss options cost in a tracked training step (forward + backward), beside
+what a user writes without memfast. Interleaved medians.
 
-    .venv/bin/python bench/z_loss.py [--rows 2048 --classes 32000 --dtype fp32 --device cpu]
+- the z-loss: memfast.cross_entropy without and with lse_square_scale (allocating,
+  and in place) vs F.cross_entropy + logsumexp()^2 with index_add_ for the CSL;
+- class-probability targets: memfast (PyTorch's loss + one tracking pass) vs
+  F.cross_entropy with index_add_, and F.cross_entropy untracked.
+
+    .venv/bin/python bench/loss_options.py [--rows 2048 --classes 32000 --dtype fp32 --device cpu]
 """
 import argparse
 
@@ -34,6 +37,23 @@ def memfast_z_inplace_step(work, anchor, target, ids, tracker):
                           inplace_backward=True).backward()
 
 
+def soft_memfast_step(logits, soft, ids, tracker):
+    logits.grad = None
+    memfast.cross_entropy(logits, soft, sample_ids=ids, tracker=tracker).backward()
+
+
+def soft_eager_step(logits, soft, ids, csl):
+    logits.grad = None
+    per_sample = F.cross_entropy(logits, soft, reduction="none")
+    csl.index_add_(0, ids, per_sample.detach().float())
+    per_sample.mean().backward()
+
+
+def soft_untracked_step(logits, soft):
+    logits.grad = None
+    F.cross_entropy(logits, soft).backward()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2048)
@@ -55,11 +75,24 @@ def main():
         (eager_z_step, (logits, target, ids, csl)),
     ]
     names = ["memfast", f"memfast, lse_square_scale={ZETA:g}", "same, inplace_backward", "eager + z-loss"]
-    times = time_steps(steps, a.device, repeats=a.repeats, warmup=2)
-    print(f"{a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}")
+    report(f"z-loss: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
+           time_steps(steps, a.device, repeats=a.repeats, warmup=2))
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    soft = torch.softmax(torch.randn(a.rows, a.classes, generator=g), 1).to(device=a.device, dtype=logits.dtype)
+    steps = [(soft_memfast_step, (logits, soft, ids, tracker)), (soft_eager_step, (logits, soft, ids, csl)),
+             (soft_untracked_step, (logits, soft))]
+    names = ["memfast (tracked: all statistics)", "eager + index_add_ (CSL only)", "eager, untracked"]
+    report(f"class-probability targets: {a.rows} x {a.classes} {a.dtype} on {a.device}, median of {a.repeats}",
+           names, time_steps(steps, a.device, repeats=a.repeats, warmup=2))
+
+
+def report(title, names, times):
+    print(title)
     print("| step | ms |\n|---|---|")
     for name, t in zip(names, times):
         print(f"| {name} | {1e3 * t:.1f} |")
+    print()
 
 
 if __name__ == "__main__":
