@@ -75,7 +75,7 @@ def _check(input, linear_weight, target, linear_bias, weight):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, zeta, reduction, rows,
-                track, dtype):
+                track, dtype, accum_dtype):
         # input: [N, H]; target: [N]; track: None or (state, counters, sample_ids, stat_rows);
         # dtype: what the logits are computed in (autocast's, else the input's)
         N, C = input.shape[0], linear_weight.shape[0]
@@ -83,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         with _explicit_dtypes(input):
             x, w, b = _cast(input, linear_weight, linear_bias, dtype)
-            grads = _gradient_buffers(x, w, b, need, acc)
+            grads = _gradient_buffers(x, w, b, need, acc, accum_dtype)
             losses = torch.empty(N, dtype=acc, device=x.device) if reduction == _NONE else None
             total = torch.zeros((), dtype=acc, device=x.device)
             # The chunks' row statistics ([5, N]: 20 bytes a row), for one tracker update of the whole
@@ -124,6 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total = torch.where(den == 0, torch.full_like(total, float("nan")), total)
         ctx.reduction, ctx.lib, ctx.rows, ctx.dtype = reduction, lib, rows, dtype
         ctx.args = (weight, ignore_index, eps, zeta)
+        ctx.accum_dtype = accum_dtype
         ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         if reduction == _NONE:
             ctx.save_for_backward(input, linear_weight, linear_bias, target)
@@ -142,7 +143,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                    "gradients were formed in the forward and are used up); compute the loss again")
             grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         grads = [None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)]
-        return (*grads,) + (None,) * 10
+        return (*grads,) + (None,) * 11
+
+
+def _accum_dtype(accum_dtype, compute_dtype):
+    """None where accum_dtype adds nothing (no wider than the compute dtype)."""
+    if accum_dtype is None or torch.finfo(accum_dtype).bits <= torch.finfo(compute_dtype).bits:
+        return None
+    return accum_dtype
 
 
 def _explicit_dtypes(input):
@@ -154,11 +162,12 @@ def _cast(input, linear_weight, linear_bias, dtype):
     return input.to(dtype), linear_weight.to(dtype), None if linear_bias is None else linear_bias.to(dtype)
 
 
-def _gradient_buffers(x, w, b, need, acc):
-    """Input gradient [N, H], weight gradient [C, H] (accumulated over the chunks by addmm_, in the
-    compute dtype, as cuBLAS accumulates each chunk in fp32), bias gradient [C] in acc."""
+def _gradient_buffers(x, w, b, need, acc, accum_dtype):
+    """Input gradient [N, H]; weight gradient [C, H], accumulated over the chunks in accum_dtype
+    (None: the compute dtype, by addmm_; each chunk's product is accumulated in fp32 inside the
+    matmul either way); bias gradient [C] in acc."""
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need[0] else None,
-            torch.zeros(w.shape, dtype=w.dtype, device=w.device) if need[1] else None,
+            torch.zeros(w.shape, dtype=accum_dtype or w.dtype, device=w.device) if need[1] else None,
             torch.zeros(w.shape[0], dtype=acc, device=x.device) if need[2] and b is not None else None]
 
 
@@ -168,7 +177,10 @@ def _accumulate(grads, dz, x, w, s, e):
     if grad_input is not None:
         torch.mm(dz, w, out=grad_input[s:e])
     if grad_weight is not None:
-        grad_weight.addmm_(dz.t(), x)
+        if grad_weight.dtype == dz.dtype:
+            grad_weight.addmm_(dz.t(), x)
+        else:  # a wider accumulator: the chunk's product rounded once, the running sum not at all
+            grad_weight += torch.mm(dz.t(), x)
     if grad_bias is not None:
         grad_bias += dz.sum(0, dtype=grad_bias.dtype)
 
@@ -180,7 +192,7 @@ def _recompute_grads(ctx, grad_loss):
     acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
     with _explicit_dtypes(input):
         x, w, b = _cast(input, linear_weight, linear_bias, ctx.dtype)
-        grads = _gradient_buffers(x, w, b, ctx.needs_input_grad[:3], acc)
+        grads = _gradient_buffers(x, w, b, ctx.needs_input_grad[:3], acc, ctx.accum_dtype)
         grad_loss = grad_loss.to(acc)
         for s in range(0, x.shape[0], ctx.rows):
             e = min(x.shape[0], s + ctx.rows)
@@ -193,7 +205,7 @@ def _recompute_grads(ctx, grad_loss):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, sample_ids=None, tracker=None, chunk_size=None,
-                         size_average=None, reduce=None, lse_square_scale=0.0):
+                         size_average=None, reduce=None, lse_square_scale=0.0, accum_dtype=None):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
     The argument names follow ``torch.nn.functional.linear_cross_entropy``
@@ -208,8 +220,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     With ``reduction`` mean or sum all gradients are formed in the
     forward (no second pass; a second backward through the loss raises);
     ``'none'`` recomputes each chunk's logits in the backward. The weight
-    gradient is accumulated over chunks in the compute dtype (bf16 under
-    bf16 autocast: one rounding per chunk). Traceable by torch.compile.
+    gradient is accumulated over chunks in ``accum_dtype`` (None: the compute
+    dtype, bf16 under bf16 autocast, which rounds the running sum once per
+    chunk; ``torch.float32`` rounds only each chunk's product, for a [C, H]
+    product buffer and an add per chunk). Traceable by torch.compile.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     if reduction not in _REDUCTIONS:
@@ -220,6 +234,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"memfast.linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     zeta = _check_lse_square_scale(lse_square_scale, "memfast.linear_cross_entropy")
+    if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"memfast.linear_cross_entropy: accum_dtype must be None, torch.float32 or torch.float64, "
+                         f"got {accum_dtype!r}")
     _check(input, linear_weight, target, linear_bias, weight)
     H, C = input.shape[-1], linear_weight.shape[0]
     x = input.reshape(-1, H)
@@ -234,5 +251,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     w = None if weight is None else weight.detach().to(acc).contiguous()
     rows = _chunk_rows(x.shape[0], H, C, chunk_size)
     loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, _ops.ops(input.device), y, w, ignore_index,
-                                     float(label_smoothing), zeta, _REDUCTIONS.index(reduction), rows, track, dtype)
+                                     float(label_smoothing), zeta, _REDUCTIONS.index(reduction), rows, track, dtype,
+                                     _accum_dtype(accum_dtype, dtype))
     return (loss.reshape(target.shape) if reduction == "none" else loss).to(out_dtype)

@@ -227,3 +227,28 @@ def test_compiles_fullgraph_and_matches_eager(backend, reduction):
         results.append((loss.detach(), xi.grad, wi.grad, bi.grad, tracker.state, tracker.counters))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fp32_accumulation_of_the_weight_gradient(backend, autocast):
+    """accum_dtype=torch.float32 over many bf16 chunks: the weight gradient is as accurate as one
+    bf16 rounding (or better), where a bf16 running sum drifts by a few percent."""
+    g = torch.Generator().manual_seed(0)
+    N, H, C = 4096, 32, 64
+    dtype = torch.float32 if autocast else torch.bfloat16  # the parameters' dtype
+    x = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(C, H, generator=g) / 4).to(dtype).requires_grad_()
+    y = torch.randint(0, C, (N,), generator=g)
+    x64, w64 = x.detach().bfloat16().double().requires_grad_(), w.detach().bfloat16().double().requires_grad_()
+    F.cross_entropy(x64 @ w64.t(), y, reduction="sum").backward()
+    errors = {}
+    for accum_dtype in (None, torch.float32):
+        w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = memfast.linear_cross_entropy(x, w, y, reduction="sum", chunk_size=16, accum_dtype=accum_dtype)
+        loss.backward()
+        assert w.grad.dtype == dtype
+        errors[accum_dtype] = float((w.grad.double() - w64.grad).norm() / w64.grad.norm())
+    assert errors[torch.float32] < 4e-3 < errors[None], errors
+    with pytest.raises(ValueError, match="accum_dtype"):
+        memfast.linear_cross_entropy(x, w, y, accum_dtype=torch.bfloat16)
