@@ -343,8 +343,11 @@ def set_backend(name):
     _ops_for_type.clear()
 
 
-def get_backend():
-    return _backend
+def get_backend(device="cpu"):
+    """The backend that runs on a device (type): 'kernels', or 'reference' when so set or when
+    no compiled kernels exist for it (the extension missing, or built without that device)."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return "kernels" if _backend == "kernels" and extension_available(kind) else "reference"
 
 
 set_backend(os.environ.get("MEMFAST_BACKEND", "auto"))
@@ -364,7 +367,8 @@ def _choose_ops(kind):
         return torch.ops.memfast
     if _backend == "kernels" and kind not in _warned:
         _warned.add(kind)
-        why = f"the extension failed to load ({_EXT_ERROR})" if BUILD_INFO is None else f"it was built without {kind} kernels"
+        why = (f"the compiled extension memfast._C is not built or does not load ({_EXT_ERROR}); build it with "
+               "pip install --no-build-isolation -e ." if BUILD_INFO is None else f"it was built without {kind} kernels")
         warnings.warn(f"memfast: using the pure-PyTorch reference backend on {kind}: {why}", RuntimeWarning,
                       stacklevel=4)
     return torch.ops.memfast_ref

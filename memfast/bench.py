@@ -96,7 +96,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    print(f"memfast {memfast.__version__} ({memfast.get_backend()}), torch {torch.__version__}, "
+    print(f"memfast {memfast.__version__} ({memfast.get_backend(args.device)}), torch {torch.__version__}, "
           f"device {args.device}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
     print("| shape | dtype | eager ms | memfast ms | speed-up | memfast inplace_backward ms | speed-up |")
     print("|---|---|---|---|---|---|---|")

@@ -295,7 +295,7 @@ def run(args):
     r0 = results[0]
     print(f"digits: {r0['num_samples']} samples, {r0['num_noisy']} noisy labels ({args.noise:.0%}), "
           f"{r0['num_duplicates']} duplicates ({args.duplicates} pairs); {args.model}, {args.epochs} epochs, "
-          f"backend {memfast.get_backend()}, device {args.device}")
+          f"backend {memfast.get_backend(args.device)}, device {args.device}")
     for r in results:
         mem = (f"memorized at epoch {r['memorized_at_epoch']}" if r["memorized_at_epoch"]
                else "NOT memorized")
@@ -306,7 +306,7 @@ def run(args):
     if len(args.seeds) > 1:
         print(f"mean ± std over seeds {args.seeds}")
     if args.out:
-        extra = {"command": "demo", "config": _config(args), "backend": memfast.get_backend(),
+        extra = {"command": "demo", "config": _config(args), "backend": memfast.get_backend(args.device),
                  "num_samples": r0["num_samples"], "num_noisy": r0["num_noisy"],
                  "num_duplicates": r0["num_duplicates"], "seconds": elapsed,
                  "seeds": [{k: r[k] for k in ("seed", "train_accuracy", "train_accuracy_non_duplicates",
