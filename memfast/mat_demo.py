@@ -27,7 +27,7 @@ __all__ = ["add_arguments", "run", "spurious_experiment", "colored_digits_experi
 def add_arguments(parser):
     parser.add_argument("--dataset", choices=("spurious", "colored-digits"), default="spurious",
                         help="the paper's interpretable setup (default) or colored digits")
-    parser.add_argument("--out", default="mat-demo-out", help="directory for the figure and results.json")
+    parser.add_argument("--out", default="mat-demo-out", help="directory for the figure and results_DATASET.json")
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs per phase (default: 1000 spurious, 40 colored-digits)")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
