@@ -67,6 +67,14 @@ def _parse_stats(stats):
     return stats
 
 
+def _variance(mean_sq, mean, count):
+    """E[x^2] - E[x]^2 from fp32 running sums: 0 for a single update, and 0 below the sums'
+    rounding (8 fp32 ulps of E[x^2]), where the difference is cancellation noise, not spread."""
+    var = mean_sq - mean * mean
+    noise = 8 * torch.finfo(torch.float32).eps * mean_sq.abs()
+    return torch.where((count <= 1) | (var <= noise), torch.zeros_like(var), var)
+
+
 class SampleTracker:
     """Per-sample statistics over training, keyed by dataset index.
 
@@ -266,13 +274,13 @@ class SampleTracker:
                 out["csl_mean"] = mean(self.stat("csl"))
             if has("csl") and has("loss_sq"):
                 m = mean(self.stat("csl"))
-                out["loss_var"] = (mean(self.stat("loss_sq")) - m * m).clamp_min(0)
+                out["loss_var"] = _variance(mean(self.stat("loss_sq")), m, count)
             if has("inconf"):
                 out["inconf_mean"] = mean(self.stat("inconf"))
                 out["confidence"] = 1 - out["inconf_mean"]
                 if has("ptrue_sq"):
                     conf = out["confidence"]
-                    out["variability"] = (mean(self.stat("ptrue_sq")) - conf * conf).clamp_min(0).sqrt()
+                    out["variability"] = _variance(mean(self.stat("ptrue_sq")), conf, count).sqrt()
             if has("margin"):
                 out["aum"] = mean(self.stat("margin"))
             if has("correct"):

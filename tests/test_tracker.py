@@ -312,3 +312,21 @@ def test_graph_track_op_opcheck():
     torch.library.opcheck(torch.ops.memfast_graph.track_outside_backward_, args)
     torch.ops.memfast_graph.track_outside_backward_(*args)
     assert tracker.stat("count").sum() == 6
+
+
+def test_variances_are_exact_zero_for_one_update_and_match_numpy_after(backend):
+    """loss_var / variability from fp32 running sums: one update has no spread (not cancellation
+    noise of ~1e-5), and two updates give the population variance / std."""
+    g = torch.Generator().manual_seed(2)
+    tracker = SampleTracker(6, stats="all")
+    y = torch.randint(0, 5, (6,), generator=g)
+    rows = [torch.randn(6, 5, generator=g, dtype=torch.float64) * 2 for _ in range(2)]
+    tracker.update(rows[0].float(), y, torch.arange(6))
+    s = tracker.scores()
+    assert torch.equal(s["variability"], torch.zeros(6)) and torch.equal(s["loss_var"], torch.zeros(6))
+    tracker.update(rows[1].float(), y, torch.arange(6))
+    s = tracker.scores()
+    nll = torch.stack([torch.nn.functional.cross_entropy(r.float().double(), y, reduction="none") for r in rows])
+    p = torch.exp(-nll)
+    torch.testing.assert_close(s["variability"].double(), p.std(0, unbiased=False), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(s["loss_var"].double(), nll.var(0, unbiased=False), atol=1e-3, rtol=1e-3)
