@@ -17,6 +17,8 @@
 // formula registered with torch.library.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <memory>
@@ -195,6 +197,19 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     return out;
   }
 };
+
+// track_unless_backward_: one kernel for every device (it only forwards to the device's track_).
+void track_unless_backward(Tensor& state, Tensor& counters, const Tensor& row_stats, const Tensor& target,
+                           const Tensor& sample_ids, int64_t ignore_index, int64_t num_classes,
+                           c10::IntArrayRef stat_rows) {
+  if (torch::autograd::get_current_graph_task_id() != -1) return;  // a checkpoint's recompute
+  ops_for("memfast").track.call(state, counters, row_stats, target, sample_ids, ignore_index, num_classes,
+                                stat_rows);
+}
+
+TORCH_LIBRARY_IMPL(memfast, CompositeExplicitAutograd, m) {
+  m.impl("track_unless_backward_", &track_unless_backward);
+}
 
 void init_autograd(py::module& m) {
   m.def("_set_differentiable_grad", [](py::object fn) {

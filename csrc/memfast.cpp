@@ -40,6 +40,12 @@ TORCH_LIBRARY(memfast, m) {
   m.def(
       "track_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
       "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()");
+  // track_, unless autograd is running a backward pass on this thread: what traced code
+  // calls, so that a compiled loss recomputed by activation checkpointing inside the
+  // backward does not add its statistics a second time (decided when the graph runs).
+  m.def(
+      "track_unless_backward_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
+      "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()");
   // Input curvature (Hutchinson, finite differences). x: [B, ...]. Returns
   // [num_probes * B, ...]: x + h * v_k for probes k = probe_offset ..
   // probe_offset + num_probes - 1 (probe-major), with v in {-1, +1} drawn from

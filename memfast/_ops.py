@@ -12,6 +12,7 @@ import weakref
 import torch
 
 from . import reference
+from .reference.cross_entropy import current_graph_task_id
 
 # The schemas, identical to csrc/memfast.cpp (tests/test_ops.py checks).
 SCHEMAS = {
@@ -29,6 +30,10 @@ SCHEMAS = {
     "cross_entropy_bwd_": "cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()",
     "track_": (
         "track_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
+        "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()"
+    ),
+    "track_unless_backward_": (
+        "track_unless_backward_(Tensor(a!) state, Tensor(b!) counters, Tensor row_stats, Tensor target, "
         "Tensor sample_ids, int ignore_index, int num_classes, int[] stat_rows) -> ()"
     ),
     "curvature_perturb": "curvature_perturb(Tensor x, int seed, int probe_offset, int num_probes, float h) -> Tensor",
@@ -90,41 +95,20 @@ def _reduce_fake(grads, g0, seed, probe_offset):
     return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
 
 
-# -1 outside a backward pass (private torch API; missing, the checkpoint rule is off)
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
-
-
 def in_backward():
     """True while autograd runs a backward pass on this thread: activation checkpointing
     (torch.utils.checkpoint) re-runs its forward there, and a loss recomputed for its
     gradient must not add its statistics to a tracker a second time. While compiling it is
-    False: traced code calls track_rows() below, which decides when the graph runs."""
-    return not torch.compiler.is_compiling() and _graph_task_id() != -1
-
-
-@torch.library.custom_op("memfast_graph::track_outside_backward_", mutates_args=("state", "counters"))
-def _track_outside_backward(ns: str, state: torch.Tensor, counters: torch.Tensor, row_stats: torch.Tensor,
-                            target: torch.Tensor, sample_ids: torch.Tensor, ignore_index: int, num_classes: int,
-                            stat_rows: list[int]) -> None:
-    """track_ unless autograd is running a backward (a compiled loss inside a checkpointed region
-    is recomputed there: the check has to run with the graph, not when it was traced)."""
-    if _graph_task_id() == -1:
-        getattr(torch.ops, ns).track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes,
-                                      stat_rows)
-
-
-@_track_outside_backward.register_fake
-def _(ns, state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
-    return None
+    False: traced code calls track_unless_backward_ (track_rows below), which decides when the graph runs."""
+    return not torch.compiler.is_compiling() and current_graph_task_id() != -1
 
 
 def track_rows(lib, state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
-    """lib.track_ of a loss's row statistics (eager callers have checked in_backward already)."""
-    if torch.compiler.is_compiling():
-        torch.ops.memfast_graph.track_outside_backward_(lib.name, state, counters, row_stats, target, sample_ids,
-                                                        ignore_index, num_classes, stat_rows)
-    else:
-        lib.track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows)
+    """lib.track_ of a loss's row statistics. Eager callers have checked in_backward already;
+    traced code calls track_unless_backward_, which checks when the graph runs (a compiled loss
+    inside a checkpointed region is recomputed in the backward)."""
+    op = lib.track_unless_backward_ if torch.compiler.is_compiling() else lib.track_
+    op(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows)
 
 
 def as_rows(t):
@@ -220,6 +204,7 @@ def _register(ns):
     torch.library.register_fake(f"{ns}::cross_entropy_bwd", _bwd_fake)
     torch.library.register_fake(f"{ns}::cross_entropy_bwd_", _bwd_inplace_fake)
     torch.library.register_fake(f"{ns}::track_", _track_fake)
+    torch.library.register_fake(f"{ns}::track_unless_backward_", _track_fake)
     torch.library.register_fake(f"{ns}::curvature_perturb", _perturb_fake)
     torch.library.register_fake(f"{ns}::curvature_reduce", _reduce_fake)
 

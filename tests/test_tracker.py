@@ -266,7 +266,7 @@ def test_checkpoint_recompute_tracks_once(backend, loss, use_reentrant, early_st
 @pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
 def test_checkpoint_of_a_compiled_loss_tracks_once(backend, loss, use_reentrant):
     """A compiled loss inside a checkpointed region: the recompute runs the compiled graph inside
-    the backward, so the skip is decided when the graph runs (memfast_graph::track_outside_backward_)."""
+    the backward, so the skip is decided when the graph runs (the op track_unless_backward_)."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
@@ -303,15 +303,24 @@ def test_update_inside_a_backward_hook_is_recorded(backend):
     assert tracker.stat("count").tolist() == [1.0] * 4
 
 
-def test_graph_track_op_opcheck():
+@pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])
+def test_track_unless_backward_op(ns):
+    """opcheck; it records outside a backward and skips inside one (a hook runs it there)."""
+    if ns == "memfast" and not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns).track_unless_backward_
     tracker = SampleTracker(4, stats="all")
     logits, y = torch.randn(6, 3), torch.randint(0, 3, (6,))
     _, row_stats, _ = torch.ops.memfast_ref.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False, 0)
-    args = ("memfast_ref", tracker.state, tracker.counters, row_stats, y, torch.arange(6) % 4, -100, 3,
-            tracker._stat_rows)
-    torch.library.opcheck(torch.ops.memfast_graph.track_outside_backward_, args)
-    torch.ops.memfast_graph.track_outside_backward_(*args)
+    args = (tracker.state, tracker.counters, row_stats, y, torch.arange(6) % 4, -100, 3, tracker._stat_rows)
+    torch.library.opcheck(op, args)
+    op(*args)
     assert tracker.stat("count").sum() == 6
+    x = torch.randn(2, requires_grad=True)
+    z = x * 2
+    z.register_hook(lambda g: op(*args))
+    z.sum().backward()
+    assert tracker.stat("count").sum() == 6  # skipped inside the backward
 
 
 def test_variances_are_exact_zero_for_one_update_and_match_numpy_after(backend):

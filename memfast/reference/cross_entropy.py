@@ -12,6 +12,9 @@ from .._stats import COUNTER, KERNEL_STATS, ROW
 
 _S = {name: i for i, name in enumerate(KERNEL_STATS)}
 
+# -1 outside a backward pass (a private torch API; where it is missing, the checkpoint rule is off)
+current_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -146,6 +149,13 @@ def cross_entropy_bwd(grad, grad_loss):
 
 def cross_entropy_bwd_(grad, grad_loss):
     grad.copy_(cross_entropy_bwd(grad, grad_loss))
+
+
+def track_unless_backward_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
+    """track_, unless autograd is running a backward pass on this thread (activation
+    checkpointing's recompute of a compiled loss)."""
+    if current_graph_task_id() == -1:
+        track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows)
 
 
 def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
