@@ -352,8 +352,11 @@ def _choose_ops(kind):
         return torch.ops.memfast
     if _backend == "kernels" and kind not in _warned:
         _warned.add(kind)
-        why = (f"the compiled extension memfast._C is not built or does not load ({_EXT_ERROR}); build it with "
-               "pip install --no-build-isolation -e ." if BUILD_INFO is None else f"it was built without {kind} kernels")
+        if BUILD_INFO is None:
+            why = (f"the compiled extension memfast._C is not built or does not load ({_EXT_ERROR}); build it "
+                   "with pip install --no-build-isolation -e .")
+        else:
+            why = f"it was built without {kind} kernels"
         warnings.warn(f"memfast: using the pure-PyTorch reference backend on {kind}: {why}", RuntimeWarning,
                       stacklevel=4)
     return torch.ops.memfast_ref

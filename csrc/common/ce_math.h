@@ -118,7 +118,8 @@ MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C, 
   g.eps_w = eps / static_cast<T>(C);
   g.target_w = (T(1) - eps) * w_y;
   g.scale_p = g.target_w + g.eps_w * weight_sum;
-  if (zeta != T(0) && w_y != T(0)) g.scale_p += T(2) * zeta * w_y * lse;  // d(zeta w_y lse^2)/dz_c = 2 zeta w_y lse p_c
+  // the z-loss: d(zeta w_y lse^2) / dz_c = 2 zeta w_y lse p_c
+  if (zeta != T(0) && w_y != T(0)) g.scale_p += T(2) * zeta * w_y * lse;
   if (grad_scale != T(1)) {
     g.eps_w = g.eps_w == T(0) ? T(0) : g.eps_w * grad_scale;
     g.target_w = g.target_w == T(0) ? T(0) : g.target_w * grad_scale;
