@@ -71,7 +71,7 @@ def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment,
 def _fwd_inplace_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
                       lse_square_scale=0.0):
     loss, row_stats, _ = _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, False,
-                                   reduction)
+                                   reduction, lse_square_scale)
     return loss, row_stats
 
 
@@ -99,7 +99,8 @@ def in_backward():
     """True while autograd runs a backward pass on this thread: activation checkpointing
     (torch.utils.checkpoint) re-runs its forward there, and a loss recomputed for its
     gradient must not add its statistics to a tracker a second time. While compiling it is
-    False: traced code calls track_unless_backward_ (track_rows below), which decides when the graph runs."""
+    False: traced code calls track_unless_backward_ (track_rows below), which decides when
+    the graph runs."""
     return not torch.compiler.is_compiling() and current_graph_task_id() != -1
 
 
@@ -328,10 +329,14 @@ def set_backend(name):
     _ops_for_type.clear()
 
 
+def _device_type(device):
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
 def get_backend(device="cpu"):
     """The backend that runs on a device (type): 'kernels', or 'reference' when so set or when
     no compiled kernels exist for it (the extension missing, or built without that device)."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    kind = _device_type(device)
     return "kernels" if _backend == "kernels" and extension_available(kind) else "reference"
 
 
@@ -340,7 +345,7 @@ set_backend(os.environ.get("MEMFAST_BACKEND", "auto"))
 
 def ops(device):
     """The op namespace (torch.ops.memfast or torch.ops.memfast_ref) for a device."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    kind = _device_type(device)
     lib = _ops_for_type.get(kind)
     if lib is None:
         lib = _ops_for_type[kind] = _choose_ops(kind)

@@ -79,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # input: [N, H]; target: [N]; track: None or (state, counters, sample_ids, stat_rows);
         # dtype: what the logits are computed in (autocast's, else the input's)
         N, C = input.shape[0], linear_weight.shape[0]
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = _ops._acc_dtype(dtype)
         need = ctx.needs_input_grad[:3]
         with _explicit_dtypes(input):
             x, w, b = _cast(input, linear_weight, linear_bias, dtype)
@@ -189,7 +189,7 @@ def _recompute_grads(ctx, grad_loss):
     """reduction='none': each chunk's logits again, its gradient scaled row by row by grad_loss."""
     input, linear_weight, linear_bias, target = ctx.saved_tensors
     weight, ignore_index, eps, zeta = ctx.args
-    acc = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+    acc = _ops._acc_dtype(ctx.dtype)
     with _explicit_dtypes(input):
         x, w, b = _cast(input, linear_weight, linear_bias, ctx.dtype)
         grads = _gradient_buffers(x, w, b, ctx.needs_input_grad[:3], acc, ctx.accum_dtype)
@@ -242,7 +242,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     x = input.reshape(-1, H)
     y = target.reshape(-1).long().contiguous()
     dtype, out_dtype = _dtypes(input)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _ops._acc_dtype(dtype)
     track = None
     if tracker is not None:
         ids = tracker._check_batch(x, sample_ids, y.numel())

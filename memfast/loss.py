@@ -43,11 +43,16 @@ def _loss_dtype(input):
     return input.dtype
 
 
-def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups):
-    """Validate arguments (host metadata only) and bring them to the op's row layout."""
+def _check_input(input):
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(f"memfast.cross_entropy: input must be a floating-point tensor, got "
                         f"{getattr(input, 'dtype', type(input))}")
+
+
+def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups, rows=True):
+    """Validate arguments (host metadata only) and bring them to the op's row layout (rows=False:
+    no logits rows, which for [N, C, d...] inputs are a copy; None is returned for them)."""
+    _check_input(input)
     if not isinstance(target, Tensor):
         raise TypeError(f"memfast.cross_entropy: target must be a tensor, got {type(target)}")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
@@ -66,8 +71,8 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
     if target.device != input.device:
         raise ValueError(f"memfast.cross_entropy: target is on {target.device} but input is on {input.device}")
     C = input.shape[1]
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    logits = _ops.as_rows(input)
+    acc = _ops._acc_dtype(input.dtype)
+    logits = _ops.as_rows(input) if rows else None
     target_rows = target if target.dim() == 1 else target.reshape(-1)
     if target_rows.dtype != torch.long:
         target_rows = target_rows.long()
@@ -98,14 +103,14 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
             if adjustment.dim() != 2 or adjustment.shape[1] != C:
                 raise ValueError(f"memfast.cross_entropy: with groups, adjustment must be a table [A, {C}], got "
                                  f"{tuple(adjustment.shape)}")
-            if tuple(groups.reshape(target.shape).shape) != tuple(target.shape) or groups.numel() != target.numel():
+            if groups.numel() != target.numel():  # one group per target, in the target's order
                 raise ValueError(f"memfast.cross_entropy: groups must have the target's shape {tuple(target.shape)}, "
                                  f"got {tuple(groups.shape)}")
             if groups.device != input.device:
                 raise ValueError(f"memfast.cross_entropy: groups is on {groups.device} but input is on {input.device}")
             groups_rows = groups.reshape(-1).long().contiguous()
         elif tuple(adjustment.shape) == (C,):
-            adjustment = adjustment.expand(logits.shape[0], C)  # one shift for every row, no copy
+            adjustment = adjustment.expand(target_rows.numel(), C)  # one shift for every row, no copy
         elif tuple(adjustment.shape) == tuple(input.shape):
             adjustment = _ops.as_rows(adjustment.reshape(input.shape))
         else:
@@ -125,9 +130,7 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     as its label, so its statistics mean what they mean for index targets (the smoothing and
     the target's own entropy stay out of CSL). Rows with no positive target probability are not
     tracked."""
-    if not isinstance(input, Tensor) or not input.is_floating_point():
-        raise TypeError(f"memfast.cross_entropy: input must be a floating-point tensor, got "
-                        f"{getattr(input, 'dtype', type(input))}")
+    _check_input(input)
     if target.is_complex():
         raise TypeError(f"memfast.cross_entropy: target must be real, got {target.dtype}")
     if ignore_index >= 0:  # as F.cross_entropy, which ignores a negative one with such targets
@@ -149,18 +152,18 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     else:  # only for _prepare's checks (shapes, devices)
         label = torch.zeros(target.shape[:class_dim] + target.shape[class_dim + 1:], dtype=torch.long,
                             device=target.device)
-    # Validates weight, label_smoothing, adjustment and groups as for index targets.
-    logits, _, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
-        input, label, weight, -100, label_smoothing, adjustment, groups)
+    # Validates weight, label_smoothing, adjustment and groups as for index targets; the rows (a
+    # copy for [N, C, d...]) only where the shift or the tracker needs them.
+    logits, label_rows, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
+        input, label, weight, -100, label_smoothing, adjustment, groups,
+        rows=adjustment is not None or tracker is not None)
     if adjustment is None:
         loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
         if zeta:
-            acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-            z_loss = zeta * torch.logsumexp(input.to(acc), class_dim) ** 2 * has_mass
+            z_loss = zeta * torch.logsumexp(input.to(_ops._acc_dtype(input.dtype)), class_dim) ** 2 * has_mass
             loss = loss + _reduce(z_loss, reduction).to(loss.dtype)
     else:  # on rows: the shift has the rows' layout, computed in fp32 (fp64 for fp64 logits)
-        shift = shift if groups_rows is None else shift[groups_rows]
-        shifted = logits + shift
+        shifted = logits + (shift if groups_rows is None else shift[groups_rows])
         loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
                                label_smoothing=label_smoothing)
         if zeta:
@@ -168,7 +171,8 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
         if reduction == "none":
             loss = loss.reshape(() if unbatched else label_shape)
     if tracker is not None and (track_in_backward or not _ops.in_backward()):
-        _cross_entropy(input.detach(), label, None, -100, "none", 0.0, sample_ids, tracker, adjustment, groups,
+        # the rows and the shift as prepared above (no second copy of [N, C, d...] logits)
+        _cross_entropy(logits.detach(), label_rows, None, -100, "none", 0.0, sample_ids, tracker, shift, groups_rows,
                        False, 0.0, track_in_backward=True)
     # F.cross_entropy's dtype: the promotion of input and target (fp32 under autocast)
     dtype = _loss_dtype(input)
@@ -205,9 +209,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         (e.g. ``[B]`` for ``[B*T]`` token rows: the tokens of a sequence add
         into its sample). Rows whose target is ``ignore_index`` are not
         tracked. A forward re-run inside a backward pass (activation
-        checkpointing's recompute) is not tracked again. The tracked loss is the unsmoothed, unweighted cross entropy
-        of the logits the loss sees (the adjusted ones when ``adjustment`` is
-        given).
+        checkpointing's recompute) is not tracked again. The tracked loss is
+        the unsmoothed, unweighted cross entropy of the logits the loss sees
+        (the adjusted ones when ``adjustment`` is given).
       adjustment, groups: an additive, constant shift of the logits:
         dense (the input's shape), a ``[C]`` vector for every row, or a table
         ``[A, C]`` gathered per row by ``groups`` (the target's shape).
@@ -225,8 +229,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         instead of allocating it (zero extra memory: for a [B*T, V] LM head
         that is the size of the logits). Afterwards ``input`` holds
         d loss / d input, so read anything else from it first; a backward
-        that saved it (e.g. a z-loss on the same logits) raises, as after any
-        in-place op. Contiguous inputs only; a leaf (or a view of a leaf) that
+        that saved it (e.g. a hand-written z-loss on the same logits: use
+        lse_square_scale instead) raises, as after any in-place op. Contiguous inputs only; a leaf (or a view of a leaf) that
         requires grad is refused. Only in eager mode with a gradient to
         compute: under torch.compile / torch.func the gradient is allocated as
         usual. [N, C, d...] inputs are copied to rows, so the copy gets it.

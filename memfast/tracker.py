@@ -69,10 +69,11 @@ def _parse_stats(stats):
 
 def _variance(mean_sq, mean, count):
     """E[x^2] - E[x]^2 from fp32 running sums: 0 for a single update, and 0 below the sums'
-    rounding (8 fp32 ulps of E[x^2]), where the difference is cancellation noise, not spread."""
+    rounding (8 fp32 ulps of E[x^2]), where the difference is cancellation noise, not spread;
+    NaN for a sample never updated, like the means."""
     var = mean_sq - mean * mean
     noise = 8 * torch.finfo(torch.float32).eps * mean_sq.abs()
-    return torch.where((count <= 1) | (var <= noise), torch.zeros_like(var), var)
+    return torch.where((count == 1) | (var <= noise), torch.zeros_like(var), var)
 
 
 class SampleTracker:

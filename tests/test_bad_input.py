@@ -42,6 +42,8 @@ BAD_CALLS = [
     ("integer adjustment", lambda: dict(adjustment=torch.zeros(4, 3, dtype=torch.long)), TypeError, "adjustment"),
     ("groups without a table", lambda: dict(groups=torch.zeros(4, dtype=torch.long)), ValueError, "groups"),
     ("float groups", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.zeros(4)), TypeError, "groups"),
+    ("groups of the wrong size", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.zeros(5, dtype=torch.long)),
+     ValueError, "groups"),
     ("groups out of range", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.tensor([0, 1, 2, 0])),
      IndexError, "groups"),
     ("negative groups", lambda: dict(adjustment=torch.zeros(2, 3), groups=torch.tensor([0, -1, 1, 0])),

@@ -89,6 +89,21 @@ def test_tracker_sees_the_most_probable_class(backend):
     torch.testing.assert_close(losses, F.cross_entropy(x, q, reduction="none"))
 
 
+@pytest.mark.parametrize("form", ["vector", "table", "dense"])
+def test_tracker_sees_the_adjusted_logits_of_spatial_input(backend, form):
+    B, C, T, A = 3, 5, 4, 2
+    x = torch.randn(B, C, T, dtype=torch.float64)
+    q = soft((B, C, T))
+    groups = torch.randint(0, A, (B, T))
+    shift = {"vector": torch.randn(C, dtype=torch.float64), "table": torch.randn(A, C, dtype=torch.float64),
+             "dense": torch.randn(B, C, T, dtype=torch.float64)}[form]
+    kw = dict(adjustment=shift, groups=groups if form == "table" else None)
+    got, want = SampleTracker(B, stats="all"), SampleTracker(B, stats="all")
+    memfast.cross_entropy(x, q, sample_ids=torch.arange(B), tracker=got, **kw)
+    want.update(x, q.argmax(1), torch.arange(B), **kw)
+    torch.testing.assert_close(got.state, want.state)
+
+
 def test_one_hot_targets_equal_index_targets(backend):
     N, C = 9, 4
     x = torch.randn(N, C, dtype=torch.float64) * 2

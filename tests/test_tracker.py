@@ -327,6 +327,7 @@ def test_variances_are_exact_zero_for_one_update_and_match_numpy_after(backend):
     """loss_var / variability from fp32 running sums: one update has no spread (not cancellation
     noise of ~1e-5), and two updates give the population variance / std."""
     g = torch.Generator().manual_seed(2)
+    assert SampleTracker(2, stats="all").scores()["variability"].isnan().all()  # never updated: no value, as the means
     tracker = SampleTracker(6, stats="all")
     y = torch.randint(0, 5, (6,), generator=g)
     rows = [torch.randn(6, 5, generator=g, dtype=torch.float64) * 2 for _ in range(2)]
