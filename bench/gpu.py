@@ -86,9 +86,11 @@ def load_liger(device):
 
 
 class Case:
-    def __init__(self, name, rows, classes, dtype, tracking=True, table=False, seq_len=None, z_loss=0.0):
+    def __init__(self, name, rows, classes, dtype, tracking=True, table=False, seq_len=None, z_loss=0.0,
+                 softcap=None):
         self.name, self.rows, self.classes, self.dtype = name, rows, classes, dtype
         self.tracking, self.table, self.seq_len, self.z_loss = tracking, table, seq_len, z_loss
+        self.softcap = softcap
 
     @property
     def logits_bytes(self):
@@ -130,7 +132,8 @@ def make_methods(case, liger, device, wanted=METHODS):
         kw = dict(sample_ids=ids, tracker=tracker) if case.tracking else {}
         if case.table:
             kw.update(adjustment=table, groups=groups)
-        return memfast.cross_entropy(x, y, inplace_backward=inplace, lse_square_scale=case.z_loss, **kw)
+        return memfast.cross_entropy(x, y, inplace_backward=inplace, lse_square_scale=case.z_loss,
+                                     softcap=case.softcap, **kw)
 
     anchor = torch.zeros((), device=device, requires_grad=True)
 
@@ -138,6 +141,8 @@ def make_methods(case, liger, device, wanted=METHODS):
         return mf(ModelOutput.apply(x.detach(), anchor), y, ids, table, groups, inplace=True)
 
     def eager_loss(x, y, ids, table, groups):
+        if case.softcap:  # as Gemma 2's modelling code writes it
+            x = case.softcap * torch.tanh(x / case.softcap)
         z = x.float() + table[groups] if case.table else x
         loss = F.cross_entropy(z, y, reduction=reduction)
         if case.tracking:
@@ -151,7 +156,10 @@ def make_methods(case, liger, device, wanted=METHODS):
         methods["compile"] = torch.compile(eager_loss, dynamic=False)
     if liger is not None and not case.table:
         def liger_loss(x, y, ids, table, groups):
-            loss = liger(x, y, reduction=reduction, **({"lse_square_scale": case.z_loss} if case.z_loss else {}))
+            kw = {"lse_square_scale": case.z_loss} if case.z_loss else {}
+            if case.softcap:
+                kw["softcap"] = case.softcap
+            loss = liger(x, y, reduction=reduction, **kw)
             if case.tracking:
                 buf.index_add_(0, row_ids(case, ids), loss.detach().float())
             return loss.mean() if reduction == "none" else loss
@@ -230,7 +238,8 @@ def kernel_times(case, inputs, warmup, iters, rate, device):
         os.environ.update(env)
         try:
             ms = median_ms(lambda k: torch.ops.memfast.cross_entropy_fwd(pristine[k], targets[k], None, -100, 0.0, None,
-                                                                      None, True, 1, case.z_loss))
+                                                                      None, True, 1, case.z_loss,
+                                                                      case.softcap or 0.0))
         finally:
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -261,9 +270,11 @@ def cases(quick, smoke=False):
     if smoke:
         out.append(Case("B2 T16 V100 bf16, per-sequence ids", 2 * 16, 100, bf16, seq_len=16))
         out.append(Case("64 x 10 bf16, z-loss 1e-4", 64, 10, bf16, z_loss=1e-4))
+        out.append(Case("64 x 10 bf16, softcap 30", 64, 10, bf16, softcap=30.0))
     else:
         out.append(Case("B8 T2048 V32000 bf16, per-sequence ids", 8 * 2048, 32000, bf16, seq_len=2048))
         out.append(Case("8192 x 32000 bf16, z-loss 1e-4", 8192, 32000, bf16, z_loss=1e-4))
+        out.append(Case("8192 x 32000 bf16, softcap 30", 8192, 32000, bf16, softcap=30.0))
     if quick:
         out = [c for c in out if c.logits_bytes <= 64 << 20]
     return out

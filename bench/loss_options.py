@@ -1,8 +1,10 @@
-"""What two loss options cost in a tracked training step (forward + backward), beside
+"""What three loss options cost in a tracked training step (forward + backward), beside
 what a user writes without memfast. Interleaved medians.
 
 - the z-loss: memfast.cross_entropy without and with lse_square_scale (allocating,
   and in place) vs F.cross_entropy + logsumexp()^2 with index_add_ for the CSL;
+- the softcap: memfast.cross_entropy(softcap=30) (allocating, and in place) vs
+  memfast on 30 * tanh(logits / 30) and F.cross_entropy of it with index_add_;
 - class-probability targets: memfast (PyTorch's loss + one tracking pass) vs
   F.cross_entropy with index_add_, and F.cross_entropy untracked.
 
@@ -17,6 +19,7 @@ import memfast
 from memfast.bench import DTYPES, ModelOutput, make_inputs, time_steps
 
 ZETA = 1e-4
+CAP = 30.0
 
 
 def eager_z_step(logits, target, ids, csl):
@@ -26,15 +29,27 @@ def eager_z_step(logits, target, ids, csl):
     (per_sample.mean() + ZETA * logits.logsumexp(-1).pow(2).mean()).backward()
 
 
-def memfast_z_step(logits, target, ids, tracker, zeta):
+def memfast_step(logits, target, ids, tracker, options):
     logits.grad = None
-    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, lse_square_scale=zeta).backward()
+    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, **options).backward()
 
 
-def memfast_z_inplace_step(work, anchor, target, ids, tracker):
+def memfast_inplace_step(work, anchor, target, ids, tracker, options):
     logits = ModelOutput.apply(work, anchor)
-    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, lse_square_scale=ZETA,
-                          inplace_backward=True).backward()
+    memfast.cross_entropy(logits, target, sample_ids=ids, tracker=tracker, inplace_backward=True,
+                          **options).backward()
+
+
+def memfast_tanh_step(logits, target, ids, tracker):
+    logits.grad = None
+    memfast.cross_entropy(CAP * torch.tanh(logits / CAP), target, sample_ids=ids, tracker=tracker).backward()
+
+
+def eager_cap_step(logits, target, ids, csl):
+    logits.grad = None
+    per_sample = F.cross_entropy(CAP * torch.tanh(logits / CAP), target, reduction="none")
+    csl.index_add_(0, ids, per_sample.detach().float())
+    per_sample.mean().backward()
 
 
 def soft_memfast_step(logits, soft, ids, tracker):
@@ -68,21 +83,35 @@ def main():
     pristine = logits.detach().clone()
     work = pristine.clone()
     anchor = torch.zeros((), device=a.device, requires_grad=True)
+    refresh = lambda: work.copy_(pristine)  # noqa: E731  (the in-place steps overwrite their logits)
+    z_loss, cap = {"lse_square_scale": ZETA}, {"softcap": CAP}
     steps = [
-        (memfast_z_step, (logits, target, ids, tracker, 0.0)),
-        (memfast_z_step, (logits, target, ids, tracker, ZETA)),
-        (memfast_z_inplace_step, (work, anchor, target, ids, tracker), lambda: work.copy_(pristine)),
+        (memfast_step, (logits, target, ids, tracker, {})),
+        (memfast_step, (logits, target, ids, tracker, z_loss)),
+        (memfast_inplace_step, (work, anchor, target, ids, tracker, z_loss), refresh),
         (eager_z_step, (logits, target, ids, csl)),
     ]
     names = ["memfast", f"memfast, lse_square_scale={ZETA:g}", "same, inplace_backward", "eager + z-loss"]
     report(f"z-loss: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
            time_steps(steps, a.device, repeats=a.repeats, warmup=2))
 
+    steps = [
+        (memfast_step, (logits, target, ids, tracker, {})),
+        (memfast_step, (logits, target, ids, tracker, cap)),
+        (memfast_inplace_step, (work, anchor, target, ids, tracker, cap), refresh),
+        (memfast_tanh_step, (logits, target, ids, tracker)),
+        (eager_cap_step, (logits, target, ids, csl)),
+    ]
+    names = ["memfast", f"memfast, softcap={CAP:g}", "same, inplace_backward", "memfast of cap * tanh(x / cap)",
+             "eager of cap * tanh(x / cap)"]
+    report(f"softcap: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
+           time_steps(steps, a.device, repeats=a.repeats, warmup=2))
+
     g = torch.Generator(device="cpu").manual_seed(1)
     soft = torch.softmax(torch.randn(a.rows, a.classes, generator=g), 1).to(device=a.device, dtype=logits.dtype)
     steps = [(soft_memfast_step, (logits, soft, ids, tracker)), (soft_eager_step, (logits, soft, ids, csl)),
              (soft_untracked_step, (logits, soft))]
-    names = ["memfast (tracked: all statistics)", "eager + index_add_ (CSL only)", "eager, untracked"]
+    names = ["memfast (tracked: csl, count)", "eager + index_add_ (CSL only)", "eager, untracked"]
     report(f"class-probability targets: {a.rows} x {a.classes} {a.dtype} on {a.device}, median of {a.repeats}",
            names, time_steps(steps, a.device, repeats=a.repeats, warmup=2))
 

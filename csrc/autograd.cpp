@@ -33,9 +33,9 @@ using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
 using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, double,
-                                                  const OptTensor&, const OptTensor&, bool, int64_t, double);
+                                                  const OptTensor&, const OptTensor&, bool, int64_t, double, double);
 using FwdInplaceSig = std::tuple<Tensor, Tensor>(Tensor&, const Tensor&, const OptTensor&, int64_t, double,
-                                                  const OptTensor&, const OptTensor&, int64_t, double);
+                                                  const OptTensor&, const OptTensor&, int64_t, double, double);
 using BwdInplaceSig = void(Tensor&, const Tensor&);
 using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                       c10::IntArrayRef);
@@ -78,7 +78,7 @@ struct SavedInputs : torch::CustomClassHolder {
   Tensor target;
   OptTensor weight, adjustment, groups;
   int64_t ignore_index = 0, reduction = 0;
-  double label_smoothing = 0.0, lse_square_scale = 0.0;
+  double label_smoothing = 0.0, lse_square_scale = 0.0, softcap = 0.0;
   // The caller's logits, held weakly, for recomputing the gradient: the rows
   // themselves, or (source_is_rows false) the [N, C, d...] or [C] input the rows
   // were made from (memfast._ops.as_rows), which the caller keeps alive.
@@ -107,7 +107,8 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const OpSet* ops, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, int64_t ignore_index, double label_smoothing,
                                const OptTensor& adjustment, const OptTensor& groups, bool compute_grad,
-                               int64_t reduction, double lse_square_scale, bool inplace, const Tensor* source,
+                               int64_t reduction, double lse_square_scale, double softcap, bool inplace,
+                               const Tensor* source,
                                std::optional<at::ScalarType> loss_dtype) {
     // Function::apply only turns grad mode off: without this the call would go through
     // torch.library's Python autograd kernel of the op.
@@ -116,7 +117,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     if (inplace) {
       Tensor buffer = logits;  // the op writes the gradient over it
       std::tie(loss, row_stats) = ops->fwd_inplace.call(buffer, target, weight, ignore_index, label_smoothing,
-                                                        adjustment, groups, reduction, lse_square_scale);
+                                                        adjustment, groups, reduction, lse_square_scale, softcap);
       // Tell autograd: a node that saved these logits (or anything sharing their storage) now
       // fails its version check at backward instead of reading the gradient as the logits.
       torch::autograd::impl::bump_version(logits);
@@ -127,7 +128,8 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       ctx->mark_non_differentiable({row_stats});
     } else {
       std::tie(loss, row_stats, grad) = ops->fwd.call(logits, target, weight, ignore_index, label_smoothing,
-                                                      adjustment, groups, compute_grad, reduction, lse_square_scale);
+                                                      adjustment, groups, compute_grad, reduction, lse_square_scale,
+                                                      softcap);
       ctx->mark_non_differentiable({row_stats, grad});
     }
     // Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
@@ -143,6 +145,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     saved->reduction = reduction;
     saved->label_smoothing = label_smoothing;
     saved->lse_square_scale = lse_square_scale;
+    saved->softcap = softcap;
     // A pointer, not a tensor argument: Function::apply would make it an input of the node.
     const Tensor& held = source != nullptr ? *source : logits;
     saved->source = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(held.getIntrusivePtr());
@@ -160,8 +163,8 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // One entry per forward argument (ops, logits, target, ... reduction, lse_square_scale,
-    // inplace, source, loss_dtype); only logits gets one.
-    variable_list out(14);
+    // softcap, inplace, source, loss_dtype); only logits gets one.
+    variable_list out(15);
     if (!grad_outputs[0].defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
     const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
@@ -177,7 +180,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       py::gil_scoped_acquire gil;
       out[1] = (*differentiable_grad)(logits, saved->target, saved->weight, saved->ignore_index,
                                       saved->label_smoothing, saved->adjustment, saved->groups, saved->reduction,
-                                      saved->lse_square_scale, grad_loss)
+                                      saved->lse_square_scale, saved->softcap, grad_loss)
                    .cast<Tensor>();
       return out;
     }
@@ -189,7 +192,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       grad = std::get<2>(saved->ops->fwd.call(logits.detach(), saved->target, saved->weight, saved->ignore_index,
                                               saved->label_smoothing, saved->adjustment, saved->groups, true,
-                                              saved->reduction, saved->lse_square_scale));
+                                              saved->reduction, saved->lse_square_scale, saved->softcap));
     }
     saved->saved_grad_consumed = true;
     saved->ops->bwd_inplace.call(grad, grad_loss);
@@ -220,7 +223,7 @@ void init_autograd(py::module& m) {
       "cross_entropy",
       [](const std::string& ns, const Tensor& logits, const Tensor& target, const OptTensor& weight,
          int64_t ignore_index, double label_smoothing, const OptTensor& adjustment, const OptTensor& groups,
-         bool compute_grad, int64_t reduction, double lse_square_scale, const OptTensor& state,
+         bool compute_grad, int64_t reduction, double lse_square_scale, double softcap, const OptTensor& state,
          const OptTensor& counters,
          const OptTensor& sample_ids, std::vector<int64_t> stat_rows, bool inplace, const OptTensor& source,
          std::optional<at::ScalarType> loss_dtype) {
@@ -231,14 +234,14 @@ void init_autograd(py::module& m) {
         if (at::GradMode::is_enabled() && logits.requires_grad()) {
           auto out = CrossEntropyFunction::apply(ops, logits, target, weight, ignore_index, label_smoothing,
                                                  adjustment, groups, compute_grad, reduction, lse_square_scale,
-                                                 inplace, source.has_value() ? &*source : nullptr, loss_dtype);
+                                                 softcap, inplace, source.has_value() ? &*source : nullptr, loss_dtype);
           loss = std::move(out[0]);
           row_stats = std::move(out[1]);
         } else {
           at::AutoDispatchBelowADInplaceOrView below_autograd;
           std::tie(loss, row_stats, std::ignore) = ops->fwd.call(logits, target, weight, ignore_index,
                                                                  label_smoothing, adjustment, groups, compute_grad,
-                                                                 reduction, lse_square_scale);
+                                                                 reduction, lse_square_scale, softcap);
           if (loss_dtype.has_value() && *loss_dtype != loss.scalar_type()) loss = loss.to(*loss_dtype);
         }
         if (state.has_value()) {

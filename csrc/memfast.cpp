@@ -20,18 +20,19 @@ TORCH_LIBRARY(memfast, m) {
   // backward with grad_loss == 1 has nothing to do). Functional, so that
   // autograd and torch.compile can treat it as an ordinary op; the tracker
   // scatter is the separate mutable track_ op. lse_square_scale: the z-loss
-  // lse_square_scale * weight[target] * lse^2 added to each row's loss.
+  // lse_square_scale * weight[target] * lse^2 added to each row's loss. softcap > 0: the
+  // logits are capped to softcap * tanh(logits / softcap) first (before the adjustment).
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction, "
-      "float lse_square_scale=0.) -> (Tensor loss, Tensor row_stats, Tensor grad)");
+      "float lse_square_scale=0., float softcap=0.) -> (Tensor loss, Tensor row_stats, Tensor grad)");
   // The same forward with the gradient written over the logits (contiguous), which
   // are then the gradient: memfast.cross_entropy(..., inplace_backward=True), whose
   // autograd calls it in eager mode (zero extra memory for the gradient).
   m.def(
       "cross_entropy_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0.) "
-      "-> (Tensor loss, Tensor row_stats)");
+      "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0., "
+      "float softcap=0.) -> (Tensor loss, Tensor row_stats)");
   // grad_logits = grad * grad_loss[:, None] (grad_loss [R]), or grad * grad_loss (0-d)
   m.def("cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor");
   // The same, in place in the saved gradient (eager backward: no new [R, C] buffer).

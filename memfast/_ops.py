@@ -19,12 +19,12 @@ SCHEMAS = {
     "cross_entropy_fwd": (
         "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
         "float label_smoothing, Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction, "
-        "float lse_square_scale=0.) -> (Tensor loss, Tensor row_stats, Tensor grad)"
+        "float lse_square_scale=0., float softcap=0.) -> (Tensor loss, Tensor row_stats, Tensor grad)"
     ),
     "cross_entropy_fwd_": (
         "cross_entropy_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
-        "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0.) "
-        "-> (Tensor loss, Tensor row_stats)"
+        "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0., "
+        "float softcap=0.) -> (Tensor loss, Tensor row_stats)"
     ),
     "cross_entropy_bwd": "cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor",
     "cross_entropy_bwd_": "cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()",
@@ -60,7 +60,7 @@ def _acc_dtype(dtype):
 
 
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
-              lse_square_scale=0.0):
+              lse_square_scale=0.0, softcap=0.0):
     R, C = logits.shape
     acc = _acc_dtype(logits.dtype)
     grad = logits.new_empty((R, C) if compute_grad else (0, 0))
@@ -69,9 +69,9 @@ def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment,
 
 
 def _fwd_inplace_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
-                      lse_square_scale=0.0):
+                      lse_square_scale=0.0, softcap=0.0):
     loss, row_stats, _ = _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, False,
-                                   reduction, lse_square_scale)
+                                   reduction, lse_square_scale, softcap)
     return loss, row_stats
 
 
@@ -161,41 +161,52 @@ def _live_logits(ctx, why):
     return as_rows(logits) if ctx.rows_from_source else logits
 
 
-def _differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction, zeta, grad_loss):
+def _differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction, zeta, softcap,
+                         grad_loss):
     """grad_loss * d loss / d logits as a differentiable function of the logits (create_graph=True,
     torch.func): whole-tensor reference ops. The C++ eager Function (csrc/autograd.cpp) calls it too."""
     grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction,
-                                        zeta)
+                                        zeta, softcap)
     return reference.cross_entropy_bwd(grad, grad_loss)
 
 
 def _backward(lib, ctx, grad_loss):
     """d loss / d logits from the gradient the forward saved (see _fwd_setup_context)."""
     if grad_loss is None:
-        return (None,) * 10
-    target, weight, ignore_index, eps, adjustment, groups, _, reduction, *zeta = ctx.other_inputs
-    zeta = zeta[0] if zeta else 0.0  # lse_square_scale (its schema default when the call left it out)
+        return (None,) * _NUM_FWD_INPUTS
+    target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = ctx.other_inputs
+    zeta, softcap = _fwd_scalars(scalars)
     traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()  # fake / functional tensors
     if torch.is_grad_enabled() and not traced:
         # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
         logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)")
         return (_differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction, zeta,
-                                     grad_loss),) + (None,) * 9
+                                     softcap, grad_loss),) + _NO_GRADS
     if not ctx.saved_grad_consumed:
         grad = ctx.saved_tensors[0]
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
         logits = _live_logits(ctx, "backward twice through one loss (retain_graph=True)")
         grad = lib.cross_entropy_fwd(logits.detach(), target, weight, ignore_index, eps, adjustment, groups,
-                                     True, reduction, zeta)[2]
+                                     True, reduction, zeta, softcap)[2]
     if traced or not _plain_eager(grad):
         # traced (AOTAutograd): the functional form, a fresh tensor
-        return (lib.cross_entropy_bwd(grad, grad_loss),) + (None,) * 9
+        return (lib.cross_entropy_bwd(grad, grad_loss),) + _NO_GRADS
     # eager: scale the saved gradient in place (no second [R, C] buffer; on the CPU
     # nothing at all for the usual grad_loss == 1 of a mean or sum); it is not used again
     ctx.saved_grad_consumed = True
     lib.cross_entropy_bwd_(grad, grad_loss)
-    return (grad,) + (None,) * 9
+    return (grad,) + _NO_GRADS
+
+
+_NUM_FWD_INPUTS = 11  # cross_entropy_fwd's arguments; only the logits get a gradient
+_NO_GRADS = (None,) * (_NUM_FWD_INPUTS - 1)
+
+
+def _fwd_scalars(scalars):
+    """(lse_square_scale, softcap) from the arguments after cross_entropy_fwd's reduction (the
+    schema's defaults for those a call left out)."""
+    return (float(scalars[0]) if scalars else 0.0), (float(scalars[1]) if len(scalars) > 1 else 0.0)
 
 
 def _register(ns):
@@ -245,9 +256,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if logits_tangent is None:
             return None, None, None
         logits = ctx.saved_tensors[-1]  # save_for_forward's (_fwd_setup_context)
-        target, weight, ignore_index, eps, adjustment, groups, _, reduction, *zeta = ctx.other_inputs
+        target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = ctx.other_inputs
         grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction,
-                                            *zeta)
+                                            *_fwd_scalars(scalars))
         acc = _acc_dtype(logits.dtype)
         per_row = (grad.to(acc) * logits_tangent.to(acc)).sum(1)
         return (per_row if reduction == 0 else per_row.sum()), None, None
@@ -261,7 +272,7 @@ _NO_TRACKING = (None, None, None, [])
 
 
 def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
-                  track=None, source=None, inplace=False, loss_dtype=None, lse_square_scale=0.0):
+                  track=None, source=None, inplace=False, loss_dtype=None, lse_square_scale=0.0, softcap=0.0):
     """lib.cross_entropy_fwd, differentiable in logits, then lib.track_ of its row statistics when
     track = (state, counters, sample_ids, stat_rows) is given. Returns (loss, row_stats).
     source: the caller's tensor the rows were made from (as_rows), when it is not logits:
@@ -269,9 +280,9 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
     the logits (loss.cross_entropy's inplace_backward; plain eager with the extension only --
     traced code, torch.func and the extension-less fallback allocate it as usual). loss_dtype: the
     dtype to return the loss in (None: the op's); the caller converts what comes back otherwise.
-    lse_square_scale: the op's z-loss factor."""
+    lse_square_scale, softcap: the op's z-loss factor and logit cap (0: off)."""
     args = (logits, target, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
-            float(lse_square_scale))
+            float(lse_square_scale), float(softcap))
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
         if _forward_ad_active():  # the logits are kept (_fwd_setup_context): no source needed
             loss, row_stats, _ = _FusedCrossEntropy.apply(lib, None, *args)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _ops
 from ._stats import ROW_STATS
-from .loss import _REDUCTIONS, _check_lse_square_scale, _legacy_reduction
+from .loss import _REDUCTIONS, _check_lse_square_scale, _check_softcap, _legacy_reduction
 
 _NONE, _MEAN, _SUM = range(3)
 
@@ -74,9 +74,10 @@ def _check(input, linear_weight, target, linear_bias, weight):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, zeta, reduction, rows,
+    def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, scalars, reduction, rows,
                 track, dtype, accum_dtype):
-        # input: [N, H]; target: [N]; track: None or (state, counters, sample_ids, stat_rows);
+        # input: [N, H]; target: [N]; scalars: (lse_square_scale, softcap);
+        # track: None or (state, counters, sample_ids, stat_rows);
         # dtype: what the logits are computed in (autocast's, else the input's)
         N, C = input.shape[0], linear_weight.shape[0]
         acc = _ops._acc_dtype(dtype)
@@ -106,11 +107,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 y = target[s:e]
                 if in_forward:
                     loss, row_stats = lib.cross_entropy_fwd_(z, y, chunk_weight, ignore_index, eps, None, None, _SUM,
-                                                             zeta)
+                                                             *scalars)
                     _accumulate(grads, z, x[s:e], w, s, e)
                 else:
                     loss, row_stats, _ = lib.cross_entropy_fwd(z, y, chunk_weight, ignore_index, eps, None, None,
-                                                               False, _NONE if reduction == _NONE else _SUM, zeta)
+                                                               False, _NONE if reduction == _NONE else _SUM, *scalars)
                 if reduction == _NONE:
                     losses[s:e] = loss
                 else:
@@ -123,7 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if reduction == _MEAN:  # over no rows: NaN, as in PyTorch (the gradient of no rows stays 0)
                 total = torch.where(den == 0, torch.full_like(total, float("nan")), total)
         ctx.reduction, ctx.lib, ctx.rows, ctx.dtype = reduction, lib, rows, dtype
-        ctx.args = (weight, ignore_index, eps, zeta)
+        ctx.args = (weight, ignore_index, eps, scalars)
         ctx.accum_dtype = accum_dtype
         ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
         if reduction == _NONE:
@@ -188,7 +189,7 @@ def _accumulate(grads, dz, x, w, s, e):
 def _recompute_grads(ctx, grad_loss):
     """reduction='none': each chunk's logits again, its gradient scaled row by row by grad_loss."""
     input, linear_weight, linear_bias, target = ctx.saved_tensors
-    weight, ignore_index, eps, zeta = ctx.args
+    weight, ignore_index, eps, scalars = ctx.args
     acc = _ops._acc_dtype(ctx.dtype)
     with _explicit_dtypes(input):
         x, w, b = _cast(input, linear_weight, linear_bias, ctx.dtype)
@@ -197,7 +198,7 @@ def _recompute_grads(ctx, grad_loss):
         for s in range(0, x.shape[0], ctx.rows):
             e = min(x.shape[0], s + ctx.rows)
             z = F.linear(x[s:e], w, b)
-            ctx.lib.cross_entropy_fwd_(z, target[s:e], weight, ignore_index, eps, None, None, _NONE, zeta)
+            ctx.lib.cross_entropy_fwd_(z, target[s:e], weight, ignore_index, eps, None, None, _NONE, *scalars)
             ctx.lib.cross_entropy_bwd_(z, grad_loss[s:e].contiguous())
             _accumulate(grads, z, x[s:e], w, s, e)
     return grads
@@ -205,7 +206,8 @@ def _recompute_grads(ctx, grad_loss):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, sample_ids=None, tracker=None, chunk_size=None,
-                         size_average=None, reduce=None, lse_square_scale=0.0, accum_dtype=None):
+                         size_average=None, reduce=None, lse_square_scale=0.0, accum_dtype=None,
+                         softcap=None):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
     The argument names follow ``torch.nn.functional.linear_cross_entropy``
@@ -216,7 +218,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     so the ``[N, C]`` logits never exist at once. ``sample_ids`` / ``tracker``: as in
     :func:`memfast.cross_entropy` (one id per row, or per leading index, e.g.
     ``[B]`` for ``[B, T]`` targets: the tokens of a sequence add into its
-    sample). ``lse_square_scale``: the z-loss, as in :func:`memfast.cross_entropy`.
+    sample). ``lse_square_scale`` (the z-loss) and ``softcap`` (Gemma 2's
+    ``final_logit_softcapping``): as in :func:`memfast.cross_entropy`.
     With ``reduction`` mean or sum all gradients are formed in the
     forward (no second pass; a second backward through the loss raises);
     ``'none'`` recomputes each chunk's logits in the backward. The weight
@@ -234,6 +237,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"memfast.linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     zeta = _check_lse_square_scale(lse_square_scale, "memfast.linear_cross_entropy")
+    cap = _check_softcap(softcap, "memfast.linear_cross_entropy")
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"memfast.linear_cross_entropy: accum_dtype must be None, torch.float32 or torch.float64, "
                          f"got {accum_dtype!r}")
@@ -251,6 +255,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     w = None if weight is None else weight.detach().to(acc).contiguous()
     rows = _chunk_rows(x.shape[0], H, C, chunk_size)
     loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, _ops.ops(input.device), y, w, ignore_index,
-                                     float(label_smoothing), zeta, _REDUCTIONS.index(reduction), rows, track, dtype,
+                                     float(label_smoothing), (zeta, cap), _REDUCTIONS.index(reduction), rows, track, dtype,
                                      _accum_dtype(accum_dtype, dtype))
     return (loss.reshape(target.shape) if reduction == "none" else loss).to(out_dtype)

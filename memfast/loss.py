@@ -30,6 +30,15 @@ def _check_lse_square_scale(value, who):
     return float(value)
 
 
+def _check_softcap(value, who):
+    """The logit cap as the op's float: None is off (0.0); else a finite number > 0 (Gemma 2 uses 30)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{who}: softcap must be None (off) or a finite number > 0 (e.g. 30.0), got {value!r}")
+    return float(value)
+
+
 def _loss_dtype(input):
     """F.cross_entropy's output dtype: the input's, except under autocast, whose policy runs
     cross entropy in fp32 and so returns an fp32 loss for fp16 / bf16 logits (the op computes
@@ -124,12 +133,12 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
 
 
 def _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker,
-                               adjustment, groups, zeta, track_in_backward):
+                               adjustment, groups, zeta, cap, track_in_backward):
     """Class-probability targets. The loss is PyTorch's (autograd included: not fused); the
     tracker gets one memfast pass over the detached logits with each row's most probable class
     as its label, so its statistics mean what they mean for index targets (the smoothing and
     the target's own entropy stay out of CSL). Rows with no positive target probability are not
-    tracked."""
+    tracked. A softcap caps the logits first, as the fused op does."""
     _check_input(input)
     if target.is_complex():
         raise TypeError(f"memfast.cross_entropy: target must be real, got {target.dtype}")
@@ -158,12 +167,14 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
         input, label, weight, -100, label_smoothing, adjustment, groups,
         rows=adjustment is not None or tracker is not None)
     if adjustment is None:
-        loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
+        capped = input if not cap else cap * torch.tanh(input / cap)
+        loss = F.cross_entropy(capped, target, weight, reduction=reduction, label_smoothing=label_smoothing)
         if zeta:
-            z_loss = zeta * torch.logsumexp(input.to(_ops._acc_dtype(input.dtype)), class_dim) ** 2 * has_mass
+            z_loss = zeta * torch.logsumexp(capped.to(_ops._acc_dtype(input.dtype)), class_dim) ** 2 * has_mass
             loss = loss + _reduce(z_loss, reduction).to(loss.dtype)
     else:  # on rows: the shift has the rows' layout, computed in fp32 (fp64 for fp64 logits)
-        shifted = logits + (shift if groups_rows is None else shift[groups_rows])
+        capped = logits if not cap else cap * torch.tanh(logits / cap)
+        shifted = capped + (shift if groups_rows is None else shift[groups_rows])
         loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
                                label_smoothing=label_smoothing)
         if zeta:
@@ -173,7 +184,7 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     if tracker is not None and (track_in_backward or not _ops.in_backward()):
         # the rows and the shift as prepared above (no second copy of [N, C, d...] logits)
         _cross_entropy(logits.detach(), label_rows, None, -100, "none", 0.0, sample_ids, tracker, shift, groups_rows,
-                       False, 0.0, track_in_backward=True)
+                       False, 0.0, cap or None, track_in_backward=True)
     # F.cross_entropy's dtype: the promotion of input and target (fp32 under autocast)
     dtype = _loss_dtype(input)
     if dtype == input.dtype:
@@ -199,7 +210,7 @@ def _check_inplace(input):
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, sample_ids=None, tracker=None,
-                  adjustment=None, groups=None, inplace_backward=False, lse_square_scale=0.0):
+                  adjustment=None, groups=None, inplace_backward=False, lse_square_scale=0.0, softcap=None):
     """Cross entropy with the semantics of ``torch.nn.functional.cross_entropy``.
 
     Extra keyword arguments:
@@ -221,6 +232,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         is added to each row's loss inside the fused op (reduced with it; no
         extra pass), e.g. 1e-4. Not tracked: the tracker's loss stays the
         cross entropy.
+      softcap: logit softcapping (Gemma 2's ``final_logit_softcapping``,
+        e.g. 30.0; None: off): the loss sees ``softcap * tanh(input /
+        softcap)`` (then the adjustment), computed inside the fused op (no
+        extra pass or buffer; works with inplace_backward), and the gradient
+        flows through the tanh. The tracker's statistics are those of the
+        capped logits.
       Class-probability targets (floating point, the input's shape) give
         PyTorch's loss (not fused; inplace_backward does not apply); a
         tracker records each row's statistics against its most probable
@@ -236,11 +253,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         usual. [N, C, d...] inputs are copied to rows, so the copy gets it.
     """
     return _cross_entropy(input, target, weight, ignore_index, _legacy_reduction(size_average, reduce, reduction),
-                          label_smoothing, sample_ids, tracker, adjustment, groups, inplace_backward, lse_square_scale)
+                          label_smoothing, sample_ids, tracker, adjustment, groups, inplace_backward, lse_square_scale,
+                          softcap)
 
 
 def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker, adjustment,
-                   groups, inplace_backward, lse_square_scale, track_in_backward=False):
+                   groups, inplace_backward, lse_square_scale, softcap=None, track_in_backward=False):
     """cross_entropy's body. track_in_backward: track even inside a backward pass (tracker.update,
     an explicit call, e.g. from a hook); the loss itself skips it there (a checkpoint's recompute)."""
     if reduction not in _REDUCTIONS:
@@ -248,9 +266,10 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     if (sample_ids is None) != (tracker is None):
         raise ValueError("memfast.cross_entropy: sample_ids and tracker must be given together")
     zeta = _check_lse_square_scale(lse_square_scale, "memfast.cross_entropy")
+    cap = _check_softcap(softcap, "memfast.cross_entropy")
     if isinstance(target, Tensor) and target.is_floating_point():
         return _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids,
-                                          tracker, adjustment, groups, zeta, track_in_backward)
+                                          tracker, adjustment, groups, zeta, cap, track_in_backward)
     logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
         input, target, weight, ignore_index, label_smoothing, adjustment, groups)
     track = None
@@ -271,7 +290,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     loss, _ = _ops.cross_entropy(
         _ops.ops(input.device), logits, target_rows, weight, int(ignore_index), float(label_smoothing), adjustment,
         groups_rows, compute_grad, _REDUCTIONS.index(reduction), track, None if logits is input else input, inplace,
-        dtype, zeta)
+        dtype, zeta, cap)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else target_shape)
     return loss if loss.dtype == dtype else loss.to(dtype)
@@ -281,10 +300,10 @@ class CrossEntropyLoss(nn.Module):
     """``nn.CrossEntropyLoss`` with memfast's extras: an optional tracker (then
     call it as ``loss_fn(logits, target, sample_ids)``; a training call
     without sample_ids is not tracked and warns once), adjustment,
-    inplace_backward and lse_square_scale (see memfast.cross_entropy)."""
+    inplace_backward, lse_square_scale and softcap (see memfast.cross_entropy)."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, tracker=None, inplace_backward=False, lse_square_scale=0.0):
+                 label_smoothing=0.0, *, tracker=None, inplace_backward=False, lse_square_scale=0.0, softcap=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -293,6 +312,7 @@ class CrossEntropyLoss(nn.Module):
         self.tracker = tracker
         self.inplace_backward = inplace_backward
         self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
         self._warned_untracked = False
 
     def forward(self, input, target, sample_ids=None, *, adjustment=None, groups=None):
@@ -306,4 +326,4 @@ class CrossEntropyLoss(nn.Module):
                              sample_ids=sample_ids if self.tracker is not None else None,
                              tracker=self.tracker if sample_ids is not None else None,
                              adjustment=adjustment, groups=groups, inplace_backward=self.inplace_backward,
-                             lse_square_scale=self.lse_square_scale)
+                             lse_square_scale=self.lse_square_scale, softcap=self.softcap)

@@ -172,15 +172,16 @@ class SampleTracker:
                                      ignore_index, num_classes, self._stat_rows)
 
     @torch.no_grad()
-    def update(self, logits, targets, sample_ids, *, ignore_index=-100, adjustment=None, groups=None):
+    def update(self, logits, targets, sample_ids, *, ignore_index=-100, adjustment=None, groups=None, softcap=None):
         """Forward-only update (e.g. an eval-mode scoring pass, the reference
         code's way of computing CSL). ``targets``: class indices, or class
         probabilities (scored against each row's most probable class).
-        Returns the per-row losses."""
+        ``softcap``: score ``softcap * tanh(logits / softcap)`` (fused), for a
+        model whose loss caps its logits. Returns the per-row losses."""
         from .loss import _cross_entropy
 
         return _cross_entropy(logits, targets, None, ignore_index, "none", 0.0, sample_ids, self, adjustment, groups,
-                              False, 0.0, track_in_backward=True)
+                              False, 0.0, softcap, track_in_backward=True)
 
     def check(self):
         """Raise if an update saw out-of-range sample ids or targets (the CUDA

@@ -34,3 +34,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["default", "generic"])
+def cpu_kernel(request, monkeypatch):
+    """Run a test with the CPU build's AVX-512 loops (where it has them) and with the portable
+    loops (MEMFAST_CPU_KERNEL=generic)."""
+    if request.param == "generic":
+        monkeypatch.setenv("MEMFAST_CPU_KERNEL", "generic")
+    return request.param
+
+
+@pytest.fixture
+def fwd_matches_reference():
+    """check(args): the compiled cross_entropy_fwd against the reference's on the same arguments, to
+    the logits dtype's tolerance (a bf16 / fp16 gradient is one rounding of an fp32 value); returns
+    the kernel's (loss, row_stats, grad)."""
+    from memfast import reference
+
+    def check(args):
+        dtype = args[0].dtype
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        got, want = torch.ops.memfast.cross_entropy_fwd(*args), reference.cross_entropy_fwd(*args)
+        tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got[2].to(acc), want[2].to(acc), **gtol)
+        return got
+
+    return check

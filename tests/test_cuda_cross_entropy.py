@@ -64,11 +64,11 @@ def random_case(R, C, dtype, ignore_every=5, scale=3.0):
 
 
 def check_forward(x, y, weight=None, ignore_index=-100, eps=0.0, adjustment=None, groups=None, compute_grad=True,
-                  reduction=0, lse_square_scale=0.0):
+                  reduction=0, lse_square_scale=0.0, softcap=0.0):
     got = torch.ops.memfast.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad,
-                                              reduction, lse_square_scale)
+                                              reduction, lse_square_scale, softcap)
     want = ref.cross_entropy_fwd(x, y, weight, ignore_index, eps, adjustment, groups, compute_grad, reduction,
-                                 lse_square_scale)
+                                 lse_square_scale, softcap)
     tol = TOL[x.dtype]
     loss_tol = max(tol, 1e-5) if x.dtype != torch.float64 else tol
     torch.testing.assert_close(got[0], want[0], atol=loss_tol, rtol=loss_tol, equal_nan=True)
@@ -97,7 +97,8 @@ def test_forward_matches_reference(dtype, C):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [10, 1000, 32000, 50257])
-@pytest.mark.parametrize("opts", ["smooth", "weight", "weight+smooth", "ignore=2", "zloss", "zloss+weight+smooth"])
+@pytest.mark.parametrize("opts", ["smooth", "weight", "weight+smooth", "ignore=2", "zloss", "zloss+weight+smooth",
+                                  "softcap", "softcap+zloss+weight+smooth"])
 def test_forward_options(dtype, C, opts):
     x, y = random_case(rows_for(C), C, dtype)
     kw = {}
@@ -107,6 +108,8 @@ def test_forward_options(dtype, C, opts):
         kw["eps"] = 0.1
     if "zloss" in opts:
         kw["lse_square_scale"] = 1e-2
+    if "softcap" in opts:
+        kw["softcap"] = 2.5  # logits of scale 3: the tanh's whole range
     if opts == "ignore=2":
         y[y == -100] = 0
         y[1::3] = 2
@@ -128,6 +131,7 @@ def test_forced_kernel_paths(monkeypatch, kernel, C):
         check_forward(x, y, eps=0.05, adjustment=torch.randn(4, C, device=DEV), groups=torch.randint(0, 4, y.shape,
                                                                                                         device=DEV))
         check_forward(x, y, reduction=1, lse_square_scale=1e-2)
+        check_forward(x, y, adjustment=torch.randn(C, device=DEV).expand(y.numel(), C), softcap=4.0)
 
 
 @pytest.mark.parametrize("kernel", ["auto", "stream"])
@@ -313,9 +317,10 @@ def test_forward_inplace_matches_reference(monkeypatch, kernel, C, dtype):
         monkeypatch.setenv("MEMFAST_CE_CLUSTER", "0")
     x, y = random_case(rows_for(C), C, dtype)
     table, groups = torch.randn(3, C, device=DEV, dtype=acc_dtype(dtype)), torch.randint(0, 3, y.shape, device=DEV)
-    for args in ((y, None, -100, 0.0, None, None, 1, 0.0), (y, None, -100, 0.1, table, groups, 0, 0.0),
-                 (y, None, -100, 0.0, None, None, 1, 1e-2)):  # the last with a z-loss
-        want_loss, want_stats, want_grad = ref.cross_entropy_fwd(x, *args[:-2], True, *args[-2:])
+    # (..., reduction, lse_square_scale, softcap): plain, adjusted, a z-loss, a softcap with all of them
+    for args in ((y, None, -100, 0.0, None, None, 1, 0.0, 0.0), (y, None, -100, 0.1, table, groups, 0, 0.0, 0.0),
+                 (y, None, -100, 0.0, None, None, 1, 1e-2, 0.0), (y, None, -100, 0.1, table, groups, 0, 1e-2, 2.0)):
+        want_loss, want_stats, want_grad = ref.cross_entropy_fwd(x, *args[:-3], True, *args[-3:])
         buffer = x.clone()
         loss, stats = torch.ops.memfast.cross_entropy_fwd_(buffer, *args)
         tol = max(TOL[dtype], 1e-5) if dtype != torch.float64 else TOL[dtype]
@@ -341,6 +346,31 @@ def test_z_loss_through_api(inplace):
     a.backward()
     b.backward()
     torch.testing.assert_close(xa.grad.float(), xb.grad, atol=1e-6, rtol=2e-2)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_softcap_through_api(inplace):
+    """softcap=30 (Gemma 2) on an LM-sized bf16 row block whose logits reach well past the cap, allocating
+    and in place, with a tracker, against PyTorch's cap * tanh(x / cap) in fp32."""
+    N, V, cap = 512, 32000, 30.0
+    x = (torch.randn(N, V, device=DEV) * 25).bfloat16()
+    y = torch.randint(0, V, (N,), device=DEV)
+    y[::9] = -100
+    ids = torch.arange(N, device=DEV) // 4
+    tracker = memfast.SampleTracker(N // 4, stats="all", device=DEV)
+    xa = x.clone().requires_grad_()
+    xb = x.float().requires_grad_()
+    a = memfast.cross_entropy(xa * 1, y, softcap=cap, inplace_backward=inplace, sample_ids=ids, tracker=tracker)
+    capped = cap * torch.tanh(xb / cap)
+    b = F.cross_entropy(capped, y)
+    torch.testing.assert_close(a.float(), b, atol=1e-3, rtol=1e-3)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(xa.grad.float(), xb.grad, atol=1e-6, rtol=2e-2)
+    want = memfast.SampleTracker(N // 4, stats="all", device=DEV)
+    want.update(capped.detach(), y, ids)
+    for name in ("csl", "count", "margin", "correct", "last_maxprob"):
+        torch.testing.assert_close(tracker.stat(name), want.stat(name), atol=1e-3, rtol=1e-4)
 
 
 @cuda_only("CUDA memory statistics")

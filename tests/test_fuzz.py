@@ -32,6 +32,7 @@ def cases(draw):
         seed=draw(st.integers(0, 2**31 - 1)),
         reduction=draw(st.sampled_from([0, 1, 2])),
         kernel=draw(st.sampled_from(["default", "generic"])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.5, 30.0])),
     )
 
 
@@ -68,7 +69,8 @@ def test_kernels_match_reference(case):
         adjustment = torch.randn(C, generator=g, dtype=acc).expand(R, C)
     elif case["adjustment"] == "table":
         adjustment, groups = torch.randn(3, C, generator=g, dtype=acc), torch.randint(0, 3, (R,), generator=g)
-    args = (logits, target, weight, -100, case["eps"], adjustment, groups, True, case["reduction"])
+    args = (logits, target, weight, -100, case["eps"], adjustment, groups, True, case["reduction"], 0.0,
+            case["softcap"])
     with _cpu_kernel(case["kernel"]):
         got = torch.ops.memfast.cross_entropy_fwd(*args)
     want = reference.cross_entropy_fwd(*args)
@@ -102,6 +104,7 @@ def api_cases(draw):
         tracked=draw(st.booleans()),
         probabilities=draw(st.booleans()),
         z_loss=draw(st.sampled_from([0.0, 0.05])),
+        softcap=draw(st.sampled_from([None, None, 1.5])),
         adjustment=draw(st.sampled_from(["none", "dense", "vector", "table"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -145,10 +148,11 @@ def test_api_matches_pytorch(case):
         shift = table[groups].movedim(-1, 1) if x.dim() > 2 else table[groups]
     logits = x * 1.0  # a non-leaf, as a model's output (inplace_backward refuses leaves)
     zeta = case["z_loss"]
-    got = memfast.cross_entropy(logits, target, inplace_backward=case["inplace"], lse_square_scale=zeta, **kw,
-                                **extra)
+    got = memfast.cross_entropy(logits, target, inplace_backward=case["inplace"], lse_square_scale=zeta,
+                                softcap=case["softcap"], **kw, **extra)
     (got_grad,) = torch.autograd.grad(got, x, upstream)
-    z = x if shift is None else x + shift
+    z = x if case["softcap"] is None else case["softcap"] * torch.tanh(x / case["softcap"])
+    z = z if shift is None else z + shift
     want = F.cross_entropy(z, target, **kw)
     if zeta:  # zeta * w_y * lse^2 per counted row (unweighted for probabilities), reduced like the loss
         lse = torch.logsumexp(z, 0 if z.dim() == 1 else 1)

@@ -44,6 +44,8 @@ def _fwd_samples():
         yield (x.detach(), y, None, -100, 0.0, torch.randn(R, C, dtype=acc), None, False, 0)
         yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, None, None, True, 1, 1e-2)  # with a z-loss
         yield (x, y, None, -100, 0.0, None, None, True, 0, 0.5)
+        yield (x, y, torch.rand(C, dtype=acc), -100, 0.1, torch.randn(3, C, dtype=acc), torch.randint(0, 3, (R,)), True,
+               1, 1e-2, 2.0)  # with a softcap (and everything else)
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)

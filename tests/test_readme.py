@@ -49,6 +49,15 @@ def test_tracker_methods_are_documented(method):
     assert re.search(rf"\b{method}\(", README), f"SampleTracker.{method} is missing from the README"
 
 
+@pytest.mark.parametrize("function", ["cross_entropy", "linear_cross_entropy"])
+def test_loss_arguments_are_documented(function):
+    import inspect
+
+    for name in inspect.signature(getattr(memfast, function)).parameters:
+        if name not in ("size_average", "reduce"):  # PyTorch's deprecated pair, accepted for drop-in use
+            assert re.search(rf"`[^`]*\b{name}\b[^`]*`", README), f"memfast.{function}'s {name} is missing from the README"
+
+
 def test_readme_has_python_examples():
     assert len(PYTHON_BLOCKS) >= 10
 

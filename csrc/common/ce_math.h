@@ -91,6 +91,52 @@ MEMFAST_HD float fast_exp(float x) {
 
 MEMFAST_HD double fast_exp(double x) { return ::exp(x); }
 
+// tanh(u) and its derivative 1 - tanh(u)^2, branch-free so that loops calling it vectorise.
+// |u| < 1/4: the odd Taylor series to u^9 (truncation < 1e-8 relative). Otherwise from
+// e = exp(-2|u|): tanh = (1 - e) / (1 + e), where 1 - e is exact (e >= 1/2 near the switch),
+// and 1 - tanh^2 = 4e / (1 + e)^2, which keeps its relative precision as tanh -> +-1.
+template <typename T>
+struct TanhSlope {
+  T value;
+  T slope;
+};
+
+MEMFAST_HD TanhSlope<float> tanh_slope(float u) {
+  const float a = u < 0.0f ? -u : u;
+  const float e = fast_exp(-2.0f * a);  // 0 for |u| = inf; NaN stays NaN
+  const float big = (1.0f - e) / (1.0f + e);
+  const float u2 = u * u;
+  const float small =
+      u * (1.0f + u2 * (-0.333333343f + u2 * (0.133333340f + u2 * (-0.0539682545f + u2 * 0.0218694885f))));
+  TanhSlope<float> t;
+  const bool is_small = a < 0.25f;
+  t.value = is_small ? small : (u < 0.0f ? -big : big);
+  t.slope = is_small ? 1.0f - small * small : 4.0f * e / ((1.0f + e) * (1.0f + e));
+  return t;
+}
+
+MEMFAST_HD TanhSlope<double> tanh_slope(double u) {
+  const double e = ::exp(-2.0 * (u < 0.0 ? -u : u));
+  TanhSlope<double> t;
+  t.value = ::tanh(u);
+  t.slope = 4.0 * e / ((1.0 + e) * (1.0 + e));
+  return t;
+}
+
+// Logit softcapping (Gemma 2's final_logit_softcapping): the model's logit z becomes
+// cap * tanh(z / cap), whose derivative is the slope above. cap == 0: off (z, slope 1).
+// inv_cap = 1 / cap (0 when off).
+template <typename T>
+MEMFAST_HD T soft_cap(T z, T cap, T inv_cap, T* slope = nullptr) {
+  if (cap == T(0)) {
+    if (slope) *slope = T(1);
+    return z;
+  }
+  const TanhSlope<T> t = tanh_slope(z * inv_cap);
+  if (slope) *slope = t.slope;
+  return cap * t.value;
+}
+
 // max that propagates NaN (std::max would drop it depending on argument order).
 template <typename T>
 MEMFAST_HD T nan_max(T a, T b) {

@@ -15,7 +15,7 @@ namespace memfast {
 
 inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                                double label_smoothing, const at::Tensor& adjustment, const at::Tensor& groups,
-                               int64_t reduction, double lse_square_scale) {
+                               int64_t reduction, double lse_square_scale, double softcap) {
   TORCH_CHECK_VALUE(reduction == REDUCTION_NONE || reduction == REDUCTION_MEAN || reduction == REDUCTION_SUM,
                     "memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK_VALUE(logits.dim() == 2, "memfast.cross_entropy: logits must be 2-D [rows, classes], got ",
@@ -34,6 +34,8 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                     "memfast.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(std::isfinite(lse_square_scale) && lse_square_scale >= 0.0,
                     "memfast.cross_entropy: lse_square_scale must be finite and >= 0, got ", lse_square_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
+                    "memfast.cross_entropy: softcap must be finite and > 0 (0: off), got ", softcap);
   const auto acc = at::toOpMathType(logits.scalar_type());
   if (weight.defined()) {
     TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == logits.size(1) && weight.is_contiguous() &&

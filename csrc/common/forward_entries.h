@@ -1,6 +1,6 @@
 // The two registered forms of a backend's forward, from one function
 //   forward(logits, target, weight, ignore_index, label_smoothing, adjustment,
-//           groups, compute_grad, reduction, lse_square_scale, const at::Tensor* grad_into)
+//           groups, compute_grad, reduction, lse_square_scale, softcap, const at::Tensor* grad_into)
 // cross_entropy_fwd allocates the gradient (grad_into = nullptr);
 // cross_entropy_fwd_ writes it over the logits (grad_into = &logits), which the
 // backend's forward checks first (check_inplace_logits and its own needs).
@@ -15,24 +15,25 @@ namespace memfast {
 
 using ForwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, int64_t, double, const at::Tensor*);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, int64_t, double, double,
+    const at::Tensor*);
 
 template <ForwardFn forward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_allocating(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, const std::optional<at::Tensor>& adjustment, const std::optional<at::Tensor>& groups,
-    bool compute_grad, int64_t reduction, double lse_square_scale) {
+    bool compute_grad, int64_t reduction, double lse_square_scale, double softcap) {
   return forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
-                 lse_square_scale, nullptr);
+                 lse_square_scale, softcap, nullptr);
 }
 
 template <ForwardFn forward>
 std::tuple<at::Tensor, at::Tensor> forward_grad_over_logits(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
     double label_smoothing, const std::optional<at::Tensor>& adjustment, const std::optional<at::Tensor>& groups,
-    int64_t reduction, double lse_square_scale) {
+    int64_t reduction, double lse_square_scale, double softcap) {
   auto out = forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, true, reduction,
-                     lse_square_scale, &logits);
+                     lse_square_scale, softcap, &logits);
   return {std::get<0>(out), std::get<1>(out)};
 }
 

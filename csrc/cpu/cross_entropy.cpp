@@ -149,6 +149,36 @@ inline float exp_sum_avx512(const float* x, float* out, int64_t n, float shift) 
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
+// soft_cap_row's loop (out may be z): tanh_slope's formula with exp16; the slope 4e / (1 + e)^2
+// from rcp14 and a Newton step (~2^-28).
+inline void soft_cap_avx512(const float* z, float* out, float* slope, int64_t n, float cap, float inv_cap) {
+  const __m512 one = _mm512_set1_ps(1.0f), vcap = _mm512_set1_ps(cap), vinv = _mm512_set1_ps(inv_cap);
+  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = tail_mask(n - c);
+    const __m512 u = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, z + c), vinv);
+    const __m512 a = _mm512_abs_ps(u);
+    const __m512 e = exp16(_mm512_mul_ps(a, _mm512_set1_ps(-2.0f)));
+    const __m512 d = _mm512_add_ps(one, e);
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+    const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), d);  // divided: within 3 ulp, as the portable loop
+    const __m512 big_slope = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0f), e), _mm512_mul_ps(r, r));
+    const __m512 u2 = _mm512_mul_ps(u, u);
+    __m512 p = _mm512_fmadd_ps(u2, _mm512_set1_ps(0.0218694885f), _mm512_set1_ps(-0.0539682545f));
+    p = _mm512_fmadd_ps(u2, p, _mm512_set1_ps(0.133333340f));
+    p = _mm512_fmadd_ps(u2, p, _mm512_set1_ps(-0.333333343f));
+    const __m512 small = _mm512_mul_ps(u, _mm512_fmadd_ps(u2, p, one));
+    const __m512 big_signed = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_castps_si512(big), _mm512_and_si512(_mm512_castps_si512(u), sign_bit)));
+    const __mmask16 is_small = _mm512_cmp_ps_mask(a, _mm512_set1_ps(0.25f), _CMP_LT_OQ);
+    const __m512 t = _mm512_mask_blend_ps(is_small, big_signed, small);
+    const __m512 sl = _mm512_mask_blend_ps(is_small, big_slope, _mm512_fnmadd_ps(small, small, one));
+    _mm512_mask_storeu_ps(out + c, m, _mm512_mul_ps(vcap, t));
+    _mm512_mask_storeu_ps(slope + c, m, sl);
+  }
+}
+
 // 16 fp32 -> 16 bf16 / fp16, rounded to nearest even (bf16 NaN -> a quiet NaN).
 template <typename scalar_t>
 inline __m256i narrow16(__m512 v) {
@@ -248,13 +278,31 @@ T lanes_dot(const T* x, const T* w, int64_t n) {
   return s;
 }
 
+// out[c] = cap * tanh(z[c] / cap) and slope[c] = its derivative (out may be z). The portable
+// loop is ce_math.h's tanh_slope in a function of its own, with the scalars by value: written
+// inside forward_rows' lambda GCC left it scalar ("control flow in loop"), 3x slower.
+template <typename T>
+void soft_cap_row(const T* z, T* out, T* slope, int64_t n, T cap, T inv_cap, bool avx512) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512) return soft_cap_avx512(z, out, slope, n, cap, inv_cap);
+  }
+#endif
+  (void)avx512;
+  for (int64_t c = 0; c < n; ++c) {
+    const TanhSlope<T> t = tanh_slope(z[c] * inv_cap);
+    out[c] = cap * t.value;
+    slope[c] = t.slope;
+  }
+}
+
 // One row per iteration of at::parallel_for: loss (per row, into loss_rows),
 // row statistics and, when grad is non-empty, grad_scale * d loss_row / d z.
 template <typename scalar_t>
 void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                   int64_t ignore_index, double label_smoothing, const at::Tensor& adjustment,
                   const at::Tensor& groups, at::opmath_type<scalar_t> grad_scale, double lse_square_scale,
-                  at::Tensor& loss_rows, at::Tensor& row_stats, at::Tensor& grad) {
+                  double softcap, at::Tensor& loss_rows, at::Tensor& row_stats, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t R = logits.size(0), C = logits.size(1);
   const int64_t ld = logits.stride(0);
@@ -269,6 +317,8 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   scalar_t* g_base = grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t eps = static_cast<acc_t>(label_smoothing);
   const acc_t zeta = static_cast<acc_t>(lse_square_scale);
+  const acc_t cap = static_cast<acc_t>(softcap);
+  const acc_t inv_cap = cap > 0 ? acc_t(1) / cap : acc_t(0);
   const acc_t weight_sum = w ? lanes_dot<acc_t>(w, nullptr, C) : static_cast<acc_t>(C);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const bool avx512 = use_avx512();
@@ -277,6 +327,9 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(C);
     acc_t* buf = buffer.data();
+    // With a softcap, d capped / d z per element (the gradient's chain factor).
+    std::vector<acc_t> slope_buffer(cap > 0 ? C : 0);
+    acc_t* slope = slope_buffer.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = tgt[r];
       scalar_t* g = g_base ? g_base + r * C : nullptr;
@@ -288,13 +341,23 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
         continue;
       }
       const scalar_t* z = z_base + r * ld;
-      // The (adjusted) row in the accumulation type; fp32 rows without a shift are read in place.
+      // The (capped, adjusted) row in the accumulation type; plain fp32 rows are read in place.
       const acc_t* row = buf;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (!adj) row = z;
+        if (!adj && cap == 0) row = z;
       }
       if (row == buf) {
-        for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(z[c]);
+        const acc_t* widened = buf;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          widened = z;
+        } else {
+          for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(z[c]);
+        }
+        if (cap > 0) {
+          soft_cap_row(widened, buf, slope, C, cap, inv_cap, avx512);
+        } else if (widened != buf) {
+          std::memcpy(buf, widened, C * sizeof(acc_t));
+        }
         if (adj) {
           const acc_t* s = adj + (grp ? grp[r] : r) * adj_ld;
           for (int64_t c = 0; c < C; ++c) buf[c] += s[c];
@@ -322,6 +385,17 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       if (!g) continue;
       const GradCoef<acc_t> k = grad_coefficients(w_y, weight_sum, eps, C, grad_scale, zeta, lse);
       const acc_t scale = k.scale_p / sum;
+      if (cap > 0) {
+        // d loss / d z = d loss / d capped * slope, the target term rounded once as below
+        if (w && eps > 0) {
+          for (int64_t c = 0; c < C; ++c) g[c] = to_storage<scalar_t>((buf[c] * scale - k.eps_w * w[c]) * slope[c]);
+        } else {
+          const acc_t off = w ? acc_t(0) : k.eps_w;
+          for (int64_t c = 0; c < C; ++c) g[c] = to_storage<scalar_t>((buf[c] * scale - off) * slope[c]);
+        }
+        g[y] = to_storage<scalar_t>((buf[y] * scale - k.eps_w * w_y - k.target_w) * slope[y]);
+        continue;
+      }
       if (w && eps > 0) {
         for (int64_t c = 0; c < C; ++c) g[c] = to_storage<scalar_t>(buf[c] * scale - k.eps_w * w[c]);
       } else {
@@ -350,12 +424,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
     const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
-    const at::Tensor* grad_into) {
+    double softcap, const at::Tensor* grad_into) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
   if (grad_into) check_inplace_logits(logits_in);
-  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale);
+  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale,
+                     softcap);
   // Rows may be strided; the class dimension must be dense.
   const at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -375,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
                           : acc_t(1);
     if (R > 0) {
       forward_rows<scalar_t>(logits, target, weight, ignore_index, label_smoothing, adjustment, groups,
-                             acc_t(1) / den, lse_square_scale, loss_rows, row_stats, grad);
+                             acc_t(1) / den, lse_square_scale, softcap, loss_rows, row_stats, grad);
     }
     if (reduction != REDUCTION_NONE) {
       double total = 0;

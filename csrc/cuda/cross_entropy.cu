@@ -11,6 +11,8 @@
 //     -> group reduction;
 //   pass 3 (registers): the gradient e * scale - eps/C * w (- (1-eps) w_y at
 //     the target, formed in fp32 and rounded once), one 16-byte store.
+// A softcap maps each loaded logit z to cap * tanh(z / cap) (before the
+// adjustment) wherever it is widened, and pass 3 multiplies by its slope.
 // Rows longer than the register budget (fp32 > 64k classes, fp64 > 32k, or
 // any row when clusters are off and the row is > 32k bf16) use a streaming
 // kernel: pass 1 reads the row with an online max/sum, pass 2 re-reads it
@@ -75,6 +77,7 @@ struct FwdArgs {
   int64_t ignore_index;
   acc_t eps;
   acc_t zeta;               // lse_square_scale (z-loss), 0 for none
+  acc_t cap, inv_cap;       // softcap and 1 / softcap, both 0 for none
 };
 
 template <typename acc_t>
@@ -134,7 +137,7 @@ __device__ __forceinline__ bool row_begin(const FwdArgs<acc_t>& a, int64_t row, 
   }
   r.z = static_cast<const scalar_t*>(a.logits) + row * a.ld;
   r.adj = a.adj ? a.adj + adj_row * a.adj_ld : nullptr;
-  r.z_y = static_cast<acc_t>(r.z[r.y]) + (r.adj ? r.adj[r.y] : acc_t(0));
+  r.z_y = soft_cap(static_cast<acc_t>(r.z[r.y]), a.cap, a.inv_cap) + (r.adj ? r.adj[r.y] : acc_t(0));
   const int mis = static_cast<int>((reinterpret_cast<uintptr_t>(r.z) / sizeof(scalar_t)) % VEC);
   r.head = mis ? static_cast<int>(VEC - mis < C ? VEC - mis : C) : 0;
   r.nv = (C - r.head) / VEC;
@@ -177,13 +180,14 @@ __device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row,
   scale = k.scale_p / sum;
 }
 
-// d loss / d z_c from e_c = exp(z_c - max); the target term in acc_t, rounded once by the caller.
+// d loss / d z_c from e_c = exp(x_c - max) of the capped, adjusted logit x_c and the softcap's
+// slope d x_c / d z_c (1 without one); the target term in acc_t, rounded once by the caller.
 template <typename acc_t, typename index_t>
 __device__ __forceinline__ acc_t grad_value(const FwdArgs<acc_t>& a, acc_t e, index_t c, index_t y,
-                                            const GradCoef<acc_t>& k, acc_t scale) {
+                                            const GradCoef<acc_t>& k, acc_t scale, acc_t slope) {
   const acc_t w_c = (a.weight && a.eps > acc_t(0)) ? a.weight[c] : acc_t(1);
   acc_t g = e * scale - k.eps_w * w_c;
-  return c == y ? g - k.target_w : g;
+  return (c == y ? g - k.target_w : g) * slope;
 }
 
 // Reduce K values over the row's threads: a lane group (G <= 32), a block, or
@@ -238,13 +242,18 @@ struct ResidentConfig {
   static constexpr int kMinBlocks = kFit < 1 ? 1 : (kFit > kMaxBlocks ? kMaxBlocks : kFit);
 };
 
-// Widen one held 16-byte vector and add the adjustment row (if any).
+// Widen one held 16-byte vector, cap it (a.cap > 0) and add the adjustment row (if any);
+// slope (when given) gets d x / d z.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void widen(const uint4& raw, const acc_t* adj, int c0, acc_t* x) {
+__device__ __forceinline__ void widen(const FwdArgs<acc_t>& a, const uint4& raw, const acc_t* adj, int c0, acc_t* x,
+                                      acc_t* slope = nullptr) {
   constexpr int VEC = vec_width<scalar_t>();
   const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) x[j] = static_cast<acc_t>(s[j]) + (adj ? adj[c0 + j] : acc_t(0));
+  for (int j = 0; j < VEC; ++j) {
+    x[j] = soft_cap(static_cast<acc_t>(s[j]), a.cap, a.inv_cap, slope ? slope + j : nullptr) +
+           (adj ? adj[c0 + j] : acc_t(0));
+  }
 }
 
 // Hide the held vectors' values from the optimiser between passes, so that it
@@ -304,8 +313,13 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
   const bool has_head = rank == 0 && lane < head;
   const bool has_tail = rank == 0 && lane < r.ntail;
   const int c_head = lane, c_tail = static_cast<int>(r.tail_start) + lane;
-  const acc_t xh = has_head ? static_cast<acc_t>(r.z[c_head]) + (adj ? adj[c_head] : acc_t(0)) : acc_t(0);
-  const acc_t xt = has_tail ? static_cast<acc_t>(r.z[c_tail]) + (adj ? adj[c_tail] : acc_t(0)) : acc_t(0);
+  acc_t slope_h = acc_t(1), slope_t = acc_t(1);
+  const acc_t xh = has_head ? soft_cap(static_cast<acc_t>(r.z[c_head]), a.cap, a.inv_cap, &slope_h) +
+                                  (adj ? adj[c_head] : acc_t(0))
+                            : acc_t(0);
+  const acc_t xt = has_tail ? soft_cap(static_cast<acc_t>(r.z[c_tail]), a.cap, a.inv_cap, &slope_t) +
+                                  (adj ? adj[c_tail] : acc_t(0))
+                            : acc_t(0);
 
   // Pass 1: largest other logit, and whether another class beats the target.
   acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};
@@ -315,7 +329,7 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
     if (v < nv) {
       const int c0 = head + v * VEC;
       acc_t x[VEC];
-      widen<scalar_t>(raw[i], adj, c0, x);
+      widen<scalar_t>(a, raw[i], adj, c0, x);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) visit<acc_t>(x[j], c0 + j, y, z_y, stage1[0], stage1[1]);
     }
@@ -337,7 +351,7 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
     if (v < nv) {
       const int c0 = head + v * VEC;
       acc_t x[VEC];
-      widen<scalar_t>(raw[i], adj, c0, x);
+      widen<scalar_t>(a, raw[i], adj, c0, x);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if (smooth) stage2[1] += (w ? w[c0 + j] : acc_t(1)) * x[j];
@@ -366,15 +380,15 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
       const int v = (i * cs + rank) * G + lane;
       if (v < nv) {
         const int c0 = head + v * VEC;
-        acc_t x[VEC];
-        widen<scalar_t>(raw[i], adj, c0, x);
+        acc_t x[VEC], slope[VEC];
+        widen<scalar_t>(a, raw[i], adj, c0, x, slope);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) x[j] = grad_value(a, fast_exp(x[j] - m), c0 + j, y, k, scale);
+        for (int j = 0; j < VEC; ++j) x[j] = grad_value(a, fast_exp(x[j] - m), c0 + j, y, k, scale, slope[j]);
         store_vec<scalar_t, acc_t>(r.g + c0, x);
       }
     }
-    if (has_head) r.g[c_head] = static_cast<scalar_t>(grad_value(a, fast_exp(xh - m), c_head, y, k, scale));
-    if (has_tail) r.g[c_tail] = static_cast<scalar_t>(grad_value(a, fast_exp(xt - m), c_tail, y, k, scale));
+    if (has_head) r.g[c_head] = static_cast<scalar_t>(grad_value(a, fast_exp(xh - m), c_head, y, k, scale, slope_h));
+    if (has_tail) r.g[c_tail] = static_cast<scalar_t>(grad_value(a, fast_exp(xt - m), c_tail, y, k, scale, slope_t));
   }
   // No block of the cluster may leave while another still reads its shared memory.
   cluster_sync_if(cs);
@@ -431,21 +445,22 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
       const int64_t v = v0 + static_cast<int64_t>(u) * NT;
       if (v < r.nv) {
         const int64_t c0 = r.head + v * VEC;
-        if (r.adj) {
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) x[u][j] += r.adj[c0 + j];
-        }
+        for (int j = 0; j < VEC; ++j) x[u][j] = soft_cap(x[u][j], a.cap, a.inv_cap) + (r.adj ? r.adj[c0 + j] : acc_t(0));
         absorb(x[u], VEC, c0);
       }
     }
   }
+  auto scalar_logit = [&](int64_t c, acc_t* slope) {
+    return soft_cap(static_cast<acc_t>(r.z[c]), a.cap, a.inv_cap, slope) + (r.adj ? r.adj[c] : acc_t(0));
+  };
   if (lane < r.head) {
-    acc_t x = static_cast<acc_t>(r.z[lane]) + (r.adj ? r.adj[lane] : acc_t(0));
+    acc_t x = scalar_logit(lane, nullptr);
     absorb(&x, 1, lane);
   }
   if (lane < r.ntail) {
     const int64_t c = r.tail_start + lane;
-    acc_t x = static_cast<acc_t>(r.z[c]) + (r.adj ? r.adj[c] : acc_t(0));
+    acc_t x = scalar_logit(c, nullptr);
     absorb(&x, 1, c);
   }
   block_reduce<NT, 2>(stage1, MaxOp(), red_smem[0]);
@@ -476,16 +491,18 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
         const int64_t c0 = r.head + v * VEC;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const acc_t z = x[u][j] + (r.adj ? r.adj[c0 + j] : acc_t(0));
-          x[u][j] = grad_value(a, fast_exp(z - m), c0 + j, r.y, k, scale);
+          acc_t slope;
+          const acc_t z = soft_cap(x[u][j], a.cap, a.inv_cap, &slope) + (r.adj ? r.adj[c0 + j] : acc_t(0));
+          x[u][j] = grad_value(a, fast_exp(z - m), c0 + j, r.y, k, scale, slope);
         }
         store_vec<scalar_t, acc_t>(r.g + c0, x[u]);
       }
     }
   }
   auto scalar_grad = [&](int64_t c) {
-    const acc_t z = static_cast<acc_t>(r.z[c]) + (r.adj ? r.adj[c] : acc_t(0));
-    r.g[c] = static_cast<scalar_t>(grad_value(a, fast_exp(z - m), c, r.y, k, scale));
+    acc_t slope;
+    const acc_t z = scalar_logit(c, &slope);
+    r.g[c] = static_cast<scalar_t>(grad_value(a, fast_exp(z - m), c, r.y, k, scale, slope));
   };
   if (lane < r.head) scalar_grad(lane);
   if (lane < r.ntail) scalar_grad(r.tail_start + lane);
@@ -695,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
     const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
-    const at::Tensor* grad_into) {
+    double softcap, const at::Tensor* grad_into) {
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
@@ -706,7 +723,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
                       "memfast.cross_entropy: inplace_backward=True on CUDA needs 16-byte-aligned logits (an offset "
                       "view is not); call .clone() first, or leave inplace_backward off");
   }
-  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale);
+  check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale,
+                     softcap);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -769,6 +787,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     a.ignore_index = ignore_index;
     a.eps = static_cast<acc_t>(label_smoothing);
     a.zeta = static_cast<acc_t>(lse_square_scale);
+    a.cap = static_cast<acc_t>(softcap);
+    a.inv_cap = softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
     launch_forward<scalar_t>(a, stream);
     if (reduction != REDUCTION_NONE) {
       loss = at::empty({}, loss_rows.options());

@@ -33,16 +33,17 @@ def _nonzero_times(c, s):
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad,
-                      reduction, lse_square_scale=0.0):
+                      reduction, lse_square_scale=0.0, softcap=0.0):
     """The loss (per row for reduction 0, else the mean (1) or sum (2)), per-row
     statistics [5, R] and (when compute_grad) d loss / d logits. lse_square_scale
-    adds the z-loss lse_square_scale * weight[target] * lse^2 to each row's loss."""
+    adds the z-loss lse_square_scale * weight[target] * lse^2 to each row's loss;
+    softcap > 0 replaces the logits by softcap * tanh(logits / softcap) first."""
     return _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad,
-                    reduction, lse_square_scale, validate=True)
+                    reduction, lse_square_scale, softcap, validate=True)
 
 
 def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
-                       lse_square_scale=0.0):
+                       lse_square_scale=0.0, softcap=0.0):
     """cross_entropy_fwd with the gradient written over the logits (contiguous [R, C]), which are
     then the gradient; returns the loss and the row statistics."""
     if logits.dim() != 2 or not logits.is_contiguous():
@@ -50,32 +51,41 @@ def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, ad
                          f"must be contiguous [rows, classes]; got sizes {list(logits.shape)} and strides "
                          f"{list(logits.stride())} (call .contiguous() first, or leave inplace_backward off)")
     loss, row_stats, grad = cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment,
-                                              groups, True, reduction, lse_square_scale)
+                                              groups, True, reduction, lse_square_scale, softcap)
     logits.copy_(grad)
     return loss, row_stats
 
 
 def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
-                       lse_square_scale=0.0):
+                       lse_square_scale=0.0, softcap=0.0):
     """d loss / d logits as a differentiable function of the logits (create_graph,
     torch.func); the indices were validated by the forward, and no host reads
     here keep it usable under vmap."""
     return _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, True, reduction,
-                    lse_square_scale, validate=False)[2]
+                    lse_square_scale, softcap, validate=False)[2]
 
 
 def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
-             lse_square_scale, validate):
+             lse_square_scale, softcap, validate):
     if reduction not in (0, 1, 2):
         raise ValueError(f"memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     zeta = float(lse_square_scale)
     if not (math.isfinite(zeta) and zeta >= 0):
         raise ValueError(f"memfast.cross_entropy: lse_square_scale must be finite and >= 0, got {lse_square_scale}")
+    cap = float(softcap)
+    if not (math.isfinite(cap) and cap >= 0):
+        raise ValueError(f"memfast.cross_entropy: softcap must be finite and > 0 (0: off), got {softcap}")
     acc = _acc_dtype(logits.dtype)
     R, C = logits.shape
     if validate:
         _check_targets(target, C, ignore_index, "memfast.cross_entropy")
     z = logits.to(acc)
+    slope = None
+    if cap > 0:  # Gemma 2's final_logit_softcapping; d/dz cap tanh(z / cap) = 1 - tanh^2 = 4e / (1 + e)^2
+        u = z / cap
+        e = torch.exp(-2 * u.abs())
+        slope = 4 * e / (1 + e) ** 2
+        z = cap * torch.tanh(u)
     if adjustment is not None:
         if groups is not None:
             if validate and R and ((groups < 0) | (groups >= adjustment.shape[0])).any():
@@ -135,6 +145,8 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
     g = p * scale_p[:, None] - eps_w * w[None, :]
     is_target = torch.arange(C, device=z.device) == y[:, None]  # not one_hot: it reads y on the host (vmap)
     g = g - is_target.to(acc) * target_w[:, None]
+    if slope is not None:
+        g = g * slope
     g = torch.where(valid[:, None], g, torch.zeros_like(g))
     return loss, row_stats, g.to(logits.dtype)
 
