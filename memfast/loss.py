@@ -166,14 +166,20 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     logits, label_rows, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
         input, label, weight, -100, label_smoothing, adjustment, groups,
         rows=adjustment is not None or tracker is not None)
-    if adjustment is None:
-        capped = input if not cap else cap * torch.tanh(input / cap)
-        loss = F.cross_entropy(capped, target, weight, reduction=reduction, label_smoothing=label_smoothing)
+    acc = _ops._acc_dtype(input.dtype)
+    if adjustment is None and not cap:
+        loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
         if zeta:
-            z_loss = zeta * torch.logsumexp(capped.to(_ops._acc_dtype(input.dtype)), class_dim) ** 2 * has_mass
+            z_loss = zeta * torch.logsumexp(input.to(acc), class_dim) ** 2 * has_mass
             loss = loss + _reduce(z_loss, reduction).to(loss.dtype)
-    else:  # on rows: the shift has the rows' layout, computed in fp32 (fp64 for fp64 logits)
-        capped = logits if not cap else cap * torch.tanh(logits / cap)
+    elif adjustment is None:  # the cap in fp32 (fp64 for fp64 logits), as the fused op computes it
+        capped = cap * torch.tanh(input.to(acc) / cap)
+        loss = F.cross_entropy(capped, target.to(acc), weight_acc, reduction=reduction,
+                               label_smoothing=label_smoothing)
+        if zeta:
+            loss = loss + _reduce(zeta * torch.logsumexp(capped, class_dim) ** 2 * has_mass, reduction)
+    else:  # on rows: the shift has the rows' layout; the cap and the shift in fp32 (fp64 for fp64 logits)
+        capped = logits if not cap else cap * torch.tanh(logits.to(acc) / cap)
         shifted = capped + (shift if groups_rows is None else shift[groups_rows])
         loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
                                label_smoothing=label_smoothing)

@@ -215,6 +215,27 @@ def test_probability_targets(backend, adjusted):
     torch.testing.assert_close(tracker.state, want_tracker.state)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adjusted", [False, True])
+def test_probability_targets_cap_in_fp32(backend, dtype, adjusted):
+    """Half-precision logits with class-probability targets under autocast (an fp32 loss): capped in fp32,
+    as the fused op caps. A cap in bf16 was 0.6% off in the loss and up to 200% in the gradient."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(64, 100, generator=g) * 40).to(dtype).requires_grad_()
+    q = torch.softmax(torch.randn(64, 100, generator=g) * 3, 1).to(dtype)
+    shift = torch.randn(100, generator=g) if adjusted else None
+    with torch.autocast("cpu", dtype=dtype):
+        got = memfast.cross_entropy(x, q, softcap=30.0, adjustment=shift, reduction="none")
+    x64 = x.detach().double().requires_grad_()
+    z = capped(x64, 30.0) + (0 if shift is None else shift.double())
+    want = F.cross_entropy(z, q.double(), reduction="none")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=0, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    (g_want,) = torch.autograd.grad(want.sum(), x64)
+    torch.testing.assert_close(g_got.double(), g_want, atol=1e-5, rtol=1e-2)  # one rounding to dtype
+
+
 def test_compile_matches_eager(backend):
     x = (torch.randn(8, 6) * 5).requires_grad_()
     y = torch.randint(0, 6, (8,))
@@ -249,8 +270,14 @@ def test_ops_refuse_a_bad_softcap(ns):
         pytest.skip("compiled extension not available")
     op = getattr(torch.ops, ns)
     x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
-    for bad in (-1.0, math.nan, math.inf):
+    # beyond the normal fp32 range (cap or 1 / cap): NaN, or silently no cap, if let through
+    for bad in (-1.0, math.nan, math.inf, 1e-39, 1e39):
         with pytest.raises(ValueError, match="softcap"):
             op.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True, 1, 0.0, bad)
         with pytest.raises(ValueError, match="softcap"):
             op.cross_entropy_fwd_(x.clone(), y, None, -100, 0.0, None, None, 1, 0.0, bad)
+    # fp64 logits compute in fp64, where these are normal
+    for cap in (1e-39, 1e39):
+        loss = op.cross_entropy_fwd(x.double(), y, None, -100, 0.0, None, None, False, 1, 0.0, cap)[0]
+        want = F.cross_entropy(capped(x.double(), cap), y)
+        torch.testing.assert_close(loss, want)

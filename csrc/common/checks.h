@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 
 #include "ce_math.h"
 
@@ -34,9 +35,12 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                     "memfast.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(std::isfinite(lse_square_scale) && lse_square_scale >= 0.0,
                     "memfast.cross_entropy: lse_square_scale must be finite and >= 0, got ", lse_square_scale);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0,
-                    "memfast.cross_entropy: softcap must be finite and > 0 (0: off), got ", softcap);
   const auto acc = at::toOpMathType(logits.scalar_type());
+  // The kernels compute in acc and multiply by 1 / softcap: both must be normal numbers there.
+  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  TORCH_CHECK_VALUE(softcap == 0.0 || (softcap >= tiny && softcap <= 1.0 / tiny),
+                    "memfast.cross_entropy: softcap must be 0 (off) or in [", tiny, ", ", 1.0 / tiny, "] for ",
+                    logits.scalar_type(), " logits, got ", softcap);
   if (weight.defined()) {
     TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == logits.size(1) && weight.is_contiguous() &&
                           weight.scalar_type() == acc && weight.device() == logits.device(),

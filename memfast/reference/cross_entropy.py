@@ -72,10 +72,12 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
     zeta = float(lse_square_scale)
     if not (math.isfinite(zeta) and zeta >= 0):
         raise ValueError(f"memfast.cross_entropy: lse_square_scale must be finite and >= 0, got {lse_square_scale}")
-    cap = float(softcap)
-    if not (math.isfinite(cap) and cap >= 0):
-        raise ValueError(f"memfast.cross_entropy: softcap must be finite and > 0 (0: off), got {softcap}")
     acc = _acc_dtype(logits.dtype)
+    cap = float(softcap)
+    tiny = torch.finfo(acc).tiny  # the kernels compute in acc and multiply by 1 / softcap: both normal there
+    if not (cap == 0 or tiny <= cap <= 1 / tiny):
+        raise ValueError(f"memfast.cross_entropy: softcap must be 0 (off) or in [{tiny}, {1 / tiny}] for "
+                         f"{logits.dtype} logits, got {softcap}")
     R, C = logits.shape
     if validate:
         _check_targets(target, C, ignore_index, "memfast.cross_entropy")
