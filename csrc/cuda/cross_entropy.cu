@@ -85,6 +85,20 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
+// The logit the loss sees from a loaded one: capped (a.cap > 0; *slope gets d / dz), then shifted by
+// adj[c] (adj: the row's adjustment or nullptr). The add is rounded on its own (__fadd_rn / __dadd_rn
+// are never contracted into an fma with the cap's product), as on the CPU and in the reference, so
+// that the target logit and the others compare as there.
+__device__ __forceinline__ float add_rounded(float x, float y) { return __fadd_rn(x, y); }
+__device__ __forceinline__ double add_rounded(double x, double y) { return __dadd_rn(x, y); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t loss_logit(const FwdArgs<acc_t>& a, acc_t z, const acc_t* adj, int64_t c,
+                                            acc_t* slope = nullptr) {
+  const acc_t x = soft_cap(z, a.cap, a.inv_cap, slope);
+  return add_rounded(x, adj ? adj[c] : acc_t(0));
+}
+
 // What every thread of a row's group knows about the row.
 template <typename scalar_t, typename acc_t>
 struct Row {
@@ -137,7 +151,7 @@ __device__ __forceinline__ bool row_begin(const FwdArgs<acc_t>& a, int64_t row, 
   }
   r.z = static_cast<const scalar_t*>(a.logits) + row * a.ld;
   r.adj = a.adj ? a.adj + adj_row * a.adj_ld : nullptr;
-  r.z_y = soft_cap(static_cast<acc_t>(r.z[r.y]), a.cap, a.inv_cap) + (r.adj ? r.adj[r.y] : acc_t(0));
+  r.z_y = loss_logit(a, static_cast<acc_t>(r.z[r.y]), r.adj, r.y);
   const int mis = static_cast<int>((reinterpret_cast<uintptr_t>(r.z) / sizeof(scalar_t)) % VEC);
   r.head = mis ? static_cast<int>(VEC - mis < C ? VEC - mis : C) : 0;
   r.nv = (C - r.head) / VEC;
@@ -251,8 +265,7 @@ __device__ __forceinline__ void widen(const FwdArgs<acc_t>& a, const uint4& raw,
   const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    x[j] = soft_cap(static_cast<acc_t>(s[j]), a.cap, a.inv_cap, slope ? slope + j : nullptr) +
-           (adj ? adj[c0 + j] : acc_t(0));
+    x[j] = loss_logit(a, static_cast<acc_t>(s[j]), adj, c0 + j, slope ? slope + j : nullptr);
   }
 }
 
@@ -314,12 +327,8 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
   const bool has_tail = rank == 0 && lane < r.ntail;
   const int c_head = lane, c_tail = static_cast<int>(r.tail_start) + lane;
   acc_t slope_h = acc_t(1), slope_t = acc_t(1);
-  const acc_t xh = has_head ? soft_cap(static_cast<acc_t>(r.z[c_head]), a.cap, a.inv_cap, &slope_h) +
-                                  (adj ? adj[c_head] : acc_t(0))
-                            : acc_t(0);
-  const acc_t xt = has_tail ? soft_cap(static_cast<acc_t>(r.z[c_tail]), a.cap, a.inv_cap, &slope_t) +
-                                  (adj ? adj[c_tail] : acc_t(0))
-                            : acc_t(0);
+  const acc_t xh = has_head ? loss_logit(a, static_cast<acc_t>(r.z[c_head]), adj, c_head, &slope_h) : acc_t(0);
+  const acc_t xt = has_tail ? loss_logit(a, static_cast<acc_t>(r.z[c_tail]), adj, c_tail, &slope_t) : acc_t(0);
 
   // Pass 1: largest other logit, and whether another class beats the target.
   acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};
@@ -446,13 +455,13 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
       if (v < r.nv) {
         const int64_t c0 = r.head + v * VEC;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) x[u][j] = soft_cap(x[u][j], a.cap, a.inv_cap) + (r.adj ? r.adj[c0 + j] : acc_t(0));
+        for (int j = 0; j < VEC; ++j) x[u][j] = loss_logit(a, x[u][j], r.adj, c0 + j);
         absorb(x[u], VEC, c0);
       }
     }
   }
   auto scalar_logit = [&](int64_t c, acc_t* slope) {
-    return soft_cap(static_cast<acc_t>(r.z[c]), a.cap, a.inv_cap, slope) + (r.adj ? r.adj[c] : acc_t(0));
+    return loss_logit(a, static_cast<acc_t>(r.z[c]), r.adj, c, slope);
   };
   if (lane < r.head) {
     acc_t x = scalar_logit(lane, nullptr);
@@ -492,7 +501,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           acc_t slope;
-          const acc_t z = soft_cap(x[u][j], a.cap, a.inv_cap, &slope) + (r.adj ? r.adj[c0 + j] : acc_t(0));
+          const acc_t z = loss_logit(a, x[u][j], r.adj, c0 + j, &slope);
           x[u][j] = grad_value(a, fast_exp(z - m), c0 + j, r.y, k, scale, slope);
         }
         store_vec<scalar_t, acc_t>(r.g + c0, x[u]);
@@ -650,8 +659,11 @@ void launch_resident(const FwdArgs<at::opmath_type<scalar_t>>& a, int cs, cudaSt
 // Clusters need the kernel's code built for sm_90+: an image JIT-compiled from older
 // PTX (e.g. TORCH_CUDA_ARCH_LIST=8.0+PTX) on an H100 would reach the __trap() branch.
 // Asked of the kernel loaded for each device once (its PTX version; devices may differ).
+// Not asked while the stream is capturing a CUDA graph (the query may load the module,
+// which a capture need not allow): until an eager call has asked, no clusters (the
+// other kernels give the same results).
 template <typename scalar_t>
-bool cluster_code_loaded() {
+bool cluster_code_loaded(cudaStream_t stream) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int8_t> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
   int device = 0;
@@ -659,6 +671,9 @@ bool cluster_code_loaded() {
   if (device < 0 || device >= kMaxDevices) return false;
   int8_t state = known[device].load(std::memory_order_relaxed);
   if (state == 0) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return false;
     cudaFuncAttributes attr{};
     if (cudaFuncGetAttributes(&attr, ce_fwd_resident_kernel<scalar_t, 512, 4>) != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: clear it, or the next launch check would report it
@@ -680,7 +695,10 @@ void launch_forward(const FwdArgs<at::opmath_type<scalar_t>>& a, cudaStream_t st
   constexpr int VEC = vec_width<scalar_t>();
   const int64_t need = a.C / VEC;
   const bool stream_only = env_is("MEMFAST_CE_KERNEL", "stream");
-  const bool clusters = !env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9 && cluster_code_loaded<scalar_t>();
+  // Asked only for rows that need them (cluster_code_loaded may query the driver once).
+  auto clusters = [&] {
+    return !env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9 && cluster_code_loaded<scalar_t>(stream);
+  };
   if (!stream_only) {
     if (need <= 8 * 1) return launch_resident<scalar_t, 8, 1>(a, 1, stream);
     if (need <= 32 * 2) return launch_resident<scalar_t, 32, 2>(a, 1, stream);
@@ -688,7 +706,7 @@ void launch_forward(const FwdArgs<at::opmath_type<scalar_t>>& a, cudaStream_t st
     if (need <= 128 * 4) return launch_resident<scalar_t, 128, 4>(a, 1, stream);
     if (need <= 256 * 4) return launch_resident<scalar_t, 256, 4>(a, 1, stream);
     if (need <= 512 * 4) return launch_resident<scalar_t, 512, 4>(a, 1, stream);
-    if (clusters) {
+    if (clusters()) {
       for (int cs = 2; cs <= 8; cs *= 2) {
         if (need <= 512 * 4 * cs) return launch_resident<scalar_t, 512, 4>(a, cs, stream);
       }
