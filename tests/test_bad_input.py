@@ -62,6 +62,46 @@ BAD_CALLS = [
 ]
 
 
+# The op's scalar options: the bad values the Python API refuses, and those the ops themselves refuse
+# (1e-39 and 1e39 as a cap for fp32 logits: it or its reciprocal is not a normal fp32 number).
+SCALAR_OPTIONS = {
+    "lse_square_scale": ([-1e-3, math.nan, math.inf, True, "1e-4", torch.tensor(1e-4)], [-1.0, math.nan, math.inf]),
+    "softcap": ([0.0, -1.0, math.nan, math.inf, True, "30", torch.tensor(30.0), 1e-39, 1e39],
+                [-1.0, math.nan, math.inf, 1e-39, 1e39]),
+}
+
+
+@pytest.mark.parametrize("option,bad", [(o, b) for o, (api, _) in SCALAR_OPTIONS.items() for b in api])
+def test_bad_scalar_option_names_it(backend, tracker, option, bad):
+    x, y, ids = torch.randn(4, 3, requires_grad=True), torch.randint(0, 3, (4,)), torch.arange(4)
+    calls = [lambda: memfast.cross_entropy(x, y, sample_ids=ids, tracker=tracker, **{option: bad}),
+             lambda: memfast.CrossEntropyLoss(tracker=tracker, **{option: bad})(x, y, ids),
+             lambda: memfast.linear_cross_entropy(torch.randn(4, 2), torch.randn(3, 2), y, sample_ids=ids,
+                                                  tracker=tracker, **{option: bad})]
+    if option == "softcap":
+        calls.append(lambda: tracker.update(x, y, ids, softcap=bad))
+    before = _snapshot(tracker)
+    for call in calls:
+        with pytest.raises(ValueError, match=option):
+            call()
+    _unchanged(tracker, before)
+
+
+@pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])
+@pytest.mark.parametrize("option", list(SCALAR_OPTIONS))
+def test_ops_refuse_a_bad_scalar_option(ns, option):
+    if ns == "memfast" and not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    for bad in SCALAR_OPTIONS[option][1]:
+        scalars = (bad, 0.0) if option == "lse_square_scale" else (0.0, bad)
+        with pytest.raises(ValueError, match=option):
+            op.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True, 1, *scalars)
+        with pytest.raises(ValueError, match=option):
+            op.cross_entropy_fwd_(x.clone(), y, None, -100, 0.0, None, None, 1, *scalars)
+
+
 @pytest.mark.parametrize("what,build,exc,match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_call_raises_and_leaves_tracker_unchanged(backend, tracker, what, build, exc, match):
     kwargs = dict(input=torch.randn(4, 3, requires_grad=True), target=torch.tensor([0, 1, 2, 1]),
