@@ -74,8 +74,8 @@ def _check(input, linear_weight, target, linear_bias, weight):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, scalars, reduction, rows,
-                track, dtype, accum_dtype):
+    def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, scalars, reduction,
+                rows, track, dtype, accum_dtype):
         # input: [N, H]; target: [N]; scalars: (lse_square_scale, softcap);
         # track: None or (state, counters, sample_ids, stat_rows);
         # dtype: what the logits are computed in (autocast's, else the input's)
@@ -255,6 +255,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     w = None if weight is None else weight.detach().to(acc).contiguous()
     rows = _chunk_rows(x.shape[0], H, C, chunk_size)
     loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, _ops.ops(input.device), y, w, ignore_index,
-                                     float(label_smoothing), (zeta, cap), _REDUCTIONS.index(reduction), rows, track, dtype,
-                                     _accum_dtype(accum_dtype, dtype))
+                                     float(label_smoothing), (zeta, cap), _REDUCTIONS.index(reduction), rows, track,
+                                     dtype, _accum_dtype(accum_dtype, dtype))
     return (loss.reshape(target.shape) if reduction == "none" else loss).to(out_dtype)

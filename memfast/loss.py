@@ -253,7 +253,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         that is the size of the logits). Afterwards ``input`` holds
         d loss / d input, so read anything else from it first; a backward
         that saved it (e.g. a hand-written z-loss on the same logits: use
-        lse_square_scale instead) raises, as after any in-place op. Contiguous inputs only; a leaf (or a view of a leaf) that
+        lse_square_scale instead) raises, as after any in-place op.
+        Contiguous inputs only; a leaf (or a view of a leaf) that
         requires grad is refused. Only in eager mode with a gradient to
         compute: under torch.compile / torch.func the gradient is allocated as
         usual. [N, C, d...] inputs are copied to rows, so the copy gets it.

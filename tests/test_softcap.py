@@ -63,7 +63,8 @@ def test_kernels_match_reference(cpu_kernel, fwd_matches_reference, dtype, C):
     y[::4] = -100
     w = torch.rand(C, generator=g, dtype=acc) + 0.1
     table, groups = torch.randn(2, C, generator=g, dtype=acc), torch.randint(0, 2, (R,), generator=g)
-    for args in ((x, y, None, -100, 0.0, None, None, True, 1, 1e-3, 0.0), (x, y, w, -100, 0.2, None, None, True, 0, 0.3),
+    for args in ((x, y, None, -100, 0.0, None, None, True, 1, 1e-3, 0.0),
+                 (x, y, w, -100, 0.2, None, None, True, 0, 0.3),
                  (x, y, w, -100, 0.0, table, groups, True, 2, 1.0),  # z-loss only (softcap left to its default)
                  (x, y, None, -100, 0.0, None, None, True, 1, 0.0, 5.0),
                  (x, y, w, -100, 0.2, None, None, True, 0, 1e-2, 2.0),
