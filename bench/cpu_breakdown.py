@@ -14,7 +14,10 @@ Each line times two variants alternately (medians of --repeats):
   memfast calls it, vs through torch.library's Python autograd kernel;
   at the tiny 8x4 shape, where every figure is host time: the eager
   PyTorch step (bench's eager_step), memfast.cross_entropy without gradient
-  (its Python checks + the op) and the op alone below autograd.
+  (its Python checks + the op) and the op alone below autograd;
+  the softcap's cost in a forward without gradient (1024 x 32000 fp32): no cap,
+  softcap=30 with the AVX-512 loops (its own cap loop included), softcap=30 with
+  the portable ones.
 """
 import argparse
 import os
@@ -25,9 +28,9 @@ import memfast
 from memfast.bench import DTYPES, eager_step, make_inputs, time_steps
 
 
-def forward(logits, target, kernel):
+def forward(logits, target, kernel, compute_grad=True, softcap=0.0):
     os.environ["MEMFAST_CPU_KERNEL"] = kernel
-    torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, True, 1)
+    torch.ops.memfast.cross_entropy_fwd(logits, target, None, -100, 0.0, None, None, compute_grad, 1, 0.0, softcap)
 
 
 def step(logits, target, ids, tracker):
@@ -84,6 +87,14 @@ def main():
                                          (memfast_no_grad, (logits, target))], "cpu", args.repeats)
             print(f"{name:16} eager step {eager * 1e3:.4f}; memfast.cross_entropy without gradient "
                   f"{no_grad * 1e3:.4f} (the op alone {below * 1e3:.4f})")
+    logits, target, _ = make_inputs(1024, 32000, torch.float32, 100_000)
+    plain, capped, capped_generic = time_steps(
+        [(forward, (logits.detach(), target, "default", False)),
+         (forward, (logits.detach(), target, "default", False, 30.0)),
+         (forward, (logits.detach(), target, "generic", False, 30.0))], "cpu", max(3, args.repeats // 10))
+    os.environ.pop("MEMFAST_CPU_KERNEL")
+    print(f"1024x32000 fp32   forward without gradient: no cap {plain * 1e3:.1f}, softcap=30 {capped * 1e3:.1f} "
+          f"(portable loops: {capped_generic * 1e3:.1f})")
 
 
 if __name__ == "__main__":

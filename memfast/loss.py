@@ -162,25 +162,21 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
         label = torch.zeros(target.shape[:class_dim] + target.shape[class_dim + 1:], dtype=torch.long,
                             device=target.device)
     # Validates weight, label_smoothing, adjustment and groups as for index targets; the rows (a
-    # copy for [N, C, d...]) only where the shift or the tracker needs them.
+    # copy for [N, C, d...]) only where the shift, the cap or the tracker needs them.
     logits, label_rows, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
         input, label, weight, -100, label_smoothing, adjustment, groups,
-        rows=adjustment is not None or tracker is not None)
-    acc = _ops._acc_dtype(input.dtype)
+        rows=adjustment is not None or bool(cap) or tracker is not None)
     if adjustment is None and not cap:
         loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
         if zeta:
-            z_loss = zeta * torch.logsumexp(input.to(acc), class_dim) ** 2 * has_mass
+            z_loss = zeta * torch.logsumexp(input.to(_ops._acc_dtype(input.dtype)), class_dim) ** 2 * has_mass
             loss = loss + _reduce(z_loss, reduction).to(loss.dtype)
-    elif adjustment is None:  # the cap in fp32 (fp64 for fp64 logits), as the fused op computes it
-        capped = cap * torch.tanh(input.to(acc) / cap)
-        loss = F.cross_entropy(capped, target.to(acc), weight_acc, reduction=reduction,
-                               label_smoothing=label_smoothing)
-        if zeta:
-            loss = loss + _reduce(zeta * torch.logsumexp(capped, class_dim) ** 2 * has_mass, reduction)
-    else:  # on rows: the shift has the rows' layout; the cap and the shift in fp32 (fp64 for fp64 logits)
-        capped = logits if not cap else cap * torch.tanh(logits.to(acc) / cap)
-        shifted = capped + (shift if groups_rows is None else shift[groups_rows])
+    else:  # on rows, in fp32 (fp64 for fp64 logits) as the fused op: the cap, then the shift (its rows' layout)
+        shifted = logits.to(_ops._acc_dtype(input.dtype))
+        if cap:
+            shifted = cap * torch.tanh(shifted / cap)
+        if shift is not None:
+            shifted = shifted + (shift if groups_rows is None else shift[groups_rows])
         loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
                                label_smoothing=label_smoothing)
         if zeta:

@@ -280,7 +280,7 @@ T lanes_dot(const T* x, const T* w, int64_t n) {
 
 // out[c] = cap * tanh(z[c] / cap) and slope[c] = its derivative (out may be z). The portable
 // loop is ce_math.h's tanh_slope in a function of its own, with the scalars by value: written
-// inside forward_rows' lambda GCC left it scalar ("control flow in loop"), 3x slower.
+// inside forward_rows' lambda GCC left it scalar ("control flow in loop"), over 2x slower.
 template <typename T>
 void soft_cap_row(const T* z, T* out, T* slope, int64_t n, T cap, T inv_cap, bool avx512) {
 #if defined(__AVX512F__)
