@@ -261,3 +261,136 @@ def test_z_loss_is_added_to_the_models_loss(tmp_path):
         assert got == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="lse_square_scale"):
         MemfastTrainer(model=make_model(), args=make_args(tmp_path), lse_square_scale=-1)
+
+
+LM_SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=32)
+# Architectures whose logits are not just lm_head(hidden): Gemma 2's final softcapping (small
+# enough here to bend these logits), Cohere's logit_scale, Granite's logits_scaling; Mixtral
+# returns a router aux_loss.
+ARCHITECTURES = {
+    "gpt2": lambda: make_model(),  # lm_head tied to the input embeddings
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LM_SIZES)),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**LM_SIZES, head_dim=16,
+                                                                              final_logit_softcapping=0.5)),
+    "cohere": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**LM_SIZES, logit_scale=0.5)),
+    "granite": lambda: transformers.GraniteForCausalLM(transformers.GraniteConfig(**LM_SIZES, logits_scaling=4.0)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **LM_SIZES, num_local_experts=2, num_experts_per_tok=1, output_router_logits=True, router_aux_loss_coef=0.3)),
+}
+
+
+def make_lm(arch):
+    torch.manual_seed(0)
+    return ARCHITECTURES[arch]()
+
+
+class LossRecorder(MemfastTrainer):
+    """Records each training step's loss beside the model's own loss of the same batch (labels given
+    to its forward: the sum over shifted target tokens / the Trainer's token count, plus a MoE
+    model's router aux_loss), and the shape of the logits the model returned."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen, self.logit_shapes = [], []
+        self.model.register_forward_hook(lambda m, args, out: self.logit_shapes.append(tuple(out.logits.shape)))
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        inputs_before = dict(inputs)  # the Trainer pops the labels
+        loss = super().compute_loss(model, inputs, *a, **kw)
+        if model.training:
+            with torch.no_grad():
+                own = {k: inputs_before[k] for k in ("input_ids", "attention_mask", "labels")}
+                want = model(**own, num_items_in_batch=kw.get("num_items_in_batch")).loss
+            self.logit_shapes.pop()  # the oracle's own forward
+            self.seen.append((float(loss), float(want)))
+        return loss
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_loss_is_the_models_own(tmp_path, arch):
+    """Both loss paths give, step by step, the loss the model's forward computes from the labels
+    (a MoE model's router aux_loss included); with linear_cross_entropy=True the model's logits in
+    training are those of one position only ([B, 1, V]), in evaluation the whole [B, T, V]."""
+    for linear in (False, True):
+        trainer = LossRecorder(model=make_lm(arch), args=make_args(tmp_path / str(linear), num_train_epochs=1),
+                               train_dataset=add_sample_ids(make_examples()), tracker=memfast.SampleTracker(N),
+                               linear_cross_entropy=linear)
+        trainer.train()
+        assert len(trainer.seen) == N // BATCH
+        for got, want in trainer.seen:
+            assert got == pytest.approx(want, rel=1e-5)
+        assert set(trainer.logit_shapes) == {(BATCH, 1 if linear else T, V)}
+        trainer.logit_shapes.clear()
+        trainer.evaluate(eval_dataset=add_sample_ids(make_examples()))
+        assert {shape[1] for shape in trainer.logit_shapes} == {T}
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite"])
+def test_linear_cross_entropy_under_bf16_autocast(tmp_path, monkeypatch, arch):
+    """TrainingArguments(bf16=True) autocasts the model's forward only; the head's projection in
+    the loss runs in the same autocast (bf16 logits, as the model's head computes them): the step's
+    loss is the fp32 model's own to bf16 precision."""
+    import memfast.linear as linear_module
+
+    compute_dtypes = []
+    real_cast = linear_module._cast
+
+    def spy(input, linear_weight, linear_bias, dtype):
+        compute_dtypes.append(dtype)
+        return real_cast(input, linear_weight, linear_bias, dtype)
+
+    monkeypatch.setattr(linear_module, "_cast", spy)
+    trainer = LossRecorder(model=make_lm(arch), args=make_args(tmp_path, num_train_epochs=1, bf16=True),
+                           train_dataset=add_sample_ids(make_examples()), tracker=memfast.SampleTracker(N),
+                           linear_cross_entropy=True)
+    trainer.train()
+    assert compute_dtypes == [torch.bfloat16] * (N // BATCH)
+    for got, want in trainer.seen:
+        assert got == pytest.approx(want, rel=2e-2)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_linear_cross_entropy_trains_the_same(tmp_path, arch):
+    """linear_cross_entropy=True (the head's projection and the loss in chunks, no [B, T, V] logits)
+    gives the same parameters and tracker totals as the loss over the model's logits, with
+    gradient accumulation (the Trainer's token count) and label smoothing."""
+    runs = []
+    for linear in (False, True):
+        model, tracker = make_lm(arch), memfast.SampleTracker(N, stats=("csl", "count", "margin", "last_loss"))
+        args = make_args(tmp_path / str(linear), gradient_accumulation_steps=2, label_smoothing_factor=0.1)
+        MemfastTrainer(model=model, args=args, train_dataset=add_sample_ids(make_examples()), tracker=tracker,
+                       linear_cross_entropy=linear, lse_square_scale=1e-3).train()
+        runs.append((model.state_dict(), tracker.state.clone()))
+    (params, state), (params_linear, state_linear) = runs
+    for name in params:
+        torch.testing.assert_close(params_linear[name], params[name], rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(state_linear, state, rtol=1e-5, atol=1e-4)
+    assert state[1].sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "granite"])
+def test_linear_cross_entropy_refuses_an_unknown_logit_transform(tmp_path, monkeypatch, arch):
+    """The first step checks the model's own logits against the head transform memfast applies:
+    one it does not know (here: made to forget the softcap or the scaling) raises."""
+    from memfast.integrations import hf
+
+    monkeypatch.setattr(hf, "_head_transform", lambda model: (1.0, None))
+    trainer = MemfastTrainer(model=make_lm(arch), args=make_args(tmp_path, max_steps=1),
+                             train_dataset=add_sample_ids(make_examples()), tracker=memfast.SampleTracker(N),
+                             linear_cross_entropy=True)
+    with pytest.raises(ValueError, match="transforms its logits"):
+        trainer.train()
+
+
+def test_linear_cross_entropy_needs_a_linear_head(tmp_path):
+    model = make_model()
+    model.set_output_embeddings(torch.nn.Sequential(torch.nn.Linear(32, V, bias=False)))
+    trainer = MemfastTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=add_sample_ids(
+        make_examples()), tracker=memfast.SampleTracker(N), linear_cross_entropy=True)
+    with pytest.raises(ValueError, match="torch.nn.Linear"):
+        trainer.train()
+    with pytest.raises(TypeError, match="linear_cross_entropy"):
+        MemfastTrainer(model=make_model(), args=make_args(tmp_path), linear_cross_entropy="yes")
+    with pytest.raises(ValueError, match="torch_compile"):
+        MemfastTrainer(model=make_model(), args=make_args(tmp_path, torch_compile=True), linear_cross_entropy=True)

@@ -16,6 +16,10 @@ tracker is saved in every checkpoint folder (``memfast_tracker.pt``) and
 restored when training resumes from one; its epoch counter follows the
 Trainer's epochs.
 
+With ``linear_cross_entropy=True`` a training step never forms the model's
+``[B, T, V]`` logits: the LM head's input is taken as it is called and the
+head's projection and the loss run in chunks (memfast.linear_cross_entropy).
+
 Single process: under multi-process data parallelism each rank's tracker
 sees only that rank's batches, and only rank 0's is saved.
 """
@@ -108,6 +112,112 @@ def load_tracker(checkpoint_dir, tracker):
     return tracker
 
 
+def _config_values(model, name):
+    """``name`` in the model's config and in its text config (multimodal models keep the LM's there)."""
+    config = getattr(model, "config", None)
+    found = []
+    for c in (config, getattr(config, "text_config", None)):
+        value = getattr(c, name, None) if c is not None else None
+        if value is not None and not isinstance(value, bool):
+            found.append(float(value))
+    return found[:1]
+
+
+def _head_transform(model):
+    """(scale, softcap): what the architectures transformers ships do to the LM head's output
+    (Cohere: times logit_scale; Granite: over logits_scaling; Gemma 2/3: final_logit_softcapping).
+    The first training step checks the model's own logits against it (_check_head_transform)."""
+    scale = 1.0
+    for value in _config_values(model, "logit_scale") + _config_values(model, "output_multiplier"):
+        scale *= value
+    for value in _config_values(model, "logits_scaling"):
+        scale /= value
+    caps = _config_values(model, "final_logit_softcapping")
+    return scale, (caps[0] if caps and caps[0] > 0 else None)
+
+
+def _router_aux_loss(model, outputs):
+    """A mixture-of-experts model's load-balancing term, as its forward adds it to a loss computed
+    from labels (coefficient times ``outputs.aux_loss``); None when the model returns none."""
+    aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+    if aux is None:
+        return None
+    coef = [float(getattr(model, name)) for name in ("router_aux_loss_coef", "aux_loss_coef")
+            if isinstance(getattr(model, name, None), (int, float))] or _config_values(model, "router_aux_loss_coef")
+    if not coef:
+        raise ValueError("MemfastTrainer: the model returned a router aux_loss but no router_aux_loss_coef was "
+                         "found on it or its config, so the loss its own forward would form is unknown")
+    return coef[0] * aux
+
+
+class _HeadInput:
+    """A forward pre-hook on the LM head for one forward: it keeps the head's input (the hidden
+    states, [..., T, H]) and lets the head project only the last position, so the model's
+    [..., T, V] logits are never formed; the loss then runs memfast.linear_cross_entropy on
+    the kept input."""
+
+    def __init__(self, head):
+        self.head, self.hidden, self.calls, self.autocast = head, None, 0, None
+        self.handle = head.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+            raise ValueError("MemfastTrainer(linear_cross_entropy=True): the LM head was not called with one "
+                             "[..., T, hidden] tensor, so its input cannot be kept; use linear_cross_entropy=False")
+        self.hidden = args[0]
+        # The Trainer's mixed precision wraps the model's forward only (accelerate), and the loss
+        # runs after it: the head's projection must see the autocast state the head saw.
+        kind = self.hidden.device.type
+        try:
+            self.autocast = dict(device_type=kind, enabled=torch.is_autocast_enabled(kind),
+                                 dtype=torch.get_autocast_dtype(kind))
+        except RuntimeError:  # a device type autocast does not know
+            self.autocast = dict(device_type=kind, enabled=False)
+        return (args[0][..., -1:, :],)
+
+    def autocast_context(self):
+        return torch.autocast(**self.autocast)
+
+    def remove(self):
+        self.handle.remove()
+
+
+def _output_linear(model):
+    """The model's LM head, which must be a plain linear layer with a floating-point weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if (not isinstance(head, torch.nn.Linear) or not isinstance(weight, torch.Tensor) or not weight.is_floating_point()
+            or weight.dim() != 2 or type(weight).__name__ == "DTensor"):
+        raise ValueError(f"MemfastTrainer(linear_cross_entropy=True) needs the model's output embeddings to be a "
+                         f"torch.nn.Linear with its whole floating-point weight in memory, got {type(head).__name__} "
+                         f"(quantized, adapter-wrapped or sharded heads: use linear_cross_entropy=False)")
+    return head
+
+
+def _check_head_transform(logits, hidden, head, scale, softcap):
+    """The model's own logits of the last position against softcap(scale * head(hidden)): catches an
+    architecture that changes its logits in a way _head_transform does not know."""
+    with torch.no_grad():
+        head_logits = torch.nn.functional.linear(hidden[..., -1:, :], head.weight, head.bias)
+        want = head_logits.float() * scale
+        if softcap is not None:
+            want = softcap * torch.tanh(want / softcap)
+        got = logits.float()
+        if got.shape != want.shape:
+            raise ValueError(f"MemfastTrainer(linear_cross_entropy=True): the model returned logits of shape "
+                             f"{tuple(got.shape)} for its head's last position, expected {tuple(want.shape)}; "
+                             f"use linear_cross_entropy=False")
+        # the model scales (and caps) in the dtype its head computed in; here it is done in fp32
+        tol = 1e-4 if head_logits.dtype in (torch.float32, torch.float64) else 2e-2
+        err = float((got - want).abs().max()) if got.numel() else 0.0
+        if not err <= tol * (1.0 + float(want.abs().max() if want.numel() else 0.0)):
+            raise ValueError(f"MemfastTrainer(linear_cross_entropy=True): the model's logits differ from "
+                             f"softcap(scale * lm_head(hidden)) with scale={scale}, softcap={softcap} by up to "
+                             f"{err:.3g}: this architecture transforms its logits in a way memfast does not "
+                             f"know; use linear_cross_entropy=False")
+
+
 def _is_causal_lm(model):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -135,6 +245,13 @@ class MemfastTrainer(Trainer):
         loss's gradient over the model's logits instead of allocating it
         (for an LM, memory of the logits' size saved); the logits are not
         used after the loss in training.
+      linear_cross_entropy: a training step keeps the LM head's input, lets
+        the head project only the last position, and computes the loss with
+        memfast.linear_cross_entropy: neither the [B, T, V] logits nor their
+        gradient exist (the head must be a torch.nn.Linear; the logit scale
+        of Cohere / Granite and Gemma's final softcapping are applied from
+        the config, and the first step checks them against the model's own
+        logits). Evaluation uses the model's logits as usual.
 
     Only training batches update the tracker; evaluation batches do not.
     The tracker moves to the logits' device on the first training step.
@@ -142,11 +259,12 @@ class MemfastTrainer(Trainer):
     unsmoothed). ``lse_square_scale``: a z-loss (memfast.cross_entropy's), in
     the same fused pass. Gradient accumulation is handled as the model's own
     loss does: the sum over tokens is divided by the number of target tokens in
-    the accumulated batch.
+    the accumulated batch. A mixture-of-experts model's router aux_loss (when it
+    returns one) is added with its coefficient, as its own forward does.
     """
 
     def __init__(self, *args, tracker=None, sample_id_column="sample_id", shift_labels="auto", ignore_index=-100,
-                 inplace_backward=False, lse_square_scale=0.0, **kwargs):
+                 inplace_backward=False, lse_square_scale=0.0, linear_cross_entropy=False, **kwargs):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("MemfastTrainer computes the loss itself (memfast.cross_entropy); "
                              "compute_loss_func cannot be combined with it")
@@ -160,6 +278,11 @@ class MemfastTrainer(Trainer):
         self.sample_id_column = sample_id_column
         self.ignore_index = ignore_index
         self.inplace_backward = inplace_backward
+        if not isinstance(linear_cross_entropy, bool):
+            raise TypeError(f"MemfastTrainer: linear_cross_entropy must be True or False, got {linear_cross_entropy!r}")
+        self.linear_cross_entropy = linear_cross_entropy
+        self._head_input = None
+        self._head_checked = False
         self.lse_square_scale = memfast.loss._check_lse_square_scale(lse_square_scale, "MemfastTrainer")
         self._batch_sample_ids = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -167,6 +290,9 @@ class MemfastTrainer(Trainer):
             callbacks.append(TrackerCallback(tracker))
         super().__init__(*args, compute_loss_func=self._memfast_loss, callbacks=callbacks, **kwargs)
         self.shift_labels = _is_causal_lm(self.model) if shift_labels == "auto" else shift_labels
+        if linear_cross_entropy and getattr(self.args, "torch_compile", False):
+            raise ValueError("MemfastTrainer: linear_cross_entropy=True keeps the LM head's input with a forward "
+                             "hook, which a compiled model does not run; use it without torch_compile")
 
     # The Trainer drops the dataset columns the model's forward does not take;
     # keep the sample ids (compute_loss removes them before the forward).
@@ -191,11 +317,16 @@ class MemfastTrainer(Trainer):
                 raise KeyError(f"MemfastTrainer: the batch has no {self.sample_id_column!r}: give the training set "
                                f"a sample id column (memfast.integrations.hf.add_sample_ids)")
             self._batch_sample_ids = sample_ids
+        if self.linear_cross_entropy and model.training and not return_outputs:
+            self._head_input = _HeadInput(_output_linear(self.accelerator.unwrap_model(model)))
         try:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch, **kwargs)
         finally:
             self._batch_sample_ids = None
+            if self._head_input is not None:
+                self._head_input.remove()
+                self._head_input = None
 
     def _memfast_loss(self, outputs, labels, num_items_in_batch=None):
         if labels is None:
@@ -206,8 +337,6 @@ class MemfastTrainer(Trainer):
             # Shift the labels, not the logits (as transformers' own loss does): logits[..., :-1, :]
             # would copy all [B, T-1, V] of them; the padded last position is ignored instead.
             labels = torch.nn.functional.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
-        num_classes = logits.shape[-1]
-        logits, labels = logits.reshape(-1, num_classes), labels.reshape(-1)
         tracker, ids = self.tracker, self._batch_sample_ids
         if ids is not None:
             if tracker.device != logits.device:
@@ -215,15 +344,48 @@ class MemfastTrainer(Trainer):
             ids = ids.to(logits.device)
         else:
             tracker = None
-        kw = dict(ignore_index=self.ignore_index, sample_ids=ids, tracker=tracker, inplace_backward=self.inplace_backward,
+        kw = dict(ignore_index=self.ignore_index, sample_ids=ids, tracker=tracker,
                   label_smoothing=float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0),
                   lse_square_scale=self.lse_square_scale)
-        if num_items_in_batch is None:
-            return memfast.cross_entropy(logits, labels, **kw)
-        total = memfast.cross_entropy(logits, labels, reduction="sum", **kw)
-        if hasattr(num_items_in_batch, "to"):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        if self._head_input is not None:
+            loss = self._linear_loss(logits, labels, reduction, kw)
+        else:
+            num_classes = logits.shape[-1]
+            loss = memfast.cross_entropy(logits.reshape(-1, num_classes), labels.reshape(-1), reduction=reduction,
+                                         inplace_backward=self.inplace_backward, **kw)
+        if num_items_in_batch is not None:
+            if hasattr(num_items_in_batch, "to"):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        aux = _router_aux_loss(self.accelerator.unwrap_model(self.model), outputs)
+        return loss if aux is None else loss + aux.to(loss.device)
+
+    def _linear_loss(self, logits, labels, reduction, kw):
+        """The loss from the LM head's kept input: memfast.linear_cross_entropy over the head's
+        weight, with the architecture's logit scale and softcap."""
+        head_input, self._head_input = self._head_input, None
+        head_input.remove()
+        head, hidden = head_input.head, head_input.hidden
+        if head_input.calls != 1 or hidden is None:
+            raise ValueError(f"MemfastTrainer(linear_cross_entropy=True): the LM head ran {head_input.calls} times "
+                             f"in one forward, not once (a torch.compile'd model does not run the forward hook "
+                             f"that keeps the head's input); use linear_cross_entropy=False")
+        if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+            raise ValueError(f"MemfastTrainer(linear_cross_entropy=True): the LM head's input has shape "
+                             f"{tuple(hidden.shape)}, which does not match the labels' {tuple(labels.shape)}; "
+                             f"use linear_cross_entropy=False")
+        scale, softcap = _head_transform(self.accelerator.unwrap_model(self.model))
+        with head_input.autocast_context():
+            if not self._head_checked:
+                _check_head_transform(logits, hidden, head, scale, softcap)
+                self._head_checked = True
+            bias = head.bias
+            if scale != 1.0:  # scale (h W^T + b) = (scale h) W^T + scale b: the head's input, not its [V, H] weight
+                hidden = hidden * scale
+                bias = None if bias is None else bias * scale
+            return memfast.linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), linear_bias=bias,
+                                                reduction=reduction, softcap=softcap, **kw)
 
 
 __all__ = ["MemfastTrainer", "TrackerCallback", "add_sample_ids", "load_tracker", "TRACKER_FILE"]
