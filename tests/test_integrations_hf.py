@@ -390,6 +390,9 @@ def test_linear_cross_entropy_needs_a_linear_head(tmp_path):
         make_examples()), tracker=memfast.SampleTracker(N), linear_cross_entropy=True)
     with pytest.raises(ValueError, match="torch.nn.Linear"):
         trainer.train()
+    # the refused step left no sample ids behind: evaluation does not record into the tracker
+    trainer.evaluate(eval_dataset=add_sample_ids(make_examples()))
+    assert trainer.tracker.state.abs().sum() == 0
     with pytest.raises(TypeError, match="linear_cross_entropy"):
         MemfastTrainer(model=make_model(), args=make_args(tmp_path), linear_cross_entropy="yes")
     with pytest.raises(ValueError, match="torch_compile"):

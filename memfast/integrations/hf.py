@@ -136,10 +136,23 @@ def _head_transform(model):
     return scale, (caps[0] if caps and caps[0] > 0 else None)
 
 
+_OTHER_ROUTER_LOSSES = ("encoder_aux_loss", "decoder_aux_loss", "encoder_z_loss", "decoder_z_loss")
+_warned_router_losses = []
+
+
 def _router_aux_loss(model, outputs):
     """A mixture-of-experts model's load-balancing term, as its forward adds it to a loss computed
-    from labels (coefficient times ``outputs.aux_loss``); None when the model returns none."""
-    aux = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+    from labels (coefficient times ``outputs.aux_loss``); None when the model returns none.
+    Encoder-decoder routers' losses (Switch Transformers, NLLB-MoE) are not added: warned once."""
+    if not isinstance(outputs, dict):
+        return None
+    others = [k for k in _OTHER_ROUTER_LOSSES if outputs.get(k) is not None]
+    if others and not _warned_router_losses:
+        _warned_router_losses.append(True)
+        warnings.warn(f"MemfastTrainer: the model returned {', '.join(others)}, which MemfastTrainer does not add "
+                      f"to the loss (only a decoder-only model's aux_loss is added); add them in a subclass's "
+                      f"compute_loss if you train with them")
+    aux = outputs.get("aux_loss")
     if aux is None:
         return None
     coef = [float(getattr(model, name)) for name in ("router_aux_loss_coef", "aux_loss_coef")
@@ -293,6 +306,10 @@ class MemfastTrainer(Trainer):
         if linear_cross_entropy and getattr(self.args, "torch_compile", False):
             raise ValueError("MemfastTrainer: linear_cross_entropy=True keeps the LM head's input with a forward "
                              "hook, which a compiled model does not run; use it without torch_compile")
+        if linear_cross_entropy and getattr(self.args, "n_gpu", 1) > 1:
+            raise ValueError("MemfastTrainer: linear_cross_entropy=True needs one device per process (DDP, e.g. "
+                             "torchrun), not torch.nn.DataParallel over several GPUs, whose replicas share the "
+                             "LM head's hook")
 
     # The Trainer drops the dataset columns the model's forward does not take;
     # keep the sample ids (compute_loss removes them before the forward).
@@ -317,9 +334,9 @@ class MemfastTrainer(Trainer):
                 raise KeyError(f"MemfastTrainer: the batch has no {self.sample_id_column!r}: give the training set "
                                f"a sample id column (memfast.integrations.hf.add_sample_ids)")
             self._batch_sample_ids = sample_ids
-        if self.linear_cross_entropy and model.training and not return_outputs:
-            self._head_input = _HeadInput(_output_linear(self.accelerator.unwrap_model(model)))
         try:
+            if self.linear_cross_entropy and model.training and not return_outputs:
+                self._head_input = _HeadInput(_output_linear(self.accelerator.unwrap_model(model)))
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch, **kwargs)
         finally:
@@ -347,21 +364,21 @@ class MemfastTrainer(Trainer):
         kw = dict(ignore_index=self.ignore_index, sample_ids=ids, tracker=tracker,
                   label_smoothing=float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0),
                   lse_square_scale=self.lse_square_scale)
-        reduction = "mean" if num_items_in_batch is None else "sum"
         if self._head_input is not None:
-            loss = self._linear_loss(logits, labels, reduction, kw)
+            loss = self._linear_loss(logits, labels, num_items_in_batch, kw)
         else:
             num_classes = logits.shape[-1]
-            loss = memfast.cross_entropy(logits.reshape(-1, num_classes), labels.reshape(-1), reduction=reduction,
+            loss = memfast.cross_entropy(logits.reshape(-1, num_classes), labels.reshape(-1),
+                                         reduction="mean" if num_items_in_batch is None else "sum",
                                          inplace_backward=self.inplace_backward, **kw)
-        if num_items_in_batch is not None:
-            if hasattr(num_items_in_batch, "to"):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
+            if num_items_in_batch is not None:
+                if hasattr(num_items_in_batch, "to"):
+                    num_items_in_batch = num_items_in_batch.to(loss.device)
+                loss = loss / num_items_in_batch
         aux = _router_aux_loss(self.accelerator.unwrap_model(self.model), outputs)
         return loss if aux is None else loss + aux.to(loss.device)
 
-    def _linear_loss(self, logits, labels, reduction, kw):
+    def _linear_loss(self, logits, labels, num_items, kw):
         """The loss from the LM head's kept input: memfast.linear_cross_entropy over the head's
         weight, with the architecture's logit scale and softcap."""
         head_input, self._head_input = self._head_input, None
@@ -376,16 +393,33 @@ class MemfastTrainer(Trainer):
                              f"{tuple(hidden.shape)}, which does not match the labels' {tuple(labels.shape)}; "
                              f"use linear_cross_entropy=False")
         scale, softcap = _head_transform(self.accelerator.unwrap_model(self.model))
+        # A model split over devices (device_map) moves the head's input inside the head's forward,
+        # after the pre-hook: the loss does the same.
+        hidden = hidden.to(head.weight.device)
         with head_input.autocast_context():
             if not self._head_checked:
-                _check_head_transform(logits, hidden, head, scale, softcap)
+                _check_head_transform(logits.to(hidden.device), hidden, head, scale, softcap)
                 self._head_checked = True
             bias = head.bias
             if scale != 1.0:  # scale (h W^T + b) = (scale h) W^T + scale b: the head's input, not its [V, H] weight
                 hidden = hidden * scale
                 bias = None if bias is None else bias * scale
+            class_weight, reduction = None, "mean"
+            if num_items is not None:
+                reduction = "sum"
+                # The Trainer's token count as a class weight of 1 / count in the sum: the
+                # gradients are formed in the forward (an fp16 sum over all tokens could overflow)
+                # with the division already in them; the tracked statistics are unweighted.
+                count = num_items.to(hidden.device) if hasattr(num_items, "to") else torch.tensor(
+                    float(num_items), device=hidden.device)
+                class_weight = torch.ones(head.weight.shape[0], device=hidden.device) / count
+            # The weight gradient summed over the chunks in the parameter's dtype when it is wider
+            # than the compute dtype (fp32 master weights under autocast: the gradient has that
+            # dtype anyway), so it is rounded once per chunk's product, not per running sum.
+            accum = head.weight.dtype if head.weight.dtype in (torch.float32, torch.float64) else None
             return memfast.linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), linear_bias=bias,
-                                                reduction=reduction, softcap=softcap, **kw)
+                                                weight=class_weight, reduction=reduction, softcap=softcap,
+                                                accum_dtype=accum, **kw)
 
 
 __all__ = ["MemfastTrainer", "TrackerCallback", "add_sample_ids", "load_tracker", "TRACKER_FILE"]
