@@ -5,10 +5,12 @@ what a user writes without memfast. Interleaved medians.
   and in place) vs F.cross_entropy + logsumexp()^2 with index_add_ for the CSL;
 - the softcap: memfast.cross_entropy(softcap=30) (allocating, and in place) vs
   memfast on 30 * tanh(logits / 30) and F.cross_entropy of it with index_add_;
-- class-probability targets: memfast (PyTorch's loss + one tracking pass) vs
-  F.cross_entropy with index_add_, and F.cross_entropy untracked.
+- class-probability targets: memfast (the fused cross_entropy_prob_fwd: loss, gradient and
+  tracking in one pass; and untracked) vs F.cross_entropy with index_add_, and
+  F.cross_entropy untracked.
 
     .venv/bin/python bench/loss_options.py [--rows 2048 --classes 32000 --dtype fp32 --device cpu]
+                                           [--only zloss,softcap,soft]
 """
 import argparse
 
@@ -64,6 +66,11 @@ def soft_eager_step(logits, soft, ids, csl):
     per_sample.mean().backward()
 
 
+def soft_memfast_untracked_step(logits, soft):
+    logits.grad = None
+    memfast.cross_entropy(logits, soft).backward()
+
+
 def soft_untracked_step(logits, soft):
     logits.grad = None
     F.cross_entropy(logits, soft).backward()
@@ -76,7 +83,9 @@ def main():
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--only", default="zloss,softcap,soft", help="comma-separated sections")
     a = p.parse_args()
+    sections = set(a.only.split(","))
     logits, target, ids = make_inputs(a.rows, a.classes, DTYPES[a.dtype], a.rows, a.device)
     tracker = memfast.SampleTracker(a.rows, device=a.device)
     csl = torch.zeros(a.rows, device=a.device)
@@ -92,8 +101,9 @@ def main():
         (eager_z_step, (logits, target, ids, csl)),
     ]
     names = ["memfast", f"memfast, lse_square_scale={ZETA:g}", "same, inplace_backward", "eager + z-loss"]
-    report(f"z-loss: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
-           time_steps(steps, a.device, repeats=a.repeats, warmup=2))
+    if "zloss" in sections:
+        report(f"z-loss: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
+               time_steps(steps, a.device, repeats=a.repeats, warmup=2))
 
     steps = [
         (memfast_step, (logits, target, ids, tracker, {})),
@@ -104,16 +114,19 @@ def main():
     ]
     names = ["memfast", f"memfast, softcap={CAP:g}", "same, inplace_backward", "memfast of cap * tanh(x / cap)",
              "eager of cap * tanh(x / cap)"]
-    report(f"softcap: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
-           time_steps(steps, a.device, repeats=a.repeats, warmup=2))
+    if "softcap" in sections:
+        report(f"softcap: {a.rows} x {a.classes} {a.dtype} on {a.device}, tracked step, median of {a.repeats}", names,
+               time_steps(steps, a.device, repeats=a.repeats, warmup=2))
 
     g = torch.Generator(device="cpu").manual_seed(1)
     soft = torch.softmax(torch.randn(a.rows, a.classes, generator=g), 1).to(device=a.device, dtype=logits.dtype)
-    steps = [(soft_memfast_step, (logits, soft, ids, tracker)), (soft_eager_step, (logits, soft, ids, csl)),
-             (soft_untracked_step, (logits, soft))]
-    names = ["memfast (tracked: csl, count)", "eager + index_add_ (CSL only)", "eager, untracked"]
-    report(f"class-probability targets: {a.rows} x {a.classes} {a.dtype} on {a.device}, median of {a.repeats}",
-           names, time_steps(steps, a.device, repeats=a.repeats, warmup=2))
+    steps = [(soft_memfast_step, (logits, soft, ids, tracker)), (soft_memfast_untracked_step, (logits, soft)),
+             (soft_eager_step, (logits, soft, ids, csl)), (soft_untracked_step, (logits, soft))]
+    names = ["memfast (tracked: csl, count)", "memfast, untracked", "eager + index_add_ (CSL only)",
+             "eager, untracked"]
+    if "soft" in sections:
+        report(f"class-probability targets: {a.rows} x {a.classes} {a.dtype} on {a.device}, median of {a.repeats}",
+               names, time_steps(steps, a.device, repeats=a.repeats, warmup=2))
 
 
 def report(title, names, times):

@@ -33,6 +33,18 @@ TORCH_LIBRARY(memfast, m) {
       "cross_entropy_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0., "
       "float softcap=0.) -> (Tensor loss, Tensor row_stats)");
+  // Cross entropy against class probabilities (target [R, C], the logits' dtype or their
+  // accumulation dtype), PyTorch's
+  // semantics (the mean over rows; label_smoothing mixes eps / C into the targets; weight
+  // multiplies each class's term), in one pass like cross_entropy_fwd: the z-loss
+  // lse_square_scale * lse^2 (unweighted) for rows with target mass, the softcap and the
+  // adjustment as there. row_stats are cross_entropy_fwd's against `label`, each row's first
+  // most probable class (-100, and zero statistics, for a row without positive mass or with a
+  // NaN target); ROW_WEIGHT is 1 for every row. The gradient's backward is cross_entropy_bwd.
+  m.def(
+      "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, "
+      "Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction, float lse_square_scale=0., "
+      "float softcap=0.) -> (Tensor loss, Tensor row_stats, Tensor label, Tensor grad)");
   // grad_logits = grad * grad_loss[:, None] (grad_loss [R]), or grad * grad_loss (0-d)
   m.def("cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor");
   // The same, in place in the saved gradient (eager backward: no new [R, C] buffer).

@@ -26,6 +26,11 @@ SCHEMAS = {
         "float label_smoothing, Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0., "
         "float softcap=0.) -> (Tensor loss, Tensor row_stats)"
     ),
+    "cross_entropy_prob_fwd": (
+        "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, "
+        "Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction, float lse_square_scale=0., "
+        "float softcap=0.) -> (Tensor loss, Tensor row_stats, Tensor label, Tensor grad)"
+    ),
     "cross_entropy_bwd": "cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor",
     "cross_entropy_bwd_": "cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()",
     "track_": (
@@ -73,6 +78,13 @@ def _fwd_inplace_fake(logits, target, weight, ignore_index, label_smoothing, adj
     loss, row_stats, _ = _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, False,
                                    reduction, lse_square_scale, softcap)
     return loss, row_stats
+
+
+def _prob_fwd_fake(logits, target, weight, label_smoothing, adjustment, groups, compute_grad, reduction,
+                   lse_square_scale=0.0, softcap=0.0):
+    loss, row_stats, grad = _fwd_fake(logits, None, weight, -100, label_smoothing, adjustment, groups, compute_grad,
+                                      reduction)
+    return loss, row_stats, logits.new_empty(logits.shape[0], dtype=torch.long), grad
 
 
 def _bwd_fake(grad, grad_loss):
@@ -124,6 +136,18 @@ def _fwd_setup_context(ctx, inputs, output, source=None):
     """source: None, or (weakref, version) of the caller's tensor the rows were made from."""
     _, row_stats, grad = output
     ctx.mark_non_differentiable(row_stats, grad)
+    ctx.op = _INDEX_TARGETS
+    _keep_for_backward(ctx, inputs, grad, source)
+
+
+def _prob_fwd_setup_context(ctx, inputs, output, source=None):
+    _, row_stats, label, grad = output
+    ctx.mark_non_differentiable(row_stats, label, grad)
+    ctx.op = _PROBABILITY_TARGETS
+    _keep_for_backward(ctx, inputs, grad, source)
+
+
+def _keep_for_backward(ctx, inputs, grad, source):
     # Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx.set_materialize_grads(False)
     logits, *rest = inputs
@@ -170,37 +194,70 @@ def _differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, 
     return reference.cross_entropy_bwd(grad, grad_loss)
 
 
+class _ForwardOp:
+    """What _backward needs to know of a forward op: its number of inputs, and how to recompute
+    its gradient from the logits (with the op, or differentiably with whole-tensor ops)."""
+
+    def __init__(self, num_inputs, recompute, differentiable):
+        self.no_grads = (None,) * (num_inputs - 1)  # only the logits get a gradient
+        self.recompute, self.differentiable = recompute, differentiable
+
+
+def _index_recompute(lib, logits, inputs):
+    target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = inputs
+    return lib.cross_entropy_fwd(logits, target, weight, ignore_index, eps, adjustment, groups, True, reduction,
+                                 *_fwd_scalars(scalars))[2]
+
+
+def _index_differentiable(logits, inputs, grad_loss):
+    target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = inputs
+    return _differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction,
+                                *_fwd_scalars(scalars), grad_loss)
+
+
+def _prob_recompute(lib, logits, inputs):
+    target, weight, eps, adjustment, groups, _, reduction, *scalars = inputs
+    return lib.cross_entropy_prob_fwd(logits, target, weight, eps, adjustment, groups, True, reduction,
+                                      *_fwd_scalars(scalars))[3]
+
+
+def _prob_differentiable(logits, inputs, grad_loss):
+    target, weight, eps, adjustment, groups, _, reduction, *scalars = inputs
+    grad = reference.cross_entropy_prob_grad(logits, target, weight, eps, adjustment, groups, reduction,
+                                             *_fwd_scalars(scalars))
+    return reference.cross_entropy_bwd(grad, grad_loss)
+
+
+_INDEX_TARGETS = _ForwardOp(11, _index_recompute, _index_differentiable)
+_PROBABILITY_TARGETS = _ForwardOp(10, _prob_recompute, _prob_differentiable)
+
+
 def _backward(lib, ctx, grad_loss):
     """d loss / d logits from the gradient the forward saved (see _fwd_setup_context)."""
+    op = ctx.op
     if grad_loss is None:
-        return (None,) * _NUM_FWD_INPUTS
-    target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = ctx.other_inputs
-    zeta, softcap = _fwd_scalars(scalars)
+        return (None,) + op.no_grads
     traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()  # fake / functional tensors
     if torch.is_grad_enabled() and not traced:
         # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
         logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)")
-        return (_differentiable_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction, zeta,
-                                     softcap, grad_loss),) + _NO_GRADS
+        return (op.differentiable(logits, ctx.other_inputs, grad_loss),) + op.no_grads
     if not ctx.saved_grad_consumed:
         grad = ctx.saved_tensors[0]
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
         logits = _live_logits(ctx, "backward twice through one loss (retain_graph=True)")
-        grad = lib.cross_entropy_fwd(logits.detach(), target, weight, ignore_index, eps, adjustment, groups,
-                                     True, reduction, zeta, softcap)[2]
+        grad = op.recompute(lib, logits.detach(), ctx.other_inputs)
     if traced or not _plain_eager(grad):
         # traced (AOTAutograd): the functional form, a fresh tensor
-        return (lib.cross_entropy_bwd(grad, grad_loss),) + _NO_GRADS
+        return (lib.cross_entropy_bwd(grad, grad_loss),) + op.no_grads
     # eager: scale the saved gradient in place (no second [R, C] buffer; on the CPU
     # nothing at all for the usual grad_loss == 1 of a mean or sum); it is not used again
     ctx.saved_grad_consumed = True
     lib.cross_entropy_bwd_(grad, grad_loss)
-    return (grad,) + _NO_GRADS
+    return (grad,) + op.no_grads
 
 
-_NUM_FWD_INPUTS = 11  # cross_entropy_fwd's arguments; only the logits get a gradient
-_NO_GRADS = (None,) * (_NUM_FWD_INPUTS - 1)
 
 
 def _fwd_scalars(scalars):
@@ -223,7 +280,13 @@ def _register(ns):
     def backward(ctx, grad_loss, _grad_row_stats, _grad_grad):
         return _backward(lib, ctx, grad_loss)
 
+    def prob_backward(ctx, grad_loss, _grad_row_stats, _grad_label, _grad_grad):
+        return _backward(lib, ctx, grad_loss)
+
     torch.library.register_autograd(f"{ns}::cross_entropy_fwd", backward, setup_context=_fwd_setup_context)
+    torch.library.register_fake(f"{ns}::cross_entropy_prob_fwd", _prob_fwd_fake)
+    torch.library.register_autograd(f"{ns}::cross_entropy_prob_fwd", prob_backward,
+                                    setup_context=_prob_fwd_setup_context)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -262,6 +325,55 @@ class _FusedCrossEntropy(torch.autograd.Function):
         acc = _acc_dtype(logits.dtype)
         per_row = (grad.to(acc) * logits_tangent.to(acc)).sum(1)
         return (per_row if reduction == 0 else per_row.sum()), None, None
+
+
+class _FusedProbCrossEntropy(torch.autograd.Function):
+    """cross_entropy_prob_fwd's autograd in eager mode, which knows the caller's tensor the rows
+    were made from (source, as _FusedCrossEntropy); traced code uses the registered formula."""
+
+    @staticmethod
+    def forward(lib, source, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            return lib.cross_entropy_prob_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        lib, source, *inputs = inputs
+        _prob_fwd_setup_context(ctx, inputs, output, source)
+        ctx.lib = lib
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_row_stats, _grad_label, _grad_grad):
+        return (None, None) + _backward(ctx.lib, ctx, grad_loss)
+
+
+def has_prob_kernel(lib, device_type):
+    """Whether lib runs cross_entropy_prob_fwd as a fused kernel on this device type (the compiled
+    CPU kernel, or the reference twin anywhere; CUDA has no such kernel yet)."""
+    return lib is torch.ops.memfast_ref or device_type == "cpu"
+
+
+def cross_entropy_prob(lib, logits, target, weight, eps, adjustment, groups, reduction, track=None, source=None,
+                       lse_square_scale=0.0, softcap=0.0):
+    """lib.cross_entropy_prob_fwd, differentiable in logits, then lib.track_ of its row statistics
+    against its labels when track = (state, counters, sample_ids, stat_rows) is given. Returns
+    (loss, row_stats). source: as in cross_entropy."""
+    compute_grad = logits.requires_grad and torch.is_grad_enabled()
+    args = (logits, target, weight, eps, adjustment, groups, compute_grad, reduction, float(lse_square_scale),
+            float(softcap))
+    if type(logits) is torch.Tensor and not torch.compiler.is_compiling():
+        if compute_grad:
+            held = None if source is None else (weakref.ref(source), source._version)
+            loss, row_stats, label, _ = _FusedProbCrossEntropy.apply(lib, held, *args)
+        else:  # no gradient: skip the registered Python autograd kernel (as cross_entropy does)
+            with torch._C._AutoDispatchBelowAutograd():
+                loss, row_stats, label, _ = lib.cross_entropy_prob_fwd(*args)
+    else:
+        loss, row_stats, label, _ = lib.cross_entropy_prob_fwd(*args)  # traced: the registered autograd and fake
+    if track is not None:
+        state, counters, sample_ids, stat_rows = track
+        track_rows(lib, state, counters, row_stats.detach(), label, sample_ids, -100, logits.shape[1], stat_rows)
+    return loss, row_stats
 
 
 def _forward_ad_active():

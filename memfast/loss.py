@@ -1,7 +1,7 @@
 """memfast.cross_entropy: a drop-in for torch.nn.functional.cross_entropy
 that can also track per-sample statistics and shift the logits (MAT's
-adjusted softmax) inside the same fused op (class-index targets; for
-class-probability targets the loss is PyTorch's and the tracking one pass)."""
+adjusted softmax) inside the same fused op (class-index targets, and
+class-probability targets through an op of their own)."""
 import math
 import numbers
 import warnings
@@ -134,11 +134,13 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
 
 def _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker,
                                adjustment, groups, zeta, cap, track_in_backward):
-    """Class-probability targets. The loss is PyTorch's (autograd included: not fused); the
-    tracker gets one memfast pass over the detached logits with each row's most probable class
-    as its label, so its statistics mean what they mean for index targets (the smoothing and
-    the target's own entropy stay out of CSL). Rows with no positive target probability are not
-    tracked. A softcap caps the logits first, as the fused op does."""
+    """Class-probability targets: the fused cross_entropy_prob_fwd where it exists and gives
+    PyTorch's results (_fused_probability_cross_entropy). Otherwise the loss is PyTorch's
+    (autograd included, into the target too) and the tracker gets one memfast pass over the
+    detached logits with each row's most probable class as its label, so its statistics mean
+    what they mean for index targets (the smoothing and the target's own entropy stay out of
+    CSL). Rows with no positive target probability (or a NaN one) are not tracked. A softcap
+    caps the logits first, as the fused op does."""
     _check_input(input)
     if target.is_complex():
         raise TypeError(f"memfast.cross_entropy: target must be real, got {target.dtype}")
@@ -151,6 +153,11 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
                          f"needs the input's shape {tuple(input.shape)}; got {tuple(target.shape)} (class indices "
                          "must be an integer tensor)")
     class_dim = 0 if input.dim() == 1 else 1
+    lib = _ops.ops(input.device)
+    if (_ops.has_prob_kernel(lib, input.device.type) and target.dtype in (input.dtype, _ops._acc_dtype(input.dtype))
+            and not (target.requires_grad and torch.is_grad_enabled()) and not _ops._forward_ad_active()):
+        return _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids,
+                                                tracker, adjustment, groups, zeta, cap, track_in_backward)
     has_mass = None  # rows with some target mass: tracked, and given the z-loss
     if tracker is not None or zeta:
         with torch.no_grad():  # one pass (max, not argmax + sum: half the time on the CPU)
@@ -187,10 +194,40 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
         # the rows and the shift as prepared above (no second copy of [N, C, d...] logits)
         _cross_entropy(logits.detach(), label_rows, None, -100, "none", 0.0, sample_ids, tracker, shift, groups_rows,
                        False, 0.0, cap or None, track_in_backward=True)
-    # F.cross_entropy's dtype: the promotion of input and target (fp32 under autocast)
+    dtype = _probability_loss_dtype(input, target)
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
+def _probability_loss_dtype(input, target):
+    """F.cross_entropy's dtype for probability targets: the promotion of input and target (fp32
+    under autocast)."""
     dtype = _loss_dtype(input)
-    if dtype == input.dtype:
-        dtype = torch.promote_types(input.dtype, target.dtype)
+    return torch.promote_types(input.dtype, target.dtype) if dtype == input.dtype else dtype
+
+
+def _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids, tracker,
+                                     adjustment, groups, zeta, cap, track_in_backward):
+    """Class-probability targets in one pass (cross_entropy_prob_fwd): loss, gradient and the
+    row statistics against each row's most probable class; target in the input's dtype or its
+    accumulation dtype, and taking no gradient (the caller checked)."""
+    class_dim = 0 if input.dim() == 1 else 1
+    no_label = torch.zeros(target.shape[:class_dim] + target.shape[class_dim + 1:], dtype=torch.long,
+                           device=target.device)  # only for _prepare's checks (shapes, devices)
+    logits, _, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
+        input, no_label, weight, -100, label_smoothing, adjustment, groups)
+    target_rows = _ops.as_rows(target.detach())
+    track = None
+    if tracker is not None:
+        ids = tracker._check_batch(logits, sample_ids, target_rows.shape[0])
+        if track_in_backward or not _ops.in_backward():
+            track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
+    loss, _ = _ops.cross_entropy_prob(lib, logits, target_rows, weight_acc, float(label_smoothing), shift,
+                                      groups_rows, _REDUCTIONS.index(reduction), track,
+                                      source=input if logits is not input else None, lse_square_scale=zeta,
+                                      softcap=cap)
+    if reduction == "none":
+        loss = loss.reshape(() if unbatched else label_shape)
+    dtype = _probability_loss_dtype(input, target)
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 
@@ -241,8 +278,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         flows through the tanh. The tracker's statistics are those of the
         capped logits.
       Class-probability targets (floating point, the input's shape) give
-        PyTorch's loss (not fused; inplace_backward does not apply); a
-        tracker records each row's statistics against its most probable
+        PyTorch's loss, fused on the CPU (inplace_backward does not apply);
+        a tracker records each row's statistics against its most probable
         class, and skips rows with no positive probability (all zeros).
       inplace_backward: write the gradient over ``input`` in the forward
         instead of allocating it (zero extra memory: for a [B*T, V] LM head

@@ -14,23 +14,16 @@
 
 namespace memfast {
 
-inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                               double label_smoothing, const at::Tensor& adjustment, const at::Tensor& groups,
-                               int64_t reduction, double lse_square_scale, double softcap) {
+// The arguments both forward ops share (everything but the target).
+inline void check_common_forward_args(const at::Tensor& logits, const at::Tensor& weight, double label_smoothing,
+                                      const at::Tensor& adjustment, const at::Tensor& groups, int64_t reduction,
+                                      double lse_square_scale, double softcap) {
   TORCH_CHECK_VALUE(reduction == REDUCTION_NONE || reduction == REDUCTION_MEAN || reduction == REDUCTION_SUM,
                     "memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK_VALUE(logits.dim() == 2, "memfast.cross_entropy: logits must be 2-D [rows, classes], got ",
                     logits.dim(), "-D");
   TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), "memfast.cross_entropy: logits must be floating point, got ",
                     logits.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
-                    "memfast.cross_entropy: target must be 1-D with one entry per row (", logits.size(0), "), got ",
-                    target.sizes());
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, "memfast.cross_entropy: target must be int64, got ",
-                    target.scalar_type());
-  TORCH_CHECK_VALUE(target.is_contiguous(), "memfast.cross_entropy: target must be contiguous");
-  TORCH_CHECK_VALUE(target.device() == logits.device(), "memfast.cross_entropy: target is on ", target.device(),
-                    " but logits are on ", logits.device());
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "memfast.cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(std::isfinite(lse_square_scale) && lse_square_scale >= 0.0,
@@ -66,6 +59,35 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                       "memfast.cross_entropy: groups must be a contiguous int64 vector with one entry per row (",
                       logits.size(0), ") on ", logits.device());
   }
+}
+
+inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                               double label_smoothing, const at::Tensor& adjustment, const at::Tensor& groups,
+                               int64_t reduction, double lse_square_scale, double softcap) {
+  check_common_forward_args(logits, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale, softcap);
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+                    "memfast.cross_entropy: target must be 1-D with one entry per row (", logits.size(0), "), got ",
+                    target.sizes());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong, "memfast.cross_entropy: target must be int64, got ",
+                    target.scalar_type());
+  TORCH_CHECK_VALUE(target.is_contiguous(), "memfast.cross_entropy: target must be contiguous");
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "memfast.cross_entropy: target is on ", target.device(),
+                    " but logits are on ", logits.device());
+}
+
+// cross_entropy_prob_fwd: class probabilities, one row of the logits' shape and dtype per row.
+inline void check_prob_forward_args(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                                    double label_smoothing, const at::Tensor& adjustment, const at::Tensor& groups,
+                                    int64_t reduction, double lse_square_scale, double softcap) {
+  check_common_forward_args(logits, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale, softcap);
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  TORCH_CHECK_VALUE(target.sizes() == logits.sizes() &&
+                        (target.scalar_type() == logits.scalar_type() || target.scalar_type() == acc),
+                    "memfast.cross_entropy: class-probability targets must have the logits' shape ", logits.sizes(),
+                    " and their dtype ", logits.scalar_type(), " or ", acc, ", got ", target.sizes(), " ",
+                    target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "memfast.cross_entropy: target is on ", target.device(),
+                    " but logits are on ", logits.device());
 }
 
 // cross_entropy_fwd_ writes the gradient over the logits, row by row in their own layout.

@@ -65,23 +65,25 @@ def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, ad
                     lse_square_scale, softcap, validate=False)[2]
 
 
-def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
-             lse_square_scale, softcap, validate):
+def _check_scalars(dtype, reduction, lse_square_scale, softcap):
+    """(zeta, cap) after the checks both forward ops make of their scalar arguments."""
     if reduction not in (0, 1, 2):
         raise ValueError(f"memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     zeta = float(lse_square_scale)
     if not (math.isfinite(zeta) and zeta >= 0):
         raise ValueError(f"memfast.cross_entropy: lse_square_scale must be finite and >= 0, got {lse_square_scale}")
-    acc = _acc_dtype(logits.dtype)
     cap = float(softcap)
-    tiny = torch.finfo(acc).tiny  # the kernels compute in acc and multiply by 1 / softcap: both normal there
+    tiny = torch.finfo(_acc_dtype(dtype)).tiny  # the kernels compute in acc and multiply by 1 / softcap
     if not (cap == 0 or tiny <= cap <= 1 / tiny):
         raise ValueError(f"memfast.cross_entropy: softcap must be 0 (off) or in [{tiny}, {1 / tiny}] for "
-                         f"{logits.dtype} logits, got {softcap}")
-    R, C = logits.shape
-    if validate:
-        _check_targets(target, C, ignore_index, "memfast.cross_entropy")
-    z = logits.to(acc)
+                         f"{dtype} logits, got {softcap}")
+    return zeta, cap
+
+
+def _loss_logits(logits, adjustment, groups, cap, validate):
+    """The logits the loss sees, in the accumulation dtype: capped, then shifted; and the cap's
+    slope d capped / d logits (None without a cap)."""
+    z = logits.to(_acc_dtype(logits.dtype))
     slope = None
     if cap > 0:  # Gemma 2's final_logit_softcapping; d/dz cap tanh(z / cap) = 1 - tanh^2 = 4e / (1 + e)^2
         u = z / cap
@@ -90,11 +92,22 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
         z = cap * torch.tanh(u)
     if adjustment is not None:
         if groups is not None:
-            if validate and R and ((groups < 0) | (groups >= adjustment.shape[0])).any():
+            if validate and z.shape[0] and ((groups < 0) | (groups >= adjustment.shape[0])).any():
                 raise IndexError("memfast.cross_entropy: groups is out of bounds for the adjustment table")
-            z = z + adjustment.to(acc)[groups]
+            z = z + adjustment.to(z.dtype)[groups]
         else:
-            z = z + adjustment.to(acc)
+            z = z + adjustment.to(z.dtype)
+    return z, slope
+
+
+def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
+             lse_square_scale, softcap, validate):
+    zeta, cap = _check_scalars(logits.dtype, reduction, lse_square_scale, softcap)
+    acc = _acc_dtype(logits.dtype)
+    R, C = logits.shape
+    if validate:
+        _check_targets(target, C, ignore_index, "memfast.cross_entropy")
+    z, slope = _loss_logits(logits, adjustment, groups, cap, validate)
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=z.device)
@@ -151,6 +164,68 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
         g = g * slope
     g = torch.where(valid[:, None], g, torch.zeros_like(g))
     return loss, row_stats, g.to(logits.dtype)
+
+
+def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, adjustment, groups, compute_grad, reduction,
+                           lse_square_scale=0.0, softcap=0.0):
+    """Cross entropy against class probabilities ([R, C], the logits' dtype or their
+    accumulation dtype) with F.cross_entropy's semantics: loss = -sum_c w_c t'_c log p_c,
+    t' = (1 - eps) t + eps / C, the mean over rows; the z-loss lse_square_scale * lse^2 for rows
+    with target mass. Returns the loss, cross_entropy_fwd's row statistics against each row's
+    first most probable class (label; -100 for a row with no positive mass or a NaN target,
+    whose statistics are zero), label, and (when compute_grad) d loss / d logits."""
+    zeta, cap = _check_scalars(logits.dtype, reduction, lse_square_scale, softcap)
+    acc = _acc_dtype(logits.dtype)
+    if (logits.dim() != 2 or tuple(target.shape) != tuple(logits.shape)
+            or target.dtype not in (logits.dtype, acc)):
+        raise ValueError(f"memfast.cross_entropy: class-probability targets must have the logits' shape "
+                         f"{list(logits.shape)} and their dtype {logits.dtype} or {acc}, got "
+                         f"{list(target.shape)} {target.dtype}")
+    loss, row_stats, label, grad = _prob_forward(logits, target, weight, label_smoothing, adjustment, groups,
+                                                 compute_grad, reduction, zeta, cap, validate=True)
+    return loss, row_stats, label, grad
+
+
+def cross_entropy_prob_grad(logits, target, weight, label_smoothing, adjustment, groups, reduction,
+                            lse_square_scale=0.0, softcap=0.0):
+    """cross_entropy_prob_fwd's d loss / d logits as a differentiable function of the logits."""
+    return _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, True, reduction,
+                         float(lse_square_scale), float(softcap), validate=False)[3]
+
+
+def _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, compute_grad, reduction, zeta, cap,
+                  validate):
+    R, C = logits.shape
+    z, slope = _loss_logits(logits, adjustment, groups, cap, validate)
+    t = target.to(z.dtype)
+    top = t.max(1).values if C else t.new_zeros(R)  # NaN propagates: a NaN target is not tracked
+    has_mass = top > 0
+    label = torch.where(has_mass, t.argmax(1) if C else torch.zeros(R, dtype=torch.long, device=t.device), -100)
+    # the statistics of index targets against the label (the rows without one: zeros)
+    row_stats = _forward(logits, label, None, -100, 0.0, adjustment, groups, False, 0, 0.0, cap, validate=False)[1]
+    row_stats[ROW["weight"]] = 1  # every row counts in the mean
+    eps = float(label_smoothing)
+    w = weight.to(z.dtype) if weight is not None else torch.ones(C, dtype=z.dtype, device=z.device)
+    wt = w * ((1 - eps) * t + eps / C)
+    log_p = torch.log_softmax(z, 1)
+    loss = -(wt * log_p).sum(1)
+    lse = torch.logsumexp(z, 1)
+    if zeta > 0:
+        loss = loss + torch.where(has_mass, zeta * lse * lse, torch.zeros_like(lse))
+    grad_scale = 1.0 / R if reduction == 1 and R else 1.0
+    if reduction == 1:
+        loss = loss.sum() / R if R else z.new_tensor(math.nan)
+    elif reduction == 2:
+        loss = loss.sum()
+    if not compute_grad:
+        return loss, row_stats, label, logits.new_empty((0, 0))
+    scale_p = wt.sum(1)
+    if zeta > 0:
+        scale_p = scale_p + torch.where(has_mass, 2 * zeta * lse, torch.zeros_like(lse))
+    g = (torch.softmax(z, 1) * scale_p[:, None] - wt) * grad_scale
+    if slope is not None:
+        g = g * slope
+    return loss, row_stats, label, g.to(logits.dtype)
 
 
 def cross_entropy_bwd(grad, grad_loss):
