@@ -14,7 +14,6 @@ Adam's state, the same in every method).
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
@@ -101,16 +100,9 @@ def main():
     print(f"Llama, {args.layers} layer(s), hidden {args.hidden}, vocabulary {args.vocab}, {args.batch} x {args.seq} "
           f"tokens, {'bf16 autocast' if args.bf16 else 'fp32'}, {args.device}: fp32 logits of a step are "
           f"{logits_mib:.0f} MiB; median of {args.steps} steps, each method in its own process")
-    print("| method | ms | peak extra MiB |")
-    print("|---|---|---|")
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--method", method] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"| {method} | error | {out.stderr.strip().splitlines()[-1][:120]} |")
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {method} | {r['ms']:.1f} | {r['extra_mib']:.0f} |")
+    from memfast.bench import process_table
+
+    process_table(__file__, args.methods.split(","), sys.argv[1:])
     return 0
 
 

@@ -11,7 +11,6 @@ memory (CPU: peak resident set growth; CUDA: peak allocated) beyond the inputs.
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
@@ -82,16 +81,9 @@ def main():
     logits_mib = args.tokens * args.vocab * (4 if args.dtype == "fp32" else 2) / 2**20
     print(f"{args.tokens} tokens x vocabulary {args.vocab}, hidden {args.hidden}, {args.dtype}, {args.device}: "
           f"the logits are {logits_mib:.0f} MiB; median of {args.repeats} steps, each method in its own process")
-    print("| method | ms | peak extra MiB |")
-    print("|---|---|---|")
-    for method in METHODS:
-        cmd = [sys.executable, __file__, "--method", method] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            print(f"| {method} | error | {out.stderr.strip().splitlines()[-1][:120]} |")
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {method} | {r['ms']:.1f} | {r['extra_mib']:.0f} |")
+    from memfast.bench import process_table
+
+    process_table(__file__, METHODS, sys.argv[1:])
     return 0
 
 

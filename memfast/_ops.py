@@ -152,6 +152,7 @@ def _keep_for_backward(ctx, inputs, grad, source):
     ctx.set_materialize_grads(False)
     logits, *rest = inputs
     ctx.other_inputs = rest
+    ctx.target_version = rest[0]._version  # a recompute (see _live_logits) needs the target unchanged too
     ctx.saved_grad_consumed = False
     if _forward_ad_active():
         # torch.func transforms differentiate with create_graph, and forward-mode AD needs
@@ -182,6 +183,9 @@ def _live_logits(ctx, why):
     if logits is None or logits._version != ctx.logits_version:
         raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
                            "reference to them (or compute the loss again)")
+    if ctx.other_inputs[0]._version != ctx.target_version:
+        raise RuntimeError(f"memfast.cross_entropy: {why} recomputes the gradient, but the target was modified in "
+                           "place after the forward; compute the loss again")
     return as_rows(logits) if ctx.rows_from_source else logits
 
 
@@ -347,10 +351,15 @@ class _FusedProbCrossEntropy(torch.autograd.Function):
         return (None, None) + _backward(ctx.lib, ctx, grad_loss)
 
 
-def has_prob_kernel(lib, device_type):
-    """Whether lib runs cross_entropy_prob_fwd as a fused kernel on this device type (the compiled
-    CPU kernel, or the reference twin anywhere; CUDA has no such kernel yet)."""
-    return lib is torch.ops.memfast_ref or device_type == "cpu"
+def prob_ops(device):
+    """The op namespace whose cross_entropy_prob_fwd runs on this device, or None: the compiled CPU
+    kernel, or the reference twin (where it is the backend; registered for CPU and CUDA). CUDA has
+    no fused kernel for these targets yet, and other devices have neither."""
+    kind = _device_type(device)
+    if kind not in ("cpu", "cuda"):
+        return None
+    lib = ops(kind)
+    return lib if lib is torch.ops.memfast_ref or kind == "cpu" else None
 
 
 def cross_entropy_prob(lib, logits, target, weight, eps, adjustment, groups, reduction, track=None, source=None,

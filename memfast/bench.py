@@ -86,6 +86,25 @@ def time_steps(steps, device, repeats=20, warmup=3):
     return [statistics.median(t) for t in times]
 
 
+def process_table(script, methods, argv):
+    """Run `script --method M argv...` for each method in a fresh process (so that each one's peak
+    memory is its own) and print the markdown table of the JSON line {"ms", "extra_mib"} each
+    prints last (bench/linear_memory.py, bench/hf_memory.py)."""
+    import json
+    import subprocess
+    import sys
+
+    print("| method | ms | peak extra MiB |")
+    print("|---|---|---|")
+    for method in methods:
+        out = subprocess.run([sys.executable, script, "--method", method] + list(argv), capture_output=True, text=True)
+        if out.returncode:
+            print(f"| {method} | error | {out.stderr.strip().splitlines()[-1][:120]} |")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {method} | {r['ms']:.1f} | {r['extra_mib']:.0f} |")
+
+
 def add_arguments(parser):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", nargs="+", default=["256x10", "4096x1000", "1024x32000"],

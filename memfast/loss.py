@@ -153,8 +153,8 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
                          f"needs the input's shape {tuple(input.shape)}; got {tuple(target.shape)} (class indices "
                          "must be an integer tensor)")
     class_dim = 0 if input.dim() == 1 else 1
-    lib = _ops.ops(input.device)
-    if (_ops.has_prob_kernel(lib, input.device.type) and target.dtype in (input.dtype, _ops._acc_dtype(input.dtype))
+    lib = _ops.prob_ops(input.device)
+    if (lib is not None and target.dtype in (input.dtype, _ops._acc_dtype(input.dtype))
             and not (target.requires_grad and torch.is_grad_enabled()) and not _ops._forward_ad_active()):
         return _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids,
                                                 tracker, adjustment, groups, zeta, cap, track_in_backward)
@@ -194,15 +194,18 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
         # the rows and the shift as prepared above (no second copy of [N, C, d...] logits)
         _cross_entropy(logits.detach(), label_rows, None, -100, "none", 0.0, sample_ids, tracker, shift, groups_rows,
                        False, 0.0, cap or None, track_in_backward=True)
-    dtype = _probability_loss_dtype(input, target)
+    dtype = _probability_loss_dtype(input, target, weight)
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 
-def _probability_loss_dtype(input, target):
-    """F.cross_entropy's dtype for probability targets: the promotion of input and target (fp32
-    under autocast)."""
+def _probability_loss_dtype(input, target, weight):
+    """F.cross_entropy's dtype for probability targets: the promotion of input, target and weight
+    (fp32 under autocast)."""
     dtype = _loss_dtype(input)
-    return torch.promote_types(input.dtype, target.dtype) if dtype == input.dtype else dtype
+    if dtype != input.dtype:
+        return dtype
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
 
 
 def _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids, tracker,
@@ -227,7 +230,7 @@ def _fused_probability_cross_entropy(lib, input, target, weight, reduction, labe
                                       softcap=cap)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else label_shape)
-    dtype = _probability_loss_dtype(input, target)
+    dtype = _probability_loss_dtype(input, target, weight)
     return loss if loss.dtype == dtype else loss.to(dtype)
 
 

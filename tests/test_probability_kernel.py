@@ -230,3 +230,38 @@ def test_create_graph_and_second_backward(shape):
             want = (g, gg, first, second)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_no_classes_weight_dtype_and_other_devices():
+    """C = 0 gives PyTorch's zeros; the loss dtype promotes the weight too (as F.cross_entropy);
+    a device with neither kernel nor reference twin (meta here) takes PyTorch's loss, unwarned."""
+    for reduction in ("none", "sum", "mean"):
+        x, q = torch.randn(3, 0, requires_grad=True), torch.rand(3, 0)
+        torch.testing.assert_close(memfast.cross_entropy(x, q, reduction=reduction),
+                                   F.cross_entropy(x, q, reduction=reduction), equal_nan=True)  # mean: NaN
+    x = torch.randn(4, 3, dtype=torch.bfloat16)
+    q, w = torch.softmax(torch.randn(4, 3), 1).bfloat16(), torch.rand(3)
+    assert memfast.cross_entropy(x, q, w).dtype == F.cross_entropy(x, q, w).dtype == torch.float32
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = memfast.cross_entropy(torch.empty(4, 3, device="meta"), torch.empty(4, 3, device="meta"))
+    assert loss.device.type == "meta"
+
+
+def test_recomputed_gradient_needs_the_inputs_unchanged():
+    """A second backward recomputes the gradient from the logits and the target: with the logits
+    dropped (held weakly, as for index targets) or the target modified in place it raises,
+    naming what is missing, rather than giving a different gradient."""
+    lin = torch.nn.Linear(4, 5)
+    x, q = torch.randn(8, 4), torch.softmax(torch.randn(8, 5), 1)
+    loss = memfast.cross_entropy(lin(x), q)  # the logits are not kept by anyone
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="logits alive"):
+        loss.backward()
+    logits = lin(x)
+    loss = memfast.cross_entropy(logits, q)
+    loss.backward(retain_graph=True)
+    q.mul_(0.5)
+    with pytest.raises(RuntimeError, match="target was modified"):
+        loss.backward()

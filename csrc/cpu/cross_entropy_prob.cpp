@@ -146,7 +146,8 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       const acc_t log_sum = std::log(sum);
       const acc_t lse = shift + log_sum;
       const bool has_mass = y >= 0;
-      acc_t loss = mass_sum * log_sum - shifted_dot;
+      // (No mass, e.g. no classes: 0, not 0 * log(0).)
+      acc_t loss = (mass_sum == 0 ? acc_t(0) : mass_sum * log_sum) - shifted_dot;
       if (zeta != 0 && has_mass) loss += zeta * lse * lse;
       loss_p[r] = loss;
       st[ROW_LSE * R + r] = has_mass ? lse : acc_t(0);
@@ -194,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   at::Tensor loss = reduction == REDUCTION_NONE ? loss_rows : at::empty({}, loss_rows.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_prob_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // PyTorch's mean over probability-target rows: the number of rows (NaN for none).
-    const acc_t den = reduction == REDUCTION_MEAN ? static_cast<acc_t>(R) : acc_t(1);
+    // PyTorch's mean over probability-target rows: input.numel() / C, the number of rows (NaN
+    // for none, and for no classes).
+    const acc_t den = reduction == REDUCTION_MEAN ? static_cast<acc_t>(logits.size(1) > 0 ? R : 0) : acc_t(1);
     if (R > 0 && target.scalar_type() == logits.scalar_type()) {
       forward_rows<scalar_t, scalar_t>(logits, target, weight, label_smoothing, adjustment, groups, acc_t(1) / den,
                                        lse_square_scale, softcap, loss_rows, row_stats, label, grad);

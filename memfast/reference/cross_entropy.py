@@ -198,11 +198,17 @@ def _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, c
     R, C = logits.shape
     z, slope = _loss_logits(logits, adjustment, groups, cap, validate)
     t = target.to(z.dtype)
-    top = t.max(1).values if C else t.new_zeros(R)  # NaN propagates: a NaN target is not tracked
-    has_mass = top > 0
-    label = torch.where(has_mass, t.argmax(1) if C else torch.zeros(R, dtype=torch.long, device=t.device), -100)
-    # the statistics of index targets against the label (the rows without one: zeros)
-    row_stats = _forward(logits, label, None, -100, 0.0, adjustment, groups, False, 0, 0.0, cap, validate=False)[1]
+    if C:
+        top = t.max(1).values  # NaN propagates: a NaN target is not tracked
+        has_mass = top > 0
+        label = torch.where(has_mass, t.argmax(1), -100)
+        # the statistics of index targets against the label (the rows without one: zeros)
+        row_stats = _forward(logits, label, None, -100, 0.0, adjustment, groups, False, 0, 0.0, cap,
+                             validate=False)[1]
+    else:  # no classes: nothing to track, a loss of 0 per row (PyTorch's)
+        has_mass = torch.zeros(R, dtype=torch.bool, device=t.device)
+        label = torch.full((R,), -100, dtype=torch.long, device=t.device)
+        row_stats = z.new_zeros((len(ROW), R))
     row_stats[ROW["weight"]] = 1  # every row counts in the mean
     eps = float(label_smoothing)
     w = weight.to(z.dtype) if weight is not None else torch.ones(C, dtype=z.dtype, device=z.device)
@@ -213,8 +219,8 @@ def _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, c
     if zeta > 0:
         loss = loss + torch.where(has_mass, zeta * lse * lse, torch.zeros_like(lse))
     grad_scale = 1.0 / R if reduction == 1 and R else 1.0
-    if reduction == 1:
-        loss = loss.sum() / R if R else z.new_tensor(math.nan)
+    if reduction == 1:  # PyTorch's: over input.numel() / C rows (NaN for no rows or no classes)
+        loss = loss.sum() / R if R and C else z.new_tensor(math.nan)
     elif reduction == 2:
         loss = loss.sum()
     if not compute_grad:
