@@ -170,3 +170,58 @@ def test_api_matches_pytorch(case):
         valid = ~ignored  # one sample per leading index: its rows that are not ignored
         counted = valid.flatten(1).sum(1) if valid.dim() > 1 else valid.long()
         torch.testing.assert_close(extra["tracker"].stat("count")[:tshape[0]], counted.float())
+
+
+@st.composite
+def probability_cases(draw):
+    return dict(
+        R=draw(st.integers(0, 20)), C=draw(st.integers(1, 70)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        target_in_acc=draw(st.booleans()),
+        scale=draw(st.sampled_from([1e-3, 1.0, 10.0, 300.0])),
+        sharpness=draw(st.sampled_from([0.1, 1.0, 10.0])),  # flat targets, soft ones, near one-hot
+        empty_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        ties=draw(st.booleans()),
+        weighted=draw(st.booleans()),
+        eps=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])),
+        adjustment=draw(st.sampled_from(["none", "dense", "table"])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.5, 30.0])),
+        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-2])),
+        reduction=draw(st.sampled_from([0, 1, 2])),
+        kernel=draw(st.sampled_from(["default", "generic"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(probability_cases())
+def test_probability_kernel_matches_reference(case):
+    """cross_entropy_prob_fwd against its reference twin: loss, row statistics, the tracked label
+    (ties, rows without mass) and the gradient."""
+    g = torch.Generator().manual_seed(case["seed"])
+    R, C, dtype = case["R"], case["C"], case["dtype"]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logits = (torch.randn(R, C, generator=g) * case["scale"]).to(dtype)
+    target = torch.softmax(torch.randn(R, C, generator=g, dtype=torch.float64) * case["sharpness"], 1)
+    if case["ties"] and C > 1:
+        target[:, 1] = target[:, 0]
+    target[torch.rand(R, generator=g) < case["empty_frac"]] = 0
+    target = target.to(acc if case["target_in_acc"] else dtype)
+    weight = torch.rand(C, generator=g, dtype=acc) + 0.1 if case["weighted"] else None
+    adjustment = groups = None
+    if case["adjustment"] == "dense":
+        adjustment = torch.randn(R, C, generator=g, dtype=acc)
+    elif case["adjustment"] == "table":
+        adjustment, groups = torch.randn(3, C, generator=g, dtype=acc), torch.randint(0, 3, (R,), generator=g)
+    args = (logits, target, weight, case["eps"], adjustment, groups, True, case["reduction"], case["z_loss"],
+            case["softcap"])
+    with _cpu_kernel(case["kernel"]):
+        got = torch.ops.memfast.cross_entropy_prob_fwd(*args)
+    want = reference.cross_entropy_prob_fwd(*args)
+    exact = dtype == torch.float64
+    tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
+    torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
+    torch.testing.assert_close(got[1], want[1], **tol, equal_nan=True)
+    assert torch.equal(got[2], want[2])
+    gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got[3].double(), want[3].double(), **gtol)
