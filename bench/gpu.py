@@ -24,13 +24,16 @@ inputs rotate through copies bigger than L2 and each is refreshed right after
 its use, outside the timed region (Liger overwrites its input with the
 gradient), so a step never finds its input in L2. "extra MiB" is the peak
 memory a step allocates beyond its inputs. The "no tracking" rows give every
-method the plain mean loss (reduction='mean'), with no per-row losses.
+method the plain mean loss (reduction='mean'), with no per-row losses. The
+"soft targets" rows take class probabilities (the floor then reads them too;
+no Liger, which takes class indices only).
 Without a CUDA device it prints a message and exits; --device cpu runs the same
 code on the CPU (time.perf_counter, no memory figures, no Liger), meant with
 --smoke to check the script before a GPU session.
 """
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -87,10 +90,11 @@ def load_liger(device):
 
 class Case:
     def __init__(self, name, rows, classes, dtype, tracking=True, table=False, seq_len=None, z_loss=0.0,
-                 softcap=None):
+                 softcap=None, soft=False):
         self.name, self.rows, self.classes, self.dtype = name, rows, classes, dtype
         self.tracking, self.table, self.seq_len, self.z_loss = tracking, table, seq_len, z_loss
         self.softcap = softcap
+        self.soft = soft  # class-probability targets of the logits' shape and dtype
 
     @property
     def logits_bytes(self):
@@ -102,6 +106,9 @@ def make_inputs(case, copies, device):
     pristine = [torch.randn(case.rows, case.classes, device=device, generator=g).mul_(2).to(case.dtype)
                 for _ in range(copies)]
     targets = [torch.randint(0, case.classes, (case.rows,), device=device, generator=g) for _ in range(copies)]
+    if case.soft:
+        targets = [torch.softmax(torch.randn(case.rows, case.classes, device=device, generator=g), 1).to(case.dtype)
+                   for _ in range(copies)]
     if case.seq_len:
         n_seq = case.rows // case.seq_len
         ids = [torch.randint(0, BUFFER, (n_seq,), device=device, generator=g) for _ in range(copies)]
@@ -154,7 +161,7 @@ def make_methods(case, liger, device, wanted=METHODS):
     if "compile" in wanted:
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit across the cases
         methods["compile"] = torch.compile(eager_loss, dynamic=False)
-    if liger is not None and not case.table:
+    if liger is not None and not case.table and not case.soft:  # (Liger takes class indices only)
         def liger_loss(x, y, ids, table, groups):
             kw = {"lse_square_scale": case.z_loss} if case.z_loss else {}
             if case.softcap:
@@ -219,8 +226,6 @@ def time_method(fn, case, inputs, warmup, iters, device):
 def kernel_times(case, inputs, warmup, iters, rate, device):
     """The forward and backward ops alone, with each forward variant (env switches),
     as ms and as a fraction of the copy rate (bytes: logits read + gradient written)."""
-    import os
-
     pristine, targets, _, _, _ = inputs
     copies = len(pristine)
     out = {}
@@ -271,16 +276,22 @@ def cases(quick, smoke=False):
         out.append(Case("B2 T16 V100 bf16, per-sequence ids", 2 * 16, 100, bf16, seq_len=16))
         out.append(Case("64 x 10 bf16, z-loss 1e-4", 64, 10, bf16, z_loss=1e-4))
         out.append(Case("64 x 10 bf16, softcap 30", 64, 10, bf16, softcap=30.0))
+        out.append(Case("64 x 10 bf16, soft targets", 64, 10, bf16, soft=True))
     else:
         out.append(Case("B8 T2048 V32000 bf16, per-sequence ids", 8 * 2048, 32000, bf16, seq_len=2048))
         out.append(Case("8192 x 32000 bf16, z-loss 1e-4", 8192, 32000, bf16, z_loss=1e-4))
         out.append(Case("8192 x 32000 bf16, softcap 30", 8192, 32000, bf16, softcap=30.0))
+        # the CUDA kernel of cross_entropy_prob_fwd, which the API runs with MEMFAST_CUDA_PROB=1
+        out.append(Case("8192 x 32000 bf16, soft targets", 8192, 32000, bf16, soft=True))
     if quick:
         out = [c for c in out if c.logits_bytes <= 64 << 20]
     return out
 
 
 def main(argv=None):
+    # The "soft targets" rows time the CUDA kernel of cross_entropy_prob_fwd, which the API runs only
+    # when asked until it has been tested on a GPU.
+    os.environ.setdefault("MEMFAST_CUDA_PROB", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check the script (with --smoke)")
     parser.add_argument("--smoke", action="store_true",
@@ -347,7 +358,7 @@ def main(argv=None):
         copies = max(2, -(-3 * L2_BYTES // case.logits_bytes))
         copies = min(copies, max(2, warmup, iters))
         inputs = make_inputs(case, copies, device)
-        floor_ms = 2 * case.logits_bytes / rate * 1e3
+        floor_ms = (3 if case.soft else 2) * case.logits_bytes / rate * 1e3  # soft: the targets are read too
         row = {"case": case.name, "floor_ms": floor_ms}
         for name, fn in make_methods(case, liger, device, wanted).items():
             try:
@@ -357,7 +368,7 @@ def main(argv=None):
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if "memfast" in wanted and not case.table and case.tracking and not case.seq_len:
+        if "memfast" in wanted and not case.table and case.tracking and not case.seq_len and not case.soft:
             try:
                 row["kernels"] = kernel_times(case, inputs, warmup, iters, rate, device)
             except Exception as e:

@@ -352,14 +352,17 @@ class _FusedProbCrossEntropy(torch.autograd.Function):
 
 
 def prob_ops(device):
-    """The op namespace whose cross_entropy_prob_fwd runs on this device, or None: the compiled CPU
-    kernel, or the reference twin (where it is the backend; registered for CPU and CUDA). CUDA has
-    no fused kernel for these targets yet, and other devices have neither."""
+    """The op namespace whose cross_entropy_prob_fwd the API runs on this device, or None (PyTorch's
+    loss then): the compiled CPU kernel, the reference twin where it is the backend (registered for
+    CPU and CUDA), and the CUDA kernel only with MEMFAST_CUDA_PROB=1 until it has been tested on a
+    GPU (csrc/cuda/cross_entropy_prob.cu). Other devices have neither."""
     kind = _device_type(device)
     if kind not in ("cpu", "cuda"):
         return None
     lib = ops(kind)
-    return lib if lib is torch.ops.memfast_ref or kind == "cpu" else None
+    if lib is torch.ops.memfast_ref or kind == "cpu":
+        return lib
+    return lib if os.environ.get("MEMFAST_CUDA_PROB") == "1" else None
 
 
 def cross_entropy_prob(lib, logits, target, weight, eps, adjustment, groups, reduction, track=None, source=None,

@@ -544,6 +544,80 @@ def test_probability_targets_track_the_most_probable_class():
     assert_trackers_close(got, want)
 
 
+def prob_case(R, C, dtype, gen_seed, empty_every=5):
+    g = torch.Generator().manual_seed(gen_seed)
+    x = (3 * torch.randn(R, C, generator=g)).to(device=DEV, dtype=dtype)
+    t = torch.softmax(2 * torch.randn(R, C, generator=g), 1)
+    t[t < 0.5 / C] = 0  # zeros and near-ties
+    if empty_every:
+        t[::empty_every] = 0  # no mass: not tracked
+    return x, t.to(device=DEV)
+
+
+def check_prob_op(args):
+    """cross_entropy_prob_fwd on DEV against the reference on the same arguments."""
+    got = torch.ops.memfast.cross_entropy_prob_fwd(*args)
+    want = ref.cross_entropy_prob_fwd(*args)
+    dtype = args[0].dtype
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
+    torch.testing.assert_close(got[1], want[1], **tol, equal_nan=True)
+    assert torch.equal(got[2], want[2])
+    gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got[3].double(), want[3].double(), **gtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 2, 10, 1000, 32000, 50257])
+def test_probability_op_matches_reference(dtype, C):
+    R = 64 if C <= 1000 else 8
+    x, t = prob_case(R, C, dtype, C)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for reduction in (0, 1, 2):
+        check_prob_op((x, t.to(dtype), None, 0.0, None, None, True, reduction))
+    check_prob_op((x, t.to(acc), None, 0.0, None, None, True, 1))  # fp32 targets for half logits
+
+
+@pytest.mark.parametrize("opts", ["weight+smoothing", "dense", "table", "zloss+softcap", "strided"])
+def test_probability_op_options(opts):
+    C, R = 777, 40
+    x, t = prob_case(R, C, torch.bfloat16, 7)
+    w = adj = groups = None
+    eps, zeta, cap = 0.0, 0.0, 0.0
+    if opts == "weight+smoothing":
+        w, eps = torch.rand(C, device=DEV) + 0.1, 0.2
+    elif opts == "dense":
+        adj = torch.randn(R, C, device=DEV)
+    elif opts == "table":
+        adj, groups = torch.randn(3, C, device=DEV), torch.randint(0, 3, (R,), device=DEV)
+    elif opts == "zloss+softcap":
+        zeta, cap = 1e-2, 2.0
+    else:  # strided rows of logits and targets
+        x = torch.randn(R, C + 9, device=DEV).bfloat16()[:, 3:C + 3]
+        t = torch.softmax(torch.randn(R, 2 * C, device=DEV), 1)[:, ::2]
+    for reduction in (0, 1):
+        check_prob_op((x, t.bfloat16(), w, eps, adj, groups, True, reduction, zeta, cap))
+
+
+def test_probability_op_through_api(monkeypatch):
+    """With MEMFAST_CUDA_PROB=1 the API runs the fused op on CUDA: PyTorch's loss and gradient, and
+    the tracker of the old path (PyTorch's loss + a pass against the most probable class)."""
+    monkeypatch.setenv("MEMFAST_CUDA_PROB", "1")
+    N, C = 256, 1000
+    x, q = prob_case(N, C, torch.float32, 3)
+    x.requires_grad_()
+    ids = torch.randint(0, 64, (N,), device=DEV)
+    got, want = fresh_pair(64)
+    loss = memfast.cross_entropy(x, q, sample_ids=ids, tracker=got, label_smoothing=0.1)
+    ref_loss = F.cross_entropy(x, q, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref_loss, x)[0])
+    top, most_probable = q.max(1)
+    want.update(x.detach(), torch.where(top > 0, most_probable, -100), ids)
+    assert_trackers_close(got, want)
+    torch.library.opcheck(torch.ops.memfast.cross_entropy_prob_fwd, (x, q, None, 0.1, None, None, True, 1))
+
+
 @cuda_only("the CPU kernels raise on bad ids / targets instead of counting them")
 @pytest.mark.parametrize("what", ["id", "id-per-sequence", "target"])
 def test_bad_values_write_nothing_and_raise_at_check(what):

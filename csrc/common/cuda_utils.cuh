@@ -89,5 +89,26 @@ __device__ __forceinline__ void block_reduce(T (&v)[K], Op op, T* smem) {
   }
 }
 
+struct MinOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return b < a ? b : a;
+  }
+};
+
+// The mean's or the sum's loss: the row losses summed (in a fixed order: deterministic), divided by
+// the denominator, a device scalar (den) or else a host value (host_den: 1 for the sum). One launch
+// where at::sum + at::div took two, each with its own host-side setup: at small shapes a step is
+// host time.
+template <typename acc_t>
+__global__ void __launch_bounds__(256) loss_total_kernel(const acc_t* loss_rows, int64_t R, const acc_t* den,
+                                                         acc_t host_den, acc_t* out) {
+  __shared__ double smem[256 / 32];
+  double v[1] = {0.0};  // double, as the CPU's total
+  for (int64_t r = threadIdx.x; r < R; r += 256) v[0] += loss_rows[r];
+  block_reduce<256, 1>(v, SumOp(), smem);
+  if (threadIdx.x == 0) *out = static_cast<acc_t>(v[0]) / (den ? *den : host_den);
+}
+
 }  // namespace cuda
 }  // namespace memfast

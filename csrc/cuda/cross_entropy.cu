@@ -53,6 +53,7 @@ namespace {
 using cuda::block_reduce;
 using cuda::group_reduce;
 using cuda::load_vec;
+using cuda::loss_total_kernel;
 using cuda::MaxOp;
 using cuda::store_vec;
 using cuda::SumOp;
@@ -547,19 +548,6 @@ __global__ void __launch_bounds__(256) mean_denominator_kernel(const int64_t* ta
   }
 }
 
-// The mean's or the sum's loss: the row losses summed (in a fixed order: deterministic), divided by
-// the denominator for the mean. One launch where at::sum + at::div took two, each with its own
-// host-side setup: at small shapes a step is host time.
-template <typename acc_t>
-__global__ void __launch_bounds__(256) loss_total_kernel(const acc_t* loss_rows, int64_t R, const acc_t* den,
-                                                         acc_t* out) {
-  __shared__ double smem[256 / 32];
-  double v[1] = {0.0};  // double, as the CPU's total
-  for (int64_t r = threadIdx.x; r < R; r += 256) v[0] += loss_rows[r];
-  block_reduce<256, 1>(v, SumOp(), smem);
-  if (threadIdx.x == 0) *out = den ? static_cast<acc_t>(v[0]) / *den : static_cast<acc_t>(v[0]);
-}
-
 // A zero stays zero (ignored rows) even when the row's grad_loss is inf/NaN,
 // e.g. a mean over no rows (as the CPU kernel and the reference).
 template <typename acc_t>
@@ -811,7 +799,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     if (reduction != REDUCTION_NONE) {
       loss = at::empty({}, loss_rows.options());
       loss_total_kernel<acc_t><<<1, 256, 0, stream>>>(a.loss, R, mean_den.defined() ? mean_den.const_data_ptr<acc_t>() : nullptr,
-                                                      loss.mutable_data_ptr<acc_t>());
+                                                      acc_t(1), loss.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

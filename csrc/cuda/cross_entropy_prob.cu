@@ -1,0 +1,262 @@
+// CUDA kernel of memfast::cross_entropy_prob_fwd (class-probability targets), with the CPU
+// kernel's math (csrc/cpu/cross_entropy_prob.cpp: the loss as A log(sum) - sum wt (z - m), the
+// gradient (A + 2 zeta lse) p - wt, statistics against the first most probable class).
+//
+// A first, simple version: one block per row, coalesced scalar loads, four sweeps over the
+// row (targets; logits max; exp-sum and the weighted dot; the gradient), the later ones mostly
+// from L2. Not yet run on a GPU: the API uses it only with MEMFAST_CUDA_PROB=1 until the CUDA
+// tests have passed on one (tests/test_cuda_cross_entropy.py calls the op directly).
+//
+// As cross_entropy_fwd on CUDA, nothing here raises on values: a row whose group is out of
+// range for the adjustment table gets a NaN loss and statistics, label -100 and a zero
+// gradient row.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../common/ce_math.h"
+#include "../common/checks.h"
+#include "../common/cuda_utils.cuh"
+
+namespace memfast {
+namespace {
+
+using cuda::block_reduce;
+using cuda::loss_total_kernel;
+using cuda::MaxOp;
+using cuda::MinOp;
+using cuda::SumOp;
+
+constexpr int kProbThreads = 256;
+
+template <typename acc_t>
+struct ProbArgs {
+  const void* logits;
+  int64_t ld;  // elements between two rows of the logits
+  const void* target;
+  int64_t t_ld;  // ... of the targets
+  int64_t R, C;
+  const acc_t* weight;    // [C] or nullptr
+  const acc_t* adj;       // adjustment rows or nullptr
+  int64_t adj_ld;         // 0 for an expanded [C] shift
+  const int64_t* groups;  // row -> adjustment row, or nullptr
+  int64_t A;              // adjustment rows (bounds for groups)
+  acc_t* loss;            // [R]
+  acc_t* stats;           // [NUM_ROW_STATS, R]
+  int64_t* label;         // [R]
+  void* grad;             // [R, C] contiguous or nullptr
+  acc_t keep, spread;     // t' = keep * t + spread: 1 - eps, eps / C
+  acc_t zeta;
+  acc_t cap, inv_cap;
+  acc_t grad_scale;       // 1 / R for the mean, else 1
+};
+
+__device__ __forceinline__ float add_rounded(float x, float y) { return __fadd_rn(x, y); }
+__device__ __forceinline__ double add_rounded(double x, double y) { return __dadd_rn(x, y); }
+
+template <typename scalar_t, typename target_t>
+__global__ void __launch_bounds__(kProbThreads)
+    ce_prob_fwd_kernel(const ProbArgs<at::opmath_type<scalar_t>> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int NT = kProbThreads;
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  __shared__ acc_t smem[4][2 * (NT / 32)];
+  __shared__ int64_t first_smem[NT / 32];
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  const bool writer = t == 0;
+  const int64_t C = a.C;
+  const scalar_t* z = static_cast<const scalar_t*>(a.logits) + row * a.ld;
+  const target_t* tp = static_cast<const target_t*>(a.target) + row * a.t_ld;
+  scalar_t* g = a.grad ? static_cast<scalar_t*>(a.grad) + row * C : nullptr;
+  const acc_t* adj = nullptr;
+  if (a.adj) {
+    const int64_t adj_row = a.groups ? a.groups[row] : row;
+    if (adj_row < 0 || adj_row >= a.A) {
+      if (writer) {
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+        a.loss[row] = nan;
+        for (int k = 0; k < NUM_ROW_STATS; ++k) a.stats[k * a.R + row] = nan;
+        a.label[row] = -100;
+      }
+      if (g)
+        for (int64_t c = t; c < C; c += NT) g[c] = scalar_t(0);
+      return;
+    }
+    adj = a.adj + adj_row * a.adj_ld;
+  }
+  // w_c t'_c, and the logit the loss sees (capped, then shifted; the add rounded on its own, as
+  // in cross_entropy.cu, so that comparisons match the CPU's)
+  auto weighted = [&](int64_t c) {
+    return (a.weight ? a.weight[c] : acc_t(1)) * (a.keep * static_cast<acc_t>(tp[c]) + a.spread);
+  };
+  auto logit = [&](int64_t c, acc_t* slope) {
+    return add_rounded(soft_cap(static_cast<acc_t>(z[c]), a.cap, a.inv_cap, slope), adj ? adj[c] : acc_t(0));
+  };
+
+  // Sweep 1, the targets: their max (NaN skipped), whether one is NaN, and A = sum w t'.
+  acc_t top[2] = {ninf, acc_t(0)};
+  acc_t mass[1] = {acc_t(0)};
+  for (int64_t c = t; c < C; c += NT) {
+    const acc_t tc = static_cast<acc_t>(tp[c]);
+    top[0] = tc > top[0] ? tc : top[0];
+    if (tc != tc) top[1] = acc_t(1);
+    mass[0] += weighted(c);
+  }
+  block_reduce<NT, 2>(top, MaxOp(), smem[0]);
+  block_reduce<NT, 1>(mass, SumOp(), smem[1]);
+  int64_t y = -100;  // the tracked class: the first most probable one (the branch is uniform)
+  if (top[0] > acc_t(0) && top[1] == acc_t(0)) {
+    int64_t first[1] = {C};
+    for (int64_t c = t; c < C; c += NT) {
+      if (static_cast<acc_t>(tp[c]) == top[0]) {
+        first[0] = c;
+        break;
+      }
+    }
+    block_reduce<NT, 1>(first, MinOp(), first_smem);
+    y = first[0];
+  }
+  const bool has_mass = y >= 0;
+
+  // Sweep 2, the logits: with a label, the largest other logit and whether another class beats
+  // it under "argmax = first maximal index" (a NaN logit counts as -inf there); else the max.
+  const acc_t z_y = has_mass ? logit(y, nullptr) : acc_t(0);
+  acc_t best[2] = {ninf, acc_t(0)};
+  for (int64_t c = t; c < C; c += NT) {
+    acc_t x = logit(c, nullptr);
+    if (has_mass) {
+      if (c == y) continue;
+      if (isnan(x)) x = ninf;
+      best[0] = x > best[0] ? x : best[0];
+      if (c < y ? x >= z_y : x > z_y) best[1] = acc_t(1);
+    } else {
+      best[0] = x > best[0] ? x : best[0];
+    }
+  }
+  block_reduce<NT, 2>(best, MaxOp(), smem[2]);
+  const acc_t max_other = best[0];
+  const acc_t m = has_mass && z_y > max_other ? z_y : max_other;
+
+  // Sweep 3: sum exp(x - m) and sum w t' (x - m) (an infinite m gives NaN sums, as on the CPU).
+  acc_t sums[2] = {acc_t(0), acc_t(0)};
+  for (int64_t c = t; c < C; c += NT) {
+    const acc_t d = logit(c, nullptr) - m;
+    sums[0] += fast_exp(d);
+    sums[1] += weighted(c) * d;
+  }
+  block_reduce<NT, 2>(sums, SumOp(), smem[3]);
+  const acc_t sum = sums[0];
+  const acc_t log_sum = log(sum);
+  const acc_t lse = m + log_sum;
+  if (writer) {
+    acc_t loss = (mass[0] == acc_t(0) ? acc_t(0) : mass[0] * log_sum) - sums[1];  // (no mass: 0, not 0 log 0)
+    if (a.zeta != acc_t(0) && has_mass) loss += a.zeta * lse * lse;
+    a.loss[row] = loss;
+    a.stats[ROW_LSE * a.R + row] = has_mass ? lse : acc_t(0);
+    a.stats[ROW_TARGET_LOGIT * a.R + row] = z_y;
+    a.stats[ROW_MAX_OTHER * a.R + row] = has_mass ? max_other : acc_t(0);  // -inf when C == 1
+    a.stats[ROW_WEIGHT * a.R + row] = acc_t(1);                            // every row counts in the mean
+    a.stats[ROW_CORRECT * a.R + row] = has_mass && best[1] == acc_t(0) && !isnan(z_y) ? acc_t(1) : acc_t(0);
+    a.label[row] = y;
+  }
+  if (!g) return;
+  acc_t scale_p = mass[0];
+  if (a.zeta != acc_t(0) && has_mass) scale_p += acc_t(2) * a.zeta * lse;
+  const acc_t scale = scale_p / sum * a.grad_scale;
+  // Sweep 4: each element formed in acc_t and rounded once.
+  for (int64_t c = t; c < C; c += NT) {
+    acc_t slope = acc_t(1);
+    const acc_t x = logit(c, &slope);
+    g[c] = static_cast<scalar_t>((fast_exp(x - m) * scale - weighted(c) * a.grad_scale) * slope);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight_opt,
+    double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
+    const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
+    double softcap) {
+  const at::Tensor weight = weight_opt.value_or(at::Tensor());
+  const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
+  const at::Tensor groups = groups_opt.value_or(at::Tensor());
+  check_prob_forward_args(logits_in, target_in, weight, label_smoothing, adjustment, groups, reduction,
+                          lse_square_scale, softcap);
+  const c10::cuda::CUDAGuard device_guard(logits_in.device());
+  // Rows may be strided; the class dimension must be dense.
+  const at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor target = target_in.stride(1) == 1 || target_in.size(1) <= 1 ? target_in : target_in.contiguous();
+  const int64_t R = logits.size(0), C = logits.size(1);
+  TORCH_CHECK_VALUE(R < (int64_t{1} << 31), "memfast.cross_entropy: at most 2^31 - 1 rows on CUDA, got ", R);
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  at::Tensor loss_rows = at::empty({R}, logits.options().dtype(acc_dtype));
+  at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
+  at::Tensor label = at::empty({R}, logits.options().dtype(at::kLong));
+  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
+  if (R == 0) {
+    if (reduction == REDUCTION_NONE) return {loss_rows, row_stats, label, grad};
+    return {at::full({}, reduction == REDUCTION_MEAN ? std::numeric_limits<double>::quiet_NaN() : 0.0,
+                     loss_rows.options()),
+            row_stats, label, grad};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor loss = loss_rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_prob_fwd_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ProbArgs<acc_t> a;
+    a.logits = logits.const_data_ptr();
+    a.ld = R > 1 ? logits.stride(0) : C;
+    a.target = target.const_data_ptr();
+    a.t_ld = R > 1 ? target.stride(0) : C;
+    a.R = R;
+    a.C = C;
+    a.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
+    a.adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
+    a.adj_ld = adjustment.defined() && adjustment.size(0) > 1 ? adjustment.stride(0) : 0;
+    a.groups = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
+    a.A = adjustment.defined() ? adjustment.size(0) : 0;
+    a.loss = loss_rows.mutable_data_ptr<acc_t>();
+    a.stats = row_stats.mutable_data_ptr<acc_t>();
+    a.label = label.mutable_data_ptr<int64_t>();
+    a.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
+    // as the CPU kernel rounds them
+    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    a.keep = acc_t(1) - eps;
+    a.spread = C > 0 ? eps / static_cast<acc_t>(C) : acc_t(0);
+    a.zeta = static_cast<acc_t>(lse_square_scale);
+    a.cap = static_cast<acc_t>(softcap);
+    a.inv_cap = softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
+    a.grad_scale = reduction == REDUCTION_MEAN ? acc_t(1) / static_cast<acc_t>(R) : acc_t(1);
+    if (target.scalar_type() == logits.scalar_type()) {
+      ce_prob_fwd_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(R), kProbThreads, 0, stream>>>(a);
+    } else {  // targets in the accumulation type (fp32 probabilities for bf16 logits)
+      ce_prob_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(R), kProbThreads, 0, stream>>>(a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (reduction != REDUCTION_NONE) {
+      // PyTorch's mean over probability-target rows: input.numel() / C rows (NaN for no classes).
+      const acc_t den = reduction == REDUCTION_MEAN ? static_cast<acc_t>(C > 0 ? R : 0) : acc_t(1);
+      loss = at::empty({}, loss_rows.options());
+      loss_total_kernel<acc_t><<<1, 256, 0, stream>>>(a.loss, R, nullptr, den, loss.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {loss, row_stats, label, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memfast, CUDA, m) {
+  m.impl("cross_entropy_prob_fwd", &forward_cuda);
+}
+
+}  // namespace memfast
