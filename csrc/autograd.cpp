@@ -7,7 +7,9 @@
 //    (cross_entropy_bwd_, nothing to do for a mean's or sum's grad_loss == 1)
 //    and returns it, so a step holds one [R, C] buffer;
 //  - a second backward through the same graph recomputes the gradient from the
-//    logits, held weakly (they cost no memory);
+//    logits: kept when they are small (kKeepLogitsBytes, a classifier's: then a
+//    gradient penalty works as with F.cross_entropy), else held weakly (an LM
+//    head's cost no memory, and the caller must keep them for that);
 //  - create_graph=True calls back into Python (the reference's differentiable
 //    gradient, memfast._ops._differentiable_grad), the one place that math is;
 //  - inplace_backward=True: cross_entropy_fwd_ writes the gradient over the
@@ -68,6 +70,10 @@ const OpSet& ops_for(const std::string& ns) {
   return reference;
 }
 
+// Logits up to this size are kept by the node for a second or a differentiable backward
+// (memfast._ops.KEEP_LOGITS_BYTES reads it); larger ones are held weakly.
+constexpr int64_t kKeepLogitsBytes = int64_t{16} << 20;
+
 // memfast._ops._differentiable_grad (set at import); leaked on purpose so that
 // no Python object is destroyed after the interpreter has gone.
 py::object* differentiable_grad = nullptr;
@@ -84,6 +90,7 @@ struct SavedInputs : torch::CustomClassHolder {
   // were made from (memfast._ops.as_rows), which the caller keeps alive.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source{
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
+  Tensor kept;  // the same tensor, held strongly when it is small (kKeepLogitsBytes)
   int64_t source_version = 0;
   bool source_is_rows = true;
   bool grad_over_logits = false;  // inplace_backward: the saved gradient is the logits' own buffer
@@ -91,8 +98,11 @@ struct SavedInputs : torch::CustomClassHolder {
   at::ScalarType acc_dtype = at::kFloat;  // the op's loss dtype: what its backward takes
 
   Tensor live_logits(const char* why) const {
-    auto impl = source.lock();
-    Tensor t = impl ? Tensor(std::move(impl)) : Tensor();
+    Tensor t = kept;
+    if (!t.defined()) {
+      auto impl = source.lock();
+      if (impl) t = Tensor(std::move(impl));
+    }
     TORCH_CHECK(t.defined() && t._version() == source_version, "memfast.cross_entropy: ", why,
                 " needs the logits alive and unmodified; keep a reference to them (or compute the loss again)");
     if (source_is_rows) return t;
@@ -150,6 +160,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     const Tensor& held = source != nullptr ? *source : logits;
     saved->source = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(held.getIntrusivePtr());
     saved->source_version = held._version();
+    if (!inplace && static_cast<int64_t>(held.nbytes()) <= kKeepLogitsBytes) saved->kept = held;
     saved->source_is_rows = source == nullptr;
     saved->grad_over_logits = inplace;
     saved->acc_dtype = loss.scalar_type();
@@ -215,6 +226,7 @@ TORCH_LIBRARY_IMPL(memfast, CompositeExplicitAutograd, m) {
 }
 
 void init_autograd(py::module& m) {
+  m.attr("KEEP_LOGITS_BYTES") = kKeepLogitsBytes;
   m.def("_set_differentiable_grad", [](py::object fn) {
     delete differentiable_grad;
     differentiable_grad = new py::object(std::move(fn));

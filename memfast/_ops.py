@@ -164,10 +164,14 @@ def _keep_for_backward(ctx, inputs, grad, source):
     ctx.save_for_backward(grad)
     ctx.keeps_logits = False
     # For a second backward through the same graph (retain_graph=True, gradcheck) or
-    # create_graph, the gradient is recomputed from the logits -- held weakly, so they cost
-    # no memory: the caller's tensor (source) when memfast made the rows from it.
+    # create_graph, the gradient is recomputed from the logits (the caller's tensor, source,
+    # when memfast made the rows from it): kept when small, as csrc/autograd.cpp does, else
+    # held weakly, so that an LM head's cost no memory.
     ctx.logits_ref, ctx.logits_version = (weakref.ref(logits), logits._version) if source is None else source
     ctx.rows_from_source = source is not None
+    held = ctx.logits_ref()  # (traced code never recomputes from it: only eager tensors are kept)
+    small = held is not None and _plain_eager(held) and held.nbytes <= KEEP_LOGITS_BYTES
+    ctx.logits_kept = held if small else None
 
 
 def _plain_eager(t):
@@ -179,7 +183,7 @@ def _plain_eager(t):
 def _live_logits(ctx, why):
     if ctx.keeps_logits:
         return ctx.saved_tensors[1]
-    logits = ctx.logits_ref()
+    logits = ctx.logits_kept if ctx.logits_kept is not None else ctx.logits_ref()
     if logits is None or logits._version != ctx.logits_version:
         raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
                            "reference to them (or compute the loss again)")
@@ -430,6 +434,10 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
                    stat_rows)
     return loss, row_stats
 
+
+# Logits up to this size are kept by a loss for a second or a differentiable backward (larger
+# ones are held weakly): csrc/autograd.cpp's kKeepLogitsBytes.
+KEEP_LOGITS_BYTES = getattr(_C, "KEEP_LOGITS_BYTES", 16 << 20)
 
 _register("memfast_ref")
 if _C is not None:

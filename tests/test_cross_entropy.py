@@ -362,7 +362,16 @@ def test_backward_twice(backend):
     loss.backward(retain_graph=True)
     (want,) = torch.autograd.grad(F.cross_entropy(x * 2, y, reduction="sum"), x)
     torch.testing.assert_close(x.grad, 2 * want)
-    del logits  # the logits are held weakly: without them a second backward cannot recompute
+    del logits  # small logits are kept by the loss: a third backward recomputes from them
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 3 * want)
+    with torch.no_grad():
+        x.grad = None
+    big_x = torch.randn(64, memfast._ops.KEEP_LOGITS_BYTES // (4 * 64) + 1, requires_grad=True)
+    big = big_x * 2
+    loss = memfast.cross_entropy(big, torch.zeros(64, dtype=torch.long), reduction="sum")
+    loss.backward(retain_graph=True)
+    del big  # larger logits are held weakly: without them a second backward cannot recompute
     with pytest.raises(RuntimeError, match="backward twice"):
         loss.backward()
 
@@ -398,13 +407,28 @@ def test_gradient_penalty_matches_pytorch(backend):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-def test_create_graph_needs_live_logits(backend):
-    # the differentiable gradient is recomputed from the logits, which memfast holds weakly
-    model = torch.nn.Linear(5, 4)
-    x = torch.randn(3, 5, requires_grad=True)
-    loss = memfast.cross_entropy(model(x), torch.tensor([0, 1, 2]))
+@pytest.mark.parametrize("autograd", ["c++", "python"])
+def test_create_graph_keeps_small_logits_only(backend, autograd, monkeypatch):
+    """The differentiable gradient is recomputed from the logits: a classifier's (up to
+    KEEP_LOGITS_BYTES) are kept by the loss, so the input-gradient penalty works with nobody
+    holding them, as with F.cross_entropy; larger ones (an LM head's) are held weakly, and
+    without a reference the penalty raises, naming them."""
+    if autograd == "python":
+        monkeypatch.setattr(memfast._ops, "_C", None)
+    model = torch.nn.Linear(5, 4).double()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2])
+    (got,) = torch.autograd.grad(memfast.cross_entropy(model(x), y), x, create_graph=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(model(x), y), x, create_graph=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.pow(2).sum(), x)[0],
+                               torch.autograd.grad(want.pow(2).sum(), x)[0])
+    classes = memfast._ops.KEEP_LOGITS_BYTES // (4 * 64) + 1  # 64 rows of fp32: just over the limit
+    big = torch.nn.Linear(8, classes)
+    xb = torch.randn(64, 8, requires_grad=True)
+    loss = memfast.cross_entropy(big(xb), torch.randint(0, classes, (64,)))
     with pytest.raises(RuntimeError, match="logits alive"):
-        torch.autograd.grad(loss, x, create_graph=True)
+        torch.autograd.grad(loss, xb, create_graph=True)
 
 
 @pytest.mark.parametrize("autograd", ["c++", "python"])
@@ -426,13 +450,7 @@ def test_second_and_differentiable_backward_of_reshaped_inputs(backend, shape, t
     (got2,) = torch.autograd.grad(got.pow(2).sum(), x, retain_graph=True)
     (want2,) = torch.autograd.grad(want.pow(2).sum(), x)
     torch.testing.assert_close(got2, want2)
-    loss = memfast.cross_entropy(x * 1.5, y, reduction="sum")
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="logits alive"):  # that temporary is gone
-        loss.backward()
-    x.grad = None
-    logits = x * 1.5  # the one above's graph was freed
-    loss = memfast.cross_entropy(logits, y, reduction="sum")
+    loss = memfast.cross_entropy(x * 1.5, y, reduction="sum")  # a temporary: small, so the loss keeps it
     loss.backward(retain_graph=True)
     loss.backward()
     (want,) = torch.autograd.grad(F.cross_entropy(x * 1.5, y, reduction="sum"), x)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memfast import SampleTracker, _ops, reference
+from memfast._stats import ROW
 
 pytestmark = pytest.mark.skipif(not _ops.extension_available("cpu"), reason="compiled extension not available")
 
@@ -34,6 +35,17 @@ def cases(draw):
         kernel=draw(st.sampled_from(["default", "generic"])),
         softcap=draw(st.sampled_from([0.0, 0.0, 0.5, 30.0])),
     )
+
+
+def assert_row_stats_close(got, want, softcap, tol):
+    """Row statistics, kernel against reference. Under a softcap large logits saturate at +-cap,
+    where the kernels' tanh and torch.tanh may differ by an ulp: a target within a few ulps of the
+    largest other logit is a tie whose winner is rounding, so its correctness is not compared."""
+    got = got.clone()
+    if softcap:
+        near = (want[ROW["target_logit"]] - want[ROW["max_other"]]).abs() <= 8 * torch.finfo(torch.float32).eps * softcap
+        got[ROW["correct"], near] = want[ROW["correct"], near]
+    torch.testing.assert_close(got, want, **tol, equal_nan=True)
 
 
 @contextlib.contextmanager
@@ -78,7 +90,7 @@ def test_kernels_match_reference(case):
     tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
     torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)  # the mean over no rows is NaN
     # row stats: the target logit and max are exact; lse to tolerance
-    torch.testing.assert_close(got[1], want[1], **tol, equal_nan=True)
+    assert_row_stats_close(got[1], want[1], case["softcap"], tol)
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[2].double(), want[2].double(), **gtol)
 
@@ -221,7 +233,7 @@ def test_probability_kernel_matches_reference(case):
     exact = dtype == torch.float64
     tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
     torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
-    torch.testing.assert_close(got[1], want[1], **tol, equal_nan=True)
+    assert_row_stats_close(got[1], want[1], case["softcap"], tol)
     assert torch.equal(got[2], want[2])
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[3].double(), want[3].double(), **gtol)

@@ -250,12 +250,21 @@ def test_no_classes_weight_dtype_and_other_devices():
 
 
 def test_recomputed_gradient_needs_the_inputs_unchanged():
-    """A second backward recomputes the gradient from the logits and the target: with the logits
-    dropped (held weakly, as for index targets) or the target modified in place it raises,
-    naming what is missing, rather than giving a different gradient."""
+    """A second backward recomputes the gradient from the logits and the target: small logits are
+    kept by the loss (nobody else needs to hold them, as with F.cross_entropy), large ones held
+    weakly (dropped: it raises, naming them); a target modified in place raises too, rather than
+    giving a different gradient."""
     lin = torch.nn.Linear(4, 5)
     x, q = torch.randn(8, 4), torch.softmax(torch.randn(8, 5), 1)
-    loss = memfast.cross_entropy(lin(x), q)  # the logits are not kept by anyone
+    loss = memfast.cross_entropy(lin(x), q)  # the logits are not kept by anyone else
+    loss.backward(retain_graph=True)
+    loss.backward()
+    (want,) = torch.autograd.grad(F.cross_entropy(lin(x), q), lin.weight)
+    torch.testing.assert_close(lin.weight.grad, 2 * want)
+    classes = _ops.KEEP_LOGITS_BYTES // (4 * 64) + 1  # 64 rows of fp32: just over the limit
+    big = torch.nn.Linear(4, classes)
+    xb, qb = torch.randn(64, 4), torch.softmax(torch.randn(64, classes), 1)
+    loss = memfast.cross_entropy(big(xb), qb)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="logits alive"):
         loss.backward()
