@@ -58,6 +58,9 @@ def _check_input(input):
                         f"{getattr(input, 'dtype', type(input))}")
 
 
+_warned_adjustment_grad = []
+
+
 def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups, rows=True):
     """Validate arguments (host metadata only) and bring them to the op's row layout (rows=False:
     no logits rows, which for [N, C, d...] inputs are a copy; None is returned for them)."""
@@ -105,6 +108,10 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
         if adjustment.device != input.device:
             raise ValueError(f"memfast.cross_entropy: adjustment is on {adjustment.device} but input is on "
                              f"{input.device}")
+        if adjustment.requires_grad and torch.is_grad_enabled() and not _warned_adjustment_grad:
+            _warned_adjustment_grad.append(True)
+            warnings.warn("memfast.cross_entropy: adjustment requires grad, but it is a constant shift of the "
+                          "logits: no gradient flows into it (detach it to silence this warning)", stacklevel=3)
         adjustment = adjustment.detach().to(acc)
         if groups is not None:
             if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.dtype == torch.bool:

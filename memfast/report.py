@@ -503,25 +503,39 @@ def add_arguments(parser):
                         help="with --out, write scores.csv and summary.json only")
 
 
+def _readable(load, what, path):
+    """load(path), with a missing or unreadable file turned into one line naming the argument."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise SystemExit(f"memfast report: {what}: no file {path}") from None
+    except (ValueError, RuntimeError, OSError) as e:  # truncated, corrupted, of another format
+        raise SystemExit(f"memfast report: {what}: {e}") from None
+
+
 def run(args):
     from .tracker import SampleTracker
 
-    tracker = SampleTracker.load(args.tracker)
+    tracker = _readable(SampleTracker.load, "tracker", args.tracker)
     n = tracker.num_samples
-    labels = load_array(args.labels, "--labels").reshape(-1)
+
+    def array(path, what):
+        return _readable(lambda p: load_array(p, what), what, path)
+
+    labels = array(args.labels, "--labels").reshape(-1)
     if labels.shape[0] != n:
         raise SystemExit(f"memfast report: --labels has {labels.shape[0]} entries, the tracker has {n} samples")
-    noisy = load_array(args.noisy, "--noisy").reshape(-1).astype(bool) if args.noisy else None
-    duplicates = load_array(args.duplicates, "--duplicates").reshape(-1).astype(bool) if args.duplicates else None
-    true_labels = load_array(args.true_labels, "--true-labels").reshape(-1) if args.true_labels else None
-    images = load_array(args.images, "--images") if args.images else None
+    noisy = array(args.noisy, "--noisy").reshape(-1).astype(bool) if args.noisy else None
+    duplicates = array(args.duplicates, "--duplicates").reshape(-1).astype(bool) if args.duplicates else None
+    true_labels = array(args.true_labels, "--true-labels").reshape(-1) if args.true_labels else None
+    images = array(args.images, "--images") if args.images else None
     for name, m in (("--noisy", noisy), ("--duplicates", duplicates), ("--true-labels", true_labels),
                     ("--images", images)):
         if m is not None and m.shape[0] != n:
             raise SystemExit(f"memfast report: {name} has {m.shape[0]} entries, the tracker has {n} samples")
     theory_lt = None
     if args.grad_norm_history:
-        history = load_array(args.grad_norm_history, "--grad-norm-history")
+        history = array(args.grad_norm_history, "--grad-norm-history")
         if history.ndim != 2 or history.shape[1] != n:
             raise SystemExit(f"memfast report: --grad-norm-history must be [epochs, {n}], got {list(history.shape)}")
         try:
@@ -530,7 +544,7 @@ def run(args):
             raise SystemExit(f"memfast report: --grad-norm-history: {e}") from None
     scores = tracker.scores()
     if args.eval_tracker:
-        eval_scores = SampleTracker.load(args.eval_tracker).scores()
+        eval_scores = _readable(SampleTracker.load, "--eval-tracker", args.eval_tracker).scores()
         proxy_dict = proxies(scores, eval_scores, csl_key="csl_free", theory_learning_time=theory_lt)
     else:
         proxy_dict = proxies(scores, theory_learning_time=theory_lt)

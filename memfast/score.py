@@ -136,7 +136,10 @@ def run(args):
         _fail("--history needs --grad-norm")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         _fail("--device cuda but CUDA is not available")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        _fail(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     model = load_factory(args.model)(**kwargs)
     if not isinstance(model, torch.nn.Module):
         _fail(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")

@@ -60,6 +60,9 @@ def _stored_stats(user_stats):
 def _parse_stats(stats):
     if isinstance(stats, str):
         stats = ALL_USER_STATS if stats == "all" else (stats,)
+    if not isinstance(stats, (tuple, list, set, frozenset)) or not stats:
+        raise ValueError(f"SampleTracker: stats must name at least one statistic, e.g. ('csl', 'count') or 'all'; "
+                         f"got {stats!r}")
     stats = tuple(dict.fromkeys(stats))
     unknown = [s for s in stats if s not in USER_STATS]
     if unknown:

@@ -175,6 +175,22 @@ def test_bad_tracker_arguments():
         SampleTracker(3, stats=("csl", "nope"))
     with pytest.raises(TypeError, match="sample_ids"):
         SampleTracker(3).update(torch.randn(2, 2), torch.zeros(2, dtype=torch.long), [0, 1])
+    for stats in (None, (), [], 3):
+        with pytest.raises(ValueError, match="at least one statistic"):
+            SampleTracker(3, stats=stats)
+
+
+def test_mat_loss_names_its_sample_ids_and_a_learnable_adjustment_warns(tracker):
+    """MATLoss checks its sample ids against its table (not as cross_entropy's groups); an adjustment
+    that requires grad warns once that no gradient flows into it."""
+    loss_fn = memfast.MATLoss(torch.randn(8, 3))
+    with pytest.raises(IndexError, match=r"MATLoss: sample_ids\[1\] = 8 is out of range for a shift table of 8"):
+        loss_fn(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([7, 8]))
+    memfast.loss._warned_adjustment_grad.clear()
+    prior = torch.zeros(3, requires_grad=True)
+    with pytest.warns(UserWarning, match="no gradient flows into it"):
+        memfast.cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), adjustment=prior)
+    assert prior.grad is None
 
 
 def test_load_rejects_bad_files(tmp_path):

@@ -150,9 +150,17 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
     with pytest.raises(SystemExit, match="--labels has 5 entries"):
         main(["report", str(tmp_path / "tracker.pt"), "--labels", str(tmp_path / "short.npy")])
-    with pytest.raises(ValueError, match="not a readable"):
-        (tmp_path / "bad.pt").write_bytes(b"junk")
+    # unreadable files: one line naming the argument, no traceback
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="memfast report: tracker: .*not a readable"):
         main(["report", str(tmp_path / "bad.pt"), "--labels", str(tmp_path / "labels.pt")])
+    with pytest.raises(SystemExit, match="memfast report: tracker: no file .*nothere.pt"):
+        main(["report", str(tmp_path / "nothere.pt"), "--labels", str(tmp_path / "labels.pt")])
+    tracker_file, labels, missing = str(tmp_path / "tracker.pt"), str(tmp_path / "labels.pt"), str(tmp_path / "x.npy")
+    for flag, args in (("--labels", ["--labels", missing]), ("--noisy", ["--labels", labels, "--noisy", missing]),
+                       ("--eval-tracker", ["--labels", labels, "--eval-tracker", missing])):
+        with pytest.raises(SystemExit, match=f"memfast report: {flag}: no file"):
+            main(["report", tracker_file] + args)
 
 
 def test_mislabeled_shortcut_matches_the_table():

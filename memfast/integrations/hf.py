@@ -199,6 +199,9 @@ class _HeadInput:
 def _output_linear(model):
     """The model's LM head, which must be a plain linear layer with a floating-point weight."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"MemfastTrainer(linear_cross_entropy=True) needs a language model's LM head, but "
+                         f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None)")
     weight = getattr(head, "weight", None)
     if (not isinstance(head, torch.nn.Linear) or not isinstance(weight, torch.Tensor) or not weight.is_floating_point()
             or weight.dim() != 2 or type(weight).__name__ == "DTensor"):
@@ -306,6 +309,10 @@ class MemfastTrainer(Trainer):
         if linear_cross_entropy and getattr(self.args, "torch_compile", False):
             raise ValueError("MemfastTrainer: linear_cross_entropy=True keeps the LM head's input with a forward "
                              "hook, which a compiled model does not run; use it without torch_compile")
+        train = self.train_dataset  # (set by Trainer.__init__, given by keyword or position)
+        if tracker is not None and hasattr(train, "__len__") and len(train) > tracker.num_samples:
+            raise ValueError(f"MemfastTrainer: the tracker holds {tracker.num_samples} samples but train_dataset has "
+                             f"{len(train)}: make it SampleTracker(len(train_dataset), ...)")
         if linear_cross_entropy and getattr(self.args, "n_gpu", 1) > 1:
             raise ValueError("MemfastTrainer: linear_cross_entropy=True needs one device per process (DDP, e.g. "
                              "torchrun), not torch.nn.DataParallel over several GPUs, whose replicas share the "
