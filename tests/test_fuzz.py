@@ -37,6 +37,28 @@ def cases(draw):
     )
 
 
+def make_adjustment(form, R, C, acc, g):
+    """(adjustment, groups) of a form: none, dense [R, C], vector ([C] expanded), table [3, C]."""
+    if form == "dense":
+        return torch.randn(R, C, generator=g, dtype=acc), None
+    if form == "vector":
+        return torch.randn(C, generator=g, dtype=acc).expand(R, C), None
+    if form == "table":
+        return torch.randn(3, C, generator=g, dtype=acc), torch.randint(0, 3, (R,), generator=g)
+    return None, None
+
+
+def run_both(op, args, case):
+    """The compiled op (in the case's CPU kernel mode) and its reference twin on the same arguments,
+    and the tolerance to compare them at."""
+    with _cpu_kernel(case["kernel"]):
+        got = getattr(torch.ops.memfast, op)(*args)
+    want = getattr(reference, op)(*args)
+    exact = args[0].dtype == torch.float64
+    tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
+    return got, want, tol
+
+
 def assert_row_stats_close(got, want, softcap, tol):
     """Row statistics, kernel against reference. Under a softcap large logits saturate at +-cap,
     where the kernels' tanh and torch.tanh may differ by an ulp: a target within a few ulps of the
@@ -74,20 +96,10 @@ def test_kernels_match_reference(case):
     target = torch.randint(0, C, (R,), generator=g)
     target[torch.rand(R, generator=g) < case["ignore_frac"]] = -100
     weight = torch.rand(C, generator=g, dtype=acc) + 0.1 if case["weighted"] else None
-    adjustment = groups = None
-    if case["adjustment"] == "dense":
-        adjustment = torch.randn(R, C, generator=g, dtype=acc)
-    elif case["adjustment"] == "vector":
-        adjustment = torch.randn(C, generator=g, dtype=acc).expand(R, C)
-    elif case["adjustment"] == "table":
-        adjustment, groups = torch.randn(3, C, generator=g, dtype=acc), torch.randint(0, 3, (R,), generator=g)
+    adjustment, groups = make_adjustment(case["adjustment"], R, C, acc, g)
     args = (logits, target, weight, -100, case["eps"], adjustment, groups, True, case["reduction"], 0.0,
             case["softcap"])
-    with _cpu_kernel(case["kernel"]):
-        got = torch.ops.memfast.cross_entropy_fwd(*args)
-    want = reference.cross_entropy_fwd(*args)
-    exact = dtype == torch.float64
-    tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
+    got, want, tol = run_both("cross_entropy_fwd", args, case)
     torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)  # the mean over no rows is NaN
     # row stats: the target logit and max are exact; lse to tolerance
     assert_row_stats_close(got[1], want[1], case["softcap"], tol)
@@ -196,7 +208,7 @@ def probability_cases(draw):
         ties=draw(st.booleans()),
         weighted=draw(st.booleans()),
         eps=draw(st.sampled_from([0.0, 0.0, 0.1, 1.0])),
-        adjustment=draw(st.sampled_from(["none", "dense", "table"])),
+        adjustment=draw(st.sampled_from(["none", "dense", "vector", "table"])),
         softcap=draw(st.sampled_from([0.0, 0.0, 0.5, 30.0])),
         z_loss=draw(st.sampled_from([0.0, 0.0, 1e-2])),
         reduction=draw(st.sampled_from([0, 1, 2])),
@@ -220,18 +232,10 @@ def test_probability_kernel_matches_reference(case):
     target[torch.rand(R, generator=g) < case["empty_frac"]] = 0
     target = target.to(acc if case["target_in_acc"] else dtype)
     weight = torch.rand(C, generator=g, dtype=acc) + 0.1 if case["weighted"] else None
-    adjustment = groups = None
-    if case["adjustment"] == "dense":
-        adjustment = torch.randn(R, C, generator=g, dtype=acc)
-    elif case["adjustment"] == "table":
-        adjustment, groups = torch.randn(3, C, generator=g, dtype=acc), torch.randint(0, 3, (R,), generator=g)
+    adjustment, groups = make_adjustment(case["adjustment"], R, C, acc, g)
     args = (logits, target, weight, case["eps"], adjustment, groups, True, case["reduction"], case["z_loss"],
             case["softcap"])
-    with _cpu_kernel(case["kernel"]):
-        got = torch.ops.memfast.cross_entropy_prob_fwd(*args)
-    want = reference.cross_entropy_prob_fwd(*args)
-    exact = dtype == torch.float64
-    tol = dict(atol=1e-9, rtol=1e-9) if exact else dict(atol=2e-4 * max(1.0, case["scale"]), rtol=2e-4)
+    got, want, tol = run_both("cross_entropy_prob_fwd", args, case)
     torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)
     assert_row_stats_close(got[1], want[1], case["softcap"], tol)
     assert torch.equal(got[2], want[2])

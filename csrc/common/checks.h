@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "ce_math.h"
 
@@ -88,6 +89,25 @@ inline void check_prob_forward_args(const at::Tensor& logits, const at::Tensor& 
                     target.scalar_type());
   TORCH_CHECK_VALUE(target.device() == logits.device(), "memfast.cross_entropy: target is on ", target.device(),
                     " but logits are on ", logits.device());
+}
+
+// cross_entropy_prob_fwd's tensors after the checks, with the class dimension made dense
+// (rows may stay strided): what both backends' entry points start from.
+struct ProbInputs {
+  at::Tensor logits, target, weight, adjustment, groups;
+};
+
+inline ProbInputs prob_inputs(const at::Tensor& logits, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, double label_smoothing,
+                              const std::optional<at::Tensor>& adjustment, const std::optional<at::Tensor>& groups,
+                              int64_t reduction, double lse_square_scale, double softcap) {
+  ProbInputs in{logits, target, weight.value_or(at::Tensor()), adjustment.value_or(at::Tensor()),
+                groups.value_or(at::Tensor())};
+  check_prob_forward_args(logits, target, in.weight, label_smoothing, in.adjustment, in.groups, reduction,
+                          lse_square_scale, softcap);
+  if (logits.stride(1) != 1 && logits.size(1) > 1) in.logits = logits.contiguous();
+  if (target.stride(1) != 1 && target.size(1) > 1) in.target = target.contiguous();
+  return in;
 }
 
 // cross_entropy_fwd_ writes the gradient over the logits, row by row in their own layout.

@@ -176,14 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
     const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
     double softcap) {
-  const at::Tensor weight = weight_opt.value_or(at::Tensor());
-  const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
-  const at::Tensor groups = groups_opt.value_or(at::Tensor());
-  check_prob_forward_args(logits_in, target_in, weight, label_smoothing, adjustment, groups, reduction,
-                          lse_square_scale, softcap);
-  // Rows may be strided; the class dimension must be dense.
-  const at::Tensor logits = logits_in.stride(1) == 1 || logits_in.size(1) <= 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor target = target_in.stride(1) == 1 || target_in.size(1) <= 1 ? target_in : target_in.contiguous();
+  const ProbInputs in = prob_inputs(logits_in, target_in, weight_opt, label_smoothing, adjustment_opt, groups_opt,
+                                    reduction, lse_square_scale, softcap);
+  const at::Tensor &logits = in.logits, &target = in.target, &weight = in.weight;
+  const at::Tensor &adjustment = in.adjustment, &groups = in.groups;
   const int64_t R = logits.size(0);
   if (groups.defined()) check_groups_host(groups.const_data_ptr<int64_t>(), R, adjustment.size(0));
 
