@@ -564,7 +564,7 @@ def check_prob_op(args):
     torch.testing.assert_close(got[1], want[1], **tol, equal_nan=True)
     assert torch.equal(got[2], want[2])
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(got[3].double(), want[3].double(), **gtol)
+    torch.testing.assert_close(got[3].double(), want[3].double(), **gtol, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -578,31 +578,90 @@ def test_probability_op_matches_reference(dtype, C):
     check_prob_op((x, t.to(acc), None, 0.0, None, None, True, 1))  # fp32 targets for half logits
 
 
-@pytest.mark.parametrize("opts", ["weight+smoothing", "dense", "table", "zloss+softcap", "strided"])
-def test_probability_op_options(opts):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("opts", ["weight+smoothing", "dense", "vector", "table", "zloss+softcap", "strided rows",
+                                  "strided classes", "no gradient"])
+def test_probability_op_options(opts, dtype):
     C, R = 777, 40
-    x, t = prob_case(R, C, torch.bfloat16, 7)
+    x, t = prob_case(R, C, dtype, 7)
+    t = t.to(dtype)
     w = adj = groups = None
-    eps, zeta, cap = 0.0, 0.0, 0.0
+    eps, zeta, cap, compute_grad = 0.0, 0.0, 0.0, True
     if opts == "weight+smoothing":
         w, eps = torch.rand(C, device=DEV) + 0.1, 0.2
     elif opts == "dense":
         adj = torch.randn(R, C, device=DEV)
+    elif opts == "vector":  # one [C] shift for every row: an expanded (stride-0) table
+        adj = torch.randn(C, device=DEV).expand(R, C)
     elif opts == "table":
         adj, groups = torch.randn(3, C, device=DEV), torch.randint(0, 3, (R,), device=DEV)
     elif opts == "zloss+softcap":
         zeta, cap = 1e-2, 2.0
-    else:  # strided rows of logits and targets
-        x = torch.randn(R, C + 9, device=DEV).bfloat16()[:, 3:C + 3]
-        t = torch.softmax(torch.randn(R, 2 * C, device=DEV), 1)[:, ::2]
-    for reduction in (0, 1):
-        check_prob_op((x, t.bfloat16(), w, eps, adj, groups, True, reduction, zeta, cap))
+    elif opts == "strided rows":  # rows further apart than C, classes dense
+        x = torch.randn(R, C + 9, device=DEV).to(dtype)[:, 3:C + 3]
+        t = torch.softmax(torch.randn(R, C + 5, device=DEV), 1).to(dtype)[:, :C]
+        assert t.stride(0) != C and t.stride(1) == 1
+    elif opts == "strided classes":  # a non-dense class dimension (copied by the op)
+        t = torch.softmax(torch.randn(R, 2 * C, device=DEV), 1).to(dtype)[:, ::2]
+        assert t.stride(1) == 2
+    else:
+        compute_grad = False
+    for reduction in (0, 1, 2):
+        check_prob_op((x, t, w, eps, adj, groups, compute_grad, reduction, zeta, cap))
+
+
+@pytest.mark.parametrize("C", [3, 1000])
+def test_probability_op_ties_and_odd_rows(C):
+    """Ties decide the label (the first maximal target, across the threads' strides) and the
+    correctness (the first maximal logit); NaN / inf logits and targets, rows without mass; and the
+    shapes R = 1, R = 0 and C = 0."""
+    R = 12
+    x = torch.randn(R, C, device=DEV)
+    t = torch.rand(R, C, device=DEV)
+    far = C - 1 if C < 600 else 599
+    t[:, 0] = t[:, far] = 2.0  # a tie for the most probable class: label 0
+    t[1, :] = 0  # no mass
+    t[2, 1] = math.nan  # a NaN target: not tracked
+    x[3:6, 0] = x[3:6].max(1).values + 1  # the target logit is the largest ...
+    x[4, far] = x[4, 0]  # ... tied after it (still correct)
+    x[5, far] = x[5, 0] + 0.5  # ... or beaten after it
+    t[9, far] = 3.0  # label far, with a tie before it (not correct)
+    x[9, 0] = x[9, far] = x[9].max() + 1
+    x[6, 0] = math.nan
+    x[7, 2] = math.inf
+    x[8, :] = -math.inf
+    for reduction in (0, 1, 2):
+        check_prob_op((x, t, None, 0.1, None, None, True, reduction))
+    _, row_stats, label, _ = torch.ops.memfast.cross_entropy_prob_fwd(x, t, None, 0.0, None, None, False, 0)
+    assert label[[0, 3, 4, 5]].tolist() == [0] * 4 and label[1] == -100 and label[2] == -100 and label[9] == far
+    assert row_stats[ROW["correct"], [3, 4, 5, 9]].tolist() == [1, 1, 0, 0]
+    for rows, classes in ((1, C), (0, C), (R, 0)):
+        xs, ts = torch.randn(rows, classes, device=DEV), torch.rand(rows, classes, device=DEV)
+        for reduction in (0, 1, 2):
+            check_prob_op((xs, ts, None, 0.0, None, None, True, reduction))
+
+
+@cuda_only("the CPU kernel raises on a bad group")
+def test_probability_op_bad_group_gives_a_nan_row():
+    x, t = prob_case(6, 50, torch.float32, 1, empty_every=0)
+    groups = torch.tensor([0, 1, 7, 0, -1, 1], device=DEV)
+    loss, row_stats, label, grad = torch.ops.memfast.cross_entropy_prob_fwd(
+        x, t, None, 0.0, torch.randn(2, 50, device=DEV), groups, True, 0)
+    bad = torch.tensor([False, False, True, False, True, False], device=DEV)
+    assert loss[bad].isnan().all() and not loss[~bad].isnan().any()
+    assert row_stats[:, bad].isnan().all() and (label[bad] == -100).all()
+    assert (grad[bad] == 0).all()
 
 
 def test_probability_op_through_api(monkeypatch):
     """With MEMFAST_CUDA_PROB=1 the API runs the fused op on CUDA: PyTorch's loss and gradient, and
     the tracker of the old path (PyTorch's loss + a pass against the most probable class)."""
     monkeypatch.setenv("MEMFAST_CUDA_PROB", "1")
+    assert _ops.prob_ops(DEV) is torch.ops.memfast
+    if ON_CUDA:
+        monkeypatch.delenv("MEMFAST_CUDA_PROB")
+        assert _ops.prob_ops(DEV) is None  # off by default until tested on a GPU
+        monkeypatch.setenv("MEMFAST_CUDA_PROB", "1")
     N, C = 256, 1000
     x, q = prob_case(N, C, torch.float32, 3)
     x.requires_grad_()

@@ -794,12 +794,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     a.eps = static_cast<acc_t>(label_smoothing);
     a.zeta = static_cast<acc_t>(lse_square_scale);
     a.cap = static_cast<acc_t>(softcap);
-    a.inv_cap = softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
+    a.inv_cap = softcap > 0.0 ? acc_t(1) / static_cast<acc_t>(softcap) : acc_t(0);  // as on the CPU
     launch_forward<scalar_t>(a, stream);
     if (reduction != REDUCTION_NONE) {
       loss = at::empty({}, loss_rows.options());
-      loss_total_kernel<acc_t><<<1, 256, 0, stream>>>(a.loss, R, mean_den.defined() ? mean_den.const_data_ptr<acc_t>() : nullptr,
-                                                      acc_t(1), loss.mutable_data_ptr<acc_t>());
+      const acc_t* den = mean_den.defined() ? mean_den.const_data_ptr<acc_t>() : nullptr;
+      loss_total_kernel<acc_t><<<1, 256, 0, stream>>>(a.loss, R, den, acc_t(1), loss.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

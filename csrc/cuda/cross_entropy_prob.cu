@@ -3,9 +3,10 @@
 // gradient (A + 2 zeta lse) p - wt, statistics against the first most probable class).
 //
 // A first, simple version: one block per row, coalesced scalar loads, four sweeps over the
-// row (targets; logits max; exp-sum and the weighted dot; the gradient), the later ones mostly
-// from L2. Not yet run on a GPU: the API uses it only with MEMFAST_CUDA_PROB=1 until the CUDA
-// tests have passed on one (tests/test_cuda_cross_entropy.py calls the op directly).
+// row (targets; logits max; exp-sum and the weighted dot; the gradient) plus, for a row with
+// target mass, a search for the first maximal target; the later ones mostly from L2. Not yet
+// run on a GPU: the API uses it only with MEMFAST_CUDA_PROB=1 until the CUDA tests have passed
+// on one (tests/test_cuda_cross_entropy.py calls the op directly).
 //
 // As cross_entropy_fwd on CUDA, nothing here raises on values: a row whose group is out of
 // range for the adjustment table gets a NaN loss and statistics, label -100 and a zero
@@ -230,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     a.spread = C > 0 ? eps / static_cast<acc_t>(C) : acc_t(0);
     a.zeta = static_cast<acc_t>(lse_square_scale);
     a.cap = static_cast<acc_t>(softcap);
-    a.inv_cap = softcap > 0.0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
+    a.inv_cap = softcap > 0.0 ? acc_t(1) / static_cast<acc_t>(softcap) : acc_t(0);  // as on the CPU
     a.grad_scale = reduction == REDUCTION_MEAN ? acc_t(1) / static_cast<acc_t>(R) : acc_t(1);
     if (target.scalar_type() == logits.scalar_type()) {
       ce_prob_fwd_kernel<scalar_t, scalar_t><<<static_cast<unsigned>(R), kProbThreads, 0, stream>>>(a);

@@ -212,7 +212,7 @@ def _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, c
     row_stats[ROW["weight"]] = 1  # every row counts in the mean
     eps = float(label_smoothing)
     w = weight.to(z.dtype) if weight is not None else torch.ones(C, dtype=z.dtype, device=z.device)
-    wt = w * ((1 - eps) * t + eps / C)
+    wt = w * ((1 - eps) * t + (eps / C if C else 0.0))
     log_p = torch.log_softmax(z, 1)
     loss = -(wt * log_p).sum(1)
     lse = torch.logsumexp(z, 1)
