@@ -7,9 +7,10 @@
 //    (cross_entropy_bwd_, nothing to do for a mean's or sum's grad_loss == 1)
 //    and returns it, so a step holds one [R, C] buffer;
 //  - a second backward through the same graph recomputes the gradient from the
-//    logits: kept when they are small (kKeepLogitsBytes, a classifier's: then a
-//    gradient penalty works as with F.cross_entropy), else held weakly (an LM
-//    head's cost no memory, and the caller must keep them for that);
+//    logits: saved with the gradient when their storage is small (kKeepLogitsBytes,
+//    a classifier's: then a gradient penalty works as with F.cross_entropy, and
+//    autograd frees them after the backward), else held weakly (an LM head's cost
+//    no memory, and the caller must keep them for that);
 //  - create_graph=True calls back into Python (the reference's differentiable
 //    gradient, memfast._ops._differentiable_grad), the one place that math is;
 //  - inplace_backward=True: cross_entropy_fwd_ writes the gradient over the
@@ -17,6 +18,7 @@
 //    so autograd refuses any other backward that saved them.
 // Traced code (torch.compile) and torch.func transforms keep the Python
 // formula registered with torch.library.
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -38,6 +40,7 @@ using FwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, 
                                                   const OptTensor&, const OptTensor&, bool, int64_t, double, double);
 using FwdInplaceSig = std::tuple<Tensor, Tensor>(Tensor&, const Tensor&, const OptTensor&, int64_t, double,
                                                   const OptTensor&, const OptTensor&, int64_t, double, double);
+using BwdSig = Tensor(const Tensor&, const Tensor&);
 using BwdInplaceSig = void(Tensor&, const Tensor&);
 using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
                       c10::IntArrayRef);
@@ -47,12 +50,14 @@ using TrackSig = void(Tensor&, Tensor&, const Tensor&, const Tensor&, const Tens
 struct OpSet {
   c10::TypedOperatorHandle<FwdSig> fwd;
   c10::TypedOperatorHandle<FwdInplaceSig> fwd_inplace;
+  c10::TypedOperatorHandle<BwdSig> bwd;
   c10::TypedOperatorHandle<BwdInplaceSig> bwd_inplace;
   c10::TypedOperatorHandle<TrackSig> track;
 
   explicit OpSet(const std::string& ns)
       : fwd(find(ns, "cross_entropy_fwd").typed<FwdSig>()),
         fwd_inplace(find(ns, "cross_entropy_fwd_").typed<FwdInplaceSig>()),
+        bwd(find(ns, "cross_entropy_bwd").typed<BwdSig>()),
         bwd_inplace(find(ns, "cross_entropy_bwd_").typed<BwdInplaceSig>()),
         track(find(ns, "track_").typed<TrackSig>()) {}
 
@@ -70,9 +75,9 @@ const OpSet& ops_for(const std::string& ns) {
   return reference;
 }
 
-// Logits up to this size are kept by the node for a second or a differentiable backward
-// (memfast._ops.KEEP_LOGITS_BYTES reads it); larger ones are held weakly.
-constexpr int64_t kKeepLogitsBytes = int64_t{16} << 20;
+// Logits whose storage is at most this size are saved by the node for a second or a
+// differentiable backward (memfast._ops.KEEP_LOGITS_BYTES reads it); larger ones are held weakly.
+constexpr int64_t kKeepLogitsBytes = int64_t{4} << 20;
 
 // memfast._ops._differentiable_grad (set at import); leaked on purpose so that
 // no Python object is destroyed after the interpreter has gone.
@@ -90,19 +95,19 @@ struct SavedInputs : torch::CustomClassHolder {
   // were made from (memfast._ops.as_rows), which the caller keeps alive.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source{
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
-  Tensor kept;  // the same tensor, held strongly when it is small (kKeepLogitsBytes)
+  bool rows_saved = false;  // small logits: the rows are the node's second saved variable instead
   int64_t source_version = 0;
+  int64_t target_version = 0;  // a backward needs the target unchanged, as autograd's saved tensors
   bool source_is_rows = true;
   bool grad_over_logits = false;  // inplace_backward: the saved gradient is the logits' own buffer
   bool saved_grad_consumed = false;
   at::ScalarType acc_dtype = at::kFloat;  // the op's loss dtype: what its backward takes
 
-  Tensor live_logits(const char* why) const {
-    Tensor t = kept;
-    if (!t.defined()) {
-      auto impl = source.lock();
-      if (impl) t = Tensor(std::move(impl));
-    }
+  Tensor live_logits(AutogradContext* ctx, const char* why) const {
+    // (autograd's own check raises if saved rows were modified in place)
+    if (rows_saved) return ctx->get_saved_variables()[1];
+    auto impl = source.lock();
+    Tensor t = impl ? Tensor(std::move(impl)) : Tensor();
     TORCH_CHECK(t.defined() && t._version() == source_version, "memfast.cross_entropy: ", why,
                 " needs the logits alive and unmodified; keep a reference to them (or compute the loss again)");
     if (source_is_rows) return t;
@@ -144,8 +149,19 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     }
     // Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({grad});
+    // Small logits (by their storage: a small view of an LM's logits is not small) are saved with
+    // the gradient; never the in-place ones, whose buffer is the gradient, and not under saved-tensor
+    // hooks (activation checkpointing would recompute the region to unpack them, in the backward).
+    const bool save_rows = !inplace && !at::SavedTensorDefaultHooks::get_hooks().has_value() &&
+                           static_cast<int64_t>(logits.storage().nbytes()) <= kKeepLogitsBytes;
+    if (save_rows) {
+      ctx->save_for_backward({grad, logits});
+    } else {
+      ctx->save_for_backward({grad});
+    }
     auto saved = c10::make_intrusive<SavedInputs>();
+    saved->rows_saved = save_rows;
+    saved->target_version = target._version();
     saved->ops = ops;
     saved->target = target;
     saved->weight = weight;
@@ -160,7 +176,6 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     const Tensor& held = source != nullptr ? *source : logits;
     saved->source = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(held.getIntrusivePtr());
     saved->source_version = held._version();
-    if (!inplace && static_cast<int64_t>(held.nbytes()) <= kKeepLogitsBytes) saved->kept = held;
     saved->source_is_rows = source == nullptr;
     saved->grad_over_logits = inplace;
     saved->acc_dtype = loss.scalar_type();
@@ -179,6 +194,10 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     if (!grad_outputs[0].defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
     const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
+    // As for a tensor autograd saved: the gradient belongs to the forward's target.
+    TORCH_CHECK(saved->target._version() == saved->target_version, "memfast.cross_entropy: the target was "
+                "modified in place after the forward, so the loss's gradient no longer belongs to it; compute the "
+                "loss again");
     TORCH_CHECK(!(saved->grad_over_logits && (at::GradMode::is_enabled() || saved->saved_grad_consumed)),
                 "memfast.cross_entropy: ",
                 at::GradMode::is_enabled() ? "a differentiable gradient (create_graph=True)"
@@ -187,7 +206,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
                 "inplace_backward off for this loss");
     if (at::GradMode::is_enabled()) {
       // create_graph=True (a gradient penalty): a differentiable gradient, recomputed from the logits
-      Tensor logits = saved->live_logits("a differentiable gradient (create_graph=True, torch.func)");
+      Tensor logits = saved->live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)");
       py::gil_scoped_acquire gil;
       out[1] = (*differentiable_grad)(logits, saved->target, saved->weight, saved->ignore_index,
                                       saved->label_smoothing, saved->adjustment, saved->groups, saved->reduction,
@@ -195,11 +214,18 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
                    .cast<Tensor>();
       return out;
     }
+    if (saved->rows_saved) {
+      // Small logits: the saved gradient is scaled into a new tensor (at most kKeepLogitsBytes), so that
+      // it and the rows saved beside it stay as autograd saved them, for a second backward.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out[1] = saved->ops->bwd.call(ctx->get_saved_variables()[0], grad_loss);
+      return out;
+    }
     Tensor grad;
     if (!saved->saved_grad_consumed) {
       grad = ctx->get_saved_variables()[0];
     } else {  // a second backward: the saved gradient was scaled in place (its version moved on)
-      Tensor logits = saved->live_logits("backward twice through one loss (retain_graph=True)");
+      Tensor logits = saved->live_logits(ctx, "backward twice through one loss (retain_graph=True)");
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       grad = std::get<2>(saved->ops->fwd.call(logits.detach(), saved->target, saved->weight, saved->ignore_index,
                                               saved->label_smoothing, saved->adjustment, saved->groups, true,

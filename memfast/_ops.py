@@ -152,7 +152,7 @@ def _keep_for_backward(ctx, inputs, grad, source):
     ctx.set_materialize_grads(False)
     logits, *rest = inputs
     ctx.other_inputs = rest
-    ctx.target_version = rest[0]._version  # a recompute (see _live_logits) needs the target unchanged too
+    ctx.target_version = rest[0]._version  # a backward needs the target unchanged (see _backward)
     ctx.saved_grad_consumed = False
     if _forward_ad_active():
         # torch.func transforms differentiate with create_graph, and forward-mode AD needs
@@ -161,17 +161,27 @@ def _keep_for_backward(ctx, inputs, grad, source):
         ctx.save_for_forward(logits)
         ctx.keeps_logits = True
         return
+    # For a second backward through the same graph (retain_graph=True, gradcheck) or
+    # create_graph, the gradient is recomputed from the logits. Small ones (by their storage) are
+    # saved with the gradient, as csrc/autograd.cpp does (autograd frees them after the
+    # backward); larger ones -- the caller's tensor (source) when memfast made the rows from it --
+    # are held weakly, so that an LM head's cost no memory. (Traced code never recomputes: there
+    # the logits are not saved.)
+    if _plain_eager(logits) and logits.untyped_storage().nbytes() <= KEEP_LOGITS_BYTES and not _saved_tensor_hooks():
+        ctx.save_for_backward(grad, logits)
+        ctx.keeps_logits = True
+        return
     ctx.save_for_backward(grad)
     ctx.keeps_logits = False
-    # For a second backward through the same graph (retain_graph=True, gradcheck) or
-    # create_graph, the gradient is recomputed from the logits (the caller's tensor, source,
-    # when memfast made the rows from it): kept when small, as csrc/autograd.cpp does, else
-    # held weakly, so that an LM head's cost no memory.
     ctx.logits_ref, ctx.logits_version = (weakref.ref(logits), logits._version) if source is None else source
     ctx.rows_from_source = source is not None
-    held = ctx.logits_ref()  # (traced code never recomputes from it: only eager tensors are kept)
-    small = held is not None and _plain_eager(held) and held.nbytes <= KEEP_LOGITS_BYTES
-    ctx.logits_kept = held if small else None
+
+
+def _saved_tensor_hooks():
+    """Whether saved-tensor hooks are active (activation checkpointing, save_on_cpu): the logits are
+    then not saved (checkpointing would recompute its region, inside the backward, to unpack them)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
 
 
 def _plain_eager(t):
@@ -181,15 +191,12 @@ def _plain_eager(t):
 
 
 def _live_logits(ctx, why):
-    if ctx.keeps_logits:
+    if ctx.keeps_logits:  # (autograd's own check raises if they were modified in place)
         return ctx.saved_tensors[1]
-    logits = ctx.logits_kept if ctx.logits_kept is not None else ctx.logits_ref()
+    logits = ctx.logits_ref()
     if logits is None or logits._version != ctx.logits_version:
         raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
                            "reference to them (or compute the loss again)")
-    if ctx.other_inputs[0]._version != ctx.target_version:
-        raise RuntimeError(f"memfast.cross_entropy: {why} recomputes the gradient, but the target was modified in "
-                           "place after the forward; compute the loss again")
     return as_rows(logits) if ctx.rows_from_source else logits
 
 
@@ -246,6 +253,9 @@ def _backward(lib, ctx, grad_loss):
     if grad_loss is None:
         return (None,) + op.no_grads
     traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()  # fake / functional tensors
+    if not traced and ctx.other_inputs[0]._version != ctx.target_version:  # as for a tensor autograd saved
+        raise RuntimeError("memfast.cross_entropy: the target was modified in place after the forward, so the "
+                           "loss's gradient no longer belongs to it; compute the loss again")
     if torch.is_grad_enabled() and not traced:
         # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
@@ -256,8 +266,9 @@ def _backward(lib, ctx, grad_loss):
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
         logits = _live_logits(ctx, "backward twice through one loss (retain_graph=True)")
         grad = op.recompute(lib, logits.detach(), ctx.other_inputs)
-    if traced or not _plain_eager(grad):
-        # traced (AOTAutograd): the functional form, a fresh tensor
+    if traced or not _plain_eager(grad) or ctx.keeps_logits:
+        # traced (AOTAutograd): the functional form, a fresh tensor; so too where the logits were
+        # saved beside the gradient (small ones): both stay as saved, for a second backward
         return (lib.cross_entropy_bwd(grad, grad_loss),) + op.no_grads
     # eager: scale the saved gradient in place (no second [R, C] buffer; on the CPU
     # nothing at all for the usual grad_loss == 1 of a mean or sum); it is not used again
@@ -435,9 +446,9 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
     return loss, row_stats
 
 
-# Logits up to this size are kept by a loss for a second or a differentiable backward (larger
-# ones are held weakly): csrc/autograd.cpp's kKeepLogitsBytes.
-KEEP_LOGITS_BYTES = getattr(_C, "KEEP_LOGITS_BYTES", 16 << 20)
+# Logits whose storage is at most this size are saved by a loss for a second or a differentiable
+# backward (larger ones are held weakly): csrc/autograd.cpp's kKeepLogitsBytes.
+KEEP_LOGITS_BYTES = getattr(_C, "KEEP_LOGITS_BYTES", 4 << 20)
 
 _register("memfast_ref")
 if _C is not None:

@@ -61,6 +61,19 @@ def _check_input(input):
 _warned_adjustment_grad = []
 
 
+def _caller_stacklevel():
+    """warnings.warn's stacklevel of the first frame outside memfast and torch (the user's call,
+    through nn.Module.__call__ and memfast's own layers), counted from the caller of this."""
+    import os
+    import sys
+
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups, rows=True):
     """Validate arguments (host metadata only) and bring them to the op's row layout (rows=False:
     no logits rows, which for [N, C, d...] inputs are a copy; None is returned for them)."""
@@ -111,7 +124,8 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
         if adjustment.requires_grad and torch.is_grad_enabled() and not _warned_adjustment_grad:
             _warned_adjustment_grad.append(True)
             warnings.warn("memfast.cross_entropy: adjustment requires grad, but it is a constant shift of the "
-                          "logits: no gradient flows into it (detach it to silence this warning)", stacklevel=3)
+                          "logits: no gradient flows into it (detach it to silence this warning)",
+                          stacklevel=_caller_stacklevel())
         adjustment = adjustment.detach().to(acc)
         if groups is not None:
             if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.dtype == torch.bool:
@@ -370,7 +384,8 @@ class CrossEntropyLoss(nn.Module):
                 and torch.is_grad_enabled() and input.requires_grad):
             self._warned_untracked = True  # evaluation calls (no gradient) leave ids out on purpose
             warnings.warn("memfast.CrossEntropyLoss has a tracker but got no sample_ids: this training step is not "
-                          "tracked; call loss_fn(logits, target, sample_ids)", UserWarning, stacklevel=2)
+                          "tracked; call loss_fn(logits, target, sample_ids)", UserWarning,
+                          stacklevel=_caller_stacklevel())
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                              label_smoothing=self.label_smoothing,
                              sample_ids=sample_ids if self.tracker is not None else None,

@@ -420,10 +420,11 @@ class MATLoss(nn.Module):
     def forward(self, logits, targets, sample_ids):
         ids = sample_ids.to(logits.device).long()
         if ids.device.type == "cpu" and ids.numel():  # (on CUDA the kernel's own check, without a host sync)
-            bad = (ids < 0) | (ids >= self.num_samples)
+            flat = ids.reshape(-1)
+            bad = (flat < 0) | (flat >= self.num_samples)
             if bad.any():
                 i = int(bad.nonzero()[0, 0])
-                raise IndexError(f"MATLoss: sample_ids[{i}] = {int(ids.reshape(-1)[i])} is out of range for a shift "
+                raise IndexError(f"MATLoss: sample_ids (flattened) [{i}] = {int(flat[i])} is out of range for a shift "
                                  f"table of {self.num_samples} samples")
         groups = ids if self.attribute is None else self.attribute[ids]
         return cross_entropy(logits, targets, reduction=self.reduction, adjustment=self.shift, groups=groups,

@@ -509,8 +509,9 @@ def _readable(load, what, path):
         return load(path)
     except FileNotFoundError:
         raise SystemExit(f"memfast report: {what}: no file {path}") from None
-    except (ValueError, RuntimeError, OSError) as e:  # truncated, corrupted, of another format
-        raise SystemExit(f"memfast report: {what}: {e}") from None
+    except Exception as e:  # truncated, corrupted, of another format (pickle, struct, EOF, ... errors)
+        message = str(e) if str(e).startswith(what) else f"{what}: {e}"
+        raise SystemExit(f"memfast report: {message} ({type(e).__name__})") from None
 
 
 def run(args):

@@ -60,10 +60,12 @@ def _stored_stats(user_stats):
 def _parse_stats(stats):
     if isinstance(stats, str):
         stats = ALL_USER_STATS if stats == "all" else (stats,)
-    if not isinstance(stats, (tuple, list, set, frozenset)) or not stats:
-        raise ValueError(f"SampleTracker: stats must name at least one statistic, e.g. ('csl', 'count') or 'all'; "
-                         f"got {stats!r}")
-    stats = tuple(dict.fromkeys(stats))
+    try:
+        stats = tuple(dict.fromkeys(stats))
+    except TypeError:  # None, a number
+        stats = ()
+    if not stats:
+        raise ValueError("SampleTracker: stats must name at least one statistic, e.g. ('csl', 'count') or 'all'")
     unknown = [s for s in stats if s not in USER_STATS]
     if unknown:
         raise ValueError(f"SampleTracker: unknown statistic(s) {unknown}; choose from {list(ALL_USER_STATS)} or 'all'")

@@ -184,7 +184,8 @@ def test_mat_loss_names_its_sample_ids_and_a_learnable_adjustment_warns(tracker)
     """MATLoss checks its sample ids against its table (not as cross_entropy's groups); an adjustment
     that requires grad warns once that no gradient flows into it."""
     loss_fn = memfast.MATLoss(torch.randn(8, 3))
-    with pytest.raises(IndexError, match=r"MATLoss: sample_ids\[1\] = 8 is out of range for a shift table of 8"):
+    with pytest.raises(IndexError, match=r"MATLoss: sample_ids \(flattened\) \[1\] = 8 is out of range for a shift "
+                                         r"table of 8"):
         loss_fn(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([7, 8]))
     memfast.loss._warned_adjustment_grad.clear()
     prior = torch.zeros(3, requires_grad=True)

@@ -408,6 +408,35 @@ def test_gradient_penalty_matches_pytorch(backend):
 
 
 @pytest.mark.parametrize("autograd", ["c++", "python"])
+def test_saved_logits_are_freed_by_the_backward(backend, autograd, monkeypatch):
+    """Small logits saved for a second backward go with the graph's buffers: after a backward
+    without retain_graph they are freed although the loss lives on (e.g. summed into a total); a
+    small view of large logits does not pin them (its storage decides)."""
+    import gc
+    import weakref
+
+    if autograd == "python":
+        monkeypatch.setattr(memfast._ops, "_C", None)
+    model = torch.nn.Linear(5, 4)
+    logits = model(torch.randn(6, 5))
+    ref = weakref.ref(logits)
+    loss = memfast.cross_entropy(logits, torch.randint(0, 4, (6,)))
+    del logits
+    gc.collect()
+    assert ref() is not None  # saved for the backward
+    loss.backward()
+    gc.collect()
+    assert ref() is None and loss.requires_grad
+    classes = memfast._ops.KEEP_LOGITS_BYTES // (4 * 64) + 1
+    full = torch.randn(64, classes, requires_grad=True) * 1.0
+    ref = weakref.ref(full)
+    loss = memfast.cross_entropy(full[-2:], torch.zeros(2, dtype=torch.long))  # a small view of large logits
+    del full
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("autograd", ["c++", "python"])
 def test_create_graph_keeps_small_logits_only(backend, autograd, monkeypatch):
     """The differentiable gradient is recomputed from the logits: a classifier's (up to
     KEEP_LOGITS_BYTES) are kept by the loss, so the input-gradient penalty works with nobody

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memfast import SampleTracker, _ops, reference
@@ -65,7 +65,10 @@ def assert_row_stats_close(got, want, softcap, tol):
     largest other logit is a tie whose winner is rounding, so its correctness is not compared."""
     got = got.clone()
     if softcap:
-        near = (want[ROW["target_logit"]] - want[ROW["max_other"]]).abs() <= 8 * torch.finfo(torch.float32).eps * softcap
+        z_y = want[ROW["target_logit"]]
+        ulps = 4 * torch.finfo(want.dtype).eps * z_y.abs()
+        saturated = z_y.abs() >= 0.99 * softcap  # (within 1% of the cap: tanh's last bits decide)
+        near = saturated & ((z_y - want[ROW["max_other"]]).abs() <= ulps)
         got[ROW["correct"], near] = want[ROW["correct"], near]
     torch.testing.assert_close(got, want, **tol, equal_nan=True)
 
@@ -84,8 +87,14 @@ def _cpu_kernel(name):
             os.environ["MEMFAST_CPU_KERNEL"] = old
 
 
+SATURATED_TIE = dict(R=11, C=70, dtype=torch.float32, scale=300.0, weighted=False, eps=0.0, ignore_frac=0.0,
+                     adjustment="none", rows_per_id=1, num_samples=1, seed=330519234, reduction=0, kernel="default",
+                     softcap=30.0)  # found by hypothesis: the kernels' tanh and torch.tanh round one logit apart
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
+@example(SATURATED_TIE)
 def test_kernels_match_reference(case):
     g = torch.Generator().manual_seed(case["seed"])
     R, C, dtype = case["R"], case["C"], case["dtype"]

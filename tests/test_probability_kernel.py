@@ -250,10 +250,10 @@ def test_no_classes_weight_dtype_and_other_devices():
 
 
 def test_recomputed_gradient_needs_the_inputs_unchanged():
-    """A second backward recomputes the gradient from the logits and the target: small logits are
-    kept by the loss (nobody else needs to hold them, as with F.cross_entropy), large ones held
-    weakly (dropped: it raises, naming them); a target modified in place raises too, rather than
-    giving a different gradient."""
+    """A second backward needs the logits and the target: small logits are saved by the loss
+    (nobody else needs to hold them, as with F.cross_entropy), large ones held weakly (dropped: it
+    raises, naming them); a target modified in place after the forward raises, as a tensor autograd
+    saved does, rather than giving another gradient."""
     lin = torch.nn.Linear(4, 5)
     x, q = torch.randn(8, 4), torch.softmax(torch.randn(8, 5), 1)
     loss = memfast.cross_entropy(lin(x), q)  # the logits are not kept by anyone else
@@ -272,5 +272,11 @@ def test_recomputed_gradient_needs_the_inputs_unchanged():
     loss = memfast.cross_entropy(logits, q)
     loss.backward(retain_graph=True)
     q.mul_(0.5)
+    with pytest.raises(RuntimeError, match="target was modified"):
+        loss.backward()
+    # index targets too, in the C++ eager autograd
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    loss = memfast.cross_entropy(lin(x), y)
+    y[0] = 3
     with pytest.raises(RuntimeError, match="target was modified"):
         loss.backward()

@@ -157,6 +157,10 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     with pytest.raises(SystemExit, match="memfast report: tracker: no file .*nothere.pt"):
         main(["report", str(tmp_path / "nothere.pt"), "--labels", str(tmp_path / "labels.pt")])
     tracker_file, labels, missing = str(tmp_path / "tracker.pt"), str(tmp_path / "labels.pt"), str(tmp_path / "x.npy")
+    for junk in (b"", b"junk"):  # empty (EOFError) or not a pickle at all
+        (tmp_path / "junk.pt").write_bytes(junk)
+        with pytest.raises(SystemExit, match="memfast report: --labels"):
+            main(["report", tracker_file, "--labels", str(tmp_path / "junk.pt")])
     for flag, args in (("--labels", ["--labels", missing]), ("--noisy", ["--labels", labels, "--noisy", missing]),
                        ("--eval-tracker", ["--labels", labels, "--eval-tracker", missing])):
         with pytest.raises(SystemExit, match=f"memfast report: {flag}: no file"):

@@ -309,10 +309,14 @@ class MemfastTrainer(Trainer):
         if linear_cross_entropy and getattr(self.args, "torch_compile", False):
             raise ValueError("MemfastTrainer: linear_cross_entropy=True keeps the LM head's input with a forward "
                              "hook, which a compiled model does not run; use it without torch_compile")
+        from transformers.trainer_utils import has_length
+
         train = self.train_dataset  # (set by Trainer.__init__, given by keyword or position)
-        if tracker is not None and hasattr(train, "__len__") and len(train) > tracker.num_samples:
-            raise ValueError(f"MemfastTrainer: the tracker holds {tracker.num_samples} samples but train_dataset has "
-                             f"{len(train)}: make it SampleTracker(len(train_dataset), ...)")
+        if tracker is not None and train is not None and has_length(train) and len(train) > tracker.num_samples:
+            # (a warning: the ids may name groups of examples, e.g. documents, rather than examples)
+            warnings.warn(f"MemfastTrainer: the tracker holds {tracker.num_samples} samples but train_dataset has "
+                          f"{len(train)} examples: with add_sample_ids's ids (0..N-1) make it "
+                          f"SampleTracker(len(train_dataset), ...)", stacklevel=2)
         if linear_cross_entropy and getattr(self.args, "n_gpu", 1) > 1:
             raise ValueError("MemfastTrainer: linear_cross_entropy=True needs one device per process (DDP, e.g. "
                              "torchrun), not torch.nn.DataParallel over several GPUs, whose replicas share the "
