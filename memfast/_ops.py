@@ -277,8 +277,6 @@ def _backward(lib, ctx, grad_loss):
     return (grad,) + op.no_grads
 
 
-
-
 def _fwd_scalars(scalars):
     """(lse_square_scale, softcap) from the arguments after cross_entropy_fwd's reduction (the
     schema's defaults for those a call left out)."""

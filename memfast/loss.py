@@ -4,6 +4,8 @@ adjusted softmax) inside the same fused op (class-index targets, and
 class-probability targets through an op of their own)."""
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import torch
@@ -64,9 +66,6 @@ _warned_adjustment_grad = []
 def _caller_stacklevel():
     """warnings.warn's stacklevel of the first frame outside memfast and torch (the user's call,
     through nn.Module.__call__ and memfast's own layers), counted from the caller of this."""
-    import os
-    import sys
-
     skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
     frame, level = sys._getframe(2), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):

@@ -103,7 +103,8 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
 
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(C), target_buffer(C), weighted(C);
+    // (targets already in acc_t are read in place)
+    std::vector<acc_t> buffer(C), target_buffer(std::is_same_v<target_t, acc_t> ? 0 : C), weighted(C);
     acc_t* buf = buffer.data();
     acc_t* tbuf = target_buffer.data();
     acc_t* wt = weighted.data();
@@ -140,11 +141,10 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
         m = row_max(row, C, avx512);
       }
       // (An infinite maximum gives NaN sums, as in cross_entropy_fwd: the row is not finite.)
-      const acc_t shift = m;
-      const acc_t shifted_dot = lanes_shifted_dot(row, wt, C, shift);
-      const acc_t sum = row_exp_sum(row, buf, C, shift, avx512);
+      const acc_t shifted_dot = lanes_shifted_dot(row, wt, C, m);
+      const acc_t sum = row_exp_sum(row, buf, C, m, avx512);
       const acc_t log_sum = std::log(sum);
-      const acc_t lse = shift + log_sum;
+      const acc_t lse = m + log_sum;
       const bool has_mass = y >= 0;
       // (No mass, e.g. no classes: 0, not 0 * log(0).)
       acc_t loss = (mass_sum == 0 ? acc_t(0) : mass_sum * log_sum) - shifted_dot;
@@ -152,7 +152,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       loss_p[r] = loss;
       st[ROW_LSE * R + r] = has_mass ? lse : acc_t(0);
       st[ROW_TARGET_LOGIT * R + r] = z_y;
-      st[ROW_MAX_OTHER * R + r] = has_mass && C > 1 ? max_other : (has_mass ? ninf : acc_t(0));
+      st[ROW_MAX_OTHER * R + r] = has_mass ? max_other : acc_t(0);  // -inf when C == 1
       st[ROW_WEIGHT * R + r] = 1;  // every row counts in the mean
       st[ROW_CORRECT * R + r] = correct;
       if (!g_base) continue;

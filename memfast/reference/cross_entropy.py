@@ -181,9 +181,8 @@ def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, adjustment, 
         raise ValueError(f"memfast.cross_entropy: class-probability targets must have the logits' shape "
                          f"{list(logits.shape)} and their dtype {logits.dtype} or {acc}, got "
                          f"{list(target.shape)} {target.dtype}")
-    loss, row_stats, label, grad = _prob_forward(logits, target, weight, label_smoothing, adjustment, groups,
-                                                 compute_grad, reduction, zeta, cap, validate=True)
-    return loss, row_stats, label, grad
+    return _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, compute_grad, reduction, zeta,
+                         cap, validate=True)
 
 
 def cross_entropy_prob_grad(logits, target, weight, label_smoothing, adjustment, groups, reduction,
