@@ -1,12 +1,17 @@
-"""An LM head's loss step three ways, each in a fresh process: time and peak
+"""An LM head's loss step four ways, each in a fresh process: time and peak
 memory (CPU: peak resident set growth; CUDA: peak allocated) beyond the inputs.
 
     .venv/bin/python bench/linear_memory.py                  # CPU, 4096 tokens, H=256, V=32000, fp32
+    .venv/bin/python bench/linear_memory.py --soft           # distillation: a teacher's probabilities
     python bench/linear_memory.py --device cuda --dtype bf16 --vocab 128256 --hidden 4096 --tokens 16384
 
   eager    F.cross_entropy(F.linear(x, W), y) (+ index_add_ of the per-token losses)
   memfast  memfast.cross_entropy(F.linear(x, W), y, tracker)        (the [N, V] logits + their gradient)
+  inplace  the same with inplace_backward=True                      (the logits, which become the gradient)
   chunked  memfast.linear_cross_entropy(x, W, y, tracker)           (a chunk of logits at a time)
+
+--soft: y is a [N, V] tensor of a teacher's probabilities in the logits' dtype (an input, so not
+counted).
 """
 import argparse
 import json
@@ -14,7 +19,7 @@ import resource
 import sys
 import time
 
-METHODS = ("eager", "memfast", "chunked")
+METHODS = ("eager", "memfast", "inplace", "chunked")
 
 
 def child(args):
@@ -28,6 +33,9 @@ def child(args):
     x = torch.randn(args.tokens, args.hidden, generator=g).to(dev, dtype).requires_grad_(True)
     w = (torch.randn(args.vocab, args.hidden, generator=g) / args.hidden ** 0.5).to(dev, dtype).requires_grad_(True)
     y = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(dev)
+    if args.soft:  # made in place: no transient [N, V] buffer raises the resident set's mark before the steps
+        y = torch.rand(args.tokens, args.vocab, generator=g, dtype=dtype).to(dev)
+        y.div_(y.sum(1, keepdim=True))
     ids = torch.arange(args.tokens, device=dev) // 512  # sequences of 512 tokens
     tracker = memfast.SampleTracker(args.tokens // 512 + 1, device=dev)
     csl = torch.zeros(args.tokens // 512 + 1, device=dev)
@@ -38,8 +46,9 @@ def child(args):
             per_token = F.cross_entropy(F.linear(x, w), y, reduction="none")
             csl.index_add_(0, ids, per_token.detach().float())
             per_token.mean().backward()
-        elif args.method == "memfast":
-            memfast.cross_entropy(F.linear(x, w), y, sample_ids=ids, tracker=tracker).backward()
+        elif args.method in ("memfast", "inplace"):
+            memfast.cross_entropy(F.linear(x, w), y, sample_ids=ids, tracker=tracker,
+                                  inplace_backward=args.method == "inplace").backward()
         else:
             memfast.linear_cross_entropy(x, w, y, sample_ids=ids, tracker=tracker).backward()
 
@@ -74,13 +83,15 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--soft", action="store_true", help="class-probability targets (a teacher's)")
     ap.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.method:
         return child(args)
     logits_mib = args.tokens * args.vocab * (4 if args.dtype == "fp32" else 2) / 2**20
-    print(f"{args.tokens} tokens x vocabulary {args.vocab}, hidden {args.hidden}, {args.dtype}, {args.device}: "
-          f"the logits are {logits_mib:.0f} MiB; median of {args.repeats} steps, each method in its own process")
+    print(f"{args.tokens} tokens x vocabulary {args.vocab}, hidden {args.hidden}, {args.dtype}, {args.device}"
+          f"{', soft targets' if args.soft else ''}: the logits are {logits_mib:.0f} MiB; median of {args.repeats} "
+          "steps, each method in its own process")
     from memfast.bench import process_table
 
     process_table(__file__, METHODS, sys.argv[1:])

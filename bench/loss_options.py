@@ -6,7 +6,7 @@ what a user writes without memfast. Interleaved medians.
 - the softcap: memfast.cross_entropy(softcap=30) (allocating, and in place) vs
   memfast on 30 * tanh(logits / 30) and F.cross_entropy of it with index_add_;
 - class-probability targets: memfast (the fused cross_entropy_prob_fwd: loss, gradient and
-  tracking in one pass; and untracked) vs F.cross_entropy with index_add_, and
+  tracking in one pass; untracked; and in place) vs F.cross_entropy with index_add_, and
   F.cross_entropy untracked.
 
     .venv/bin/python bench/loss_options.py [--rows 2048 --classes 32000 --dtype fp32 --device cpu]
@@ -121,9 +121,10 @@ def main():
     g = torch.Generator(device="cpu").manual_seed(1)
     soft = torch.softmax(torch.randn(a.rows, a.classes, generator=g), 1).to(device=a.device, dtype=logits.dtype)
     steps = [(soft_memfast_step, (logits, soft, ids, tracker)), (soft_memfast_untracked_step, (logits, soft)),
+             (memfast_inplace_step, (work, anchor, soft, ids, tracker, {}), refresh),
              (soft_eager_step, (logits, soft, ids, csl)), (soft_untracked_step, (logits, soft))]
-    names = ["memfast (tracked: csl, count)", "memfast, untracked", "eager + index_add_ (CSL only)",
-             "eager, untracked"]
+    names = ["memfast (tracked: csl, count)", "memfast, untracked", "memfast tracked, inplace_backward",
+             "eager + index_add_ (CSL only)", "eager, untracked"]
     if "soft" in sections:
         report(f"class-probability targets: {a.rows} x {a.classes} {a.dtype} on {a.device}, median of {a.repeats}",
                names, time_steps(steps, a.device, repeats=a.repeats, warmup=2))

@@ -45,6 +45,12 @@ TORCH_LIBRARY(memfast, m) {
       "cross_entropy_prob_fwd(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, "
       "Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction, float lse_square_scale=0., "
       "float softcap=0.) -> (Tensor loss, Tensor row_stats, Tensor label, Tensor grad)");
+  // The same forward with the gradient written over the logits (contiguous; no other input may
+  // share their memory): inplace_backward=True with class-probability targets.
+  m.def(
+      "cross_entropy_prob_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, float label_smoothing, "
+      "Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0., float softcap=0.) "
+      "-> (Tensor loss, Tensor row_stats, Tensor label)");
   // grad_logits = grad * grad_loss[:, None] (grad_loss [R]), or grad * grad_loss (0-d)
   m.def("cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor");
   // The same, in place in the saved gradient (eager backward: no new [R, C] buffer).

@@ -31,6 +31,11 @@ SCHEMAS = {
         "Tensor? adjustment, Tensor? groups, bool compute_grad, int reduction, float lse_square_scale=0., "
         "float softcap=0.) -> (Tensor loss, Tensor row_stats, Tensor label, Tensor grad)"
     ),
+    "cross_entropy_prob_fwd_": (
+        "cross_entropy_prob_fwd_(Tensor(a!) logits, Tensor target, Tensor? weight, float label_smoothing, "
+        "Tensor? adjustment, Tensor? groups, int reduction, float lse_square_scale=0., float softcap=0.) "
+        "-> (Tensor loss, Tensor row_stats, Tensor label)"
+    ),
     "cross_entropy_bwd": "cross_entropy_bwd(Tensor grad, Tensor grad_loss) -> Tensor",
     "cross_entropy_bwd_": "cross_entropy_bwd_(Tensor(a!) grad, Tensor grad_loss) -> ()",
     "track_": (
@@ -87,6 +92,11 @@ def _prob_fwd_fake(logits, target, weight, label_smoothing, adjustment, groups, 
     return loss, row_stats, logits.new_empty(logits.shape[0], dtype=torch.long), grad
 
 
+def _prob_fwd_inplace_fake(logits, target, weight, label_smoothing, adjustment, groups, reduction,
+                           lse_square_scale=0.0, softcap=0.0):
+    return _prob_fwd_fake(logits, target, weight, label_smoothing, adjustment, groups, False, reduction)[:3]
+
+
 def _bwd_fake(grad, grad_loss):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
@@ -140,20 +150,31 @@ def _fwd_setup_context(ctx, inputs, output, source=None):
     _keep_for_backward(ctx, inputs, grad, source)
 
 
-def _prob_fwd_setup_context(ctx, inputs, output, source=None):
+def _prob_fwd_setup_context(ctx, inputs, output, source=None, grad_over_logits=False):
+    """grad_over_logits: the forward wrote the gradient over the logits (cross_entropy_prob_fwd_),
+    whose detached alias is the saved gradient; output's grad is then None."""
     _, row_stats, label, grad = output
-    ctx.mark_non_differentiable(row_stats, label, grad)
+    if grad_over_logits:
+        ctx.mark_non_differentiable(row_stats, label)
+        grad = inputs[0].detach()  # (not the input itself: a view's grad_fn would be regenerated)
+    else:
+        ctx.mark_non_differentiable(row_stats, label, grad)
     ctx.op = _PROBABILITY_TARGETS
-    _keep_for_backward(ctx, inputs, grad, source)
+    _keep_for_backward(ctx, inputs, grad, source, grad_over_logits)
 
 
-def _keep_for_backward(ctx, inputs, grad, source):
+def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
     # Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx.set_materialize_grads(False)
     logits, *rest = inputs
     ctx.other_inputs = rest
     ctx.target_version = rest[0]._version  # a backward needs the target unchanged (see _backward)
     ctx.saved_grad_consumed = False
+    ctx.grad_over_logits = grad_over_logits
+    if grad_over_logits:  # the logits are the gradient now: nothing to recompute from
+        ctx.save_for_backward(grad)
+        ctx.keeps_logits = False
+        return
     if _forward_ad_active():
         # torch.func transforms differentiate with create_graph, and forward-mode AD needs
         # them too: the gradient is recomputed from the logits (_backward, jvp), so they are kept.
@@ -256,6 +277,10 @@ def _backward(lib, ctx, grad_loss):
     if not traced and ctx.other_inputs[0]._version != ctx.target_version:  # as for a tensor autograd saved
         raise RuntimeError("memfast.cross_entropy: the target was modified in place after the forward, so the "
                            "loss's gradient no longer belongs to it; compute the loss again")
+    if ctx.grad_over_logits and (torch.is_grad_enabled() or ctx.saved_grad_consumed):
+        raise RuntimeError(GRAD_OVER_LOGITS_REFUSAL.format(
+            "a differentiable gradient (create_graph=True)" if torch.is_grad_enabled()
+            else "a second backward through one loss (retain_graph=True)"))
     if torch.is_grad_enabled() and not traced:
         # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
@@ -275,6 +300,12 @@ def _backward(lib, ctx, grad_loss):
     ctx.saved_grad_consumed = True
     lib.cross_entropy_bwd_(grad, grad_loss)
     return (grad,) + op.no_grads
+
+
+# What a backward that would recompute the gradient says when inplace_backward=True overwrote the
+# logits with it (csrc/autograd.cpp says the same).
+GRAD_OVER_LOGITS_REFUSAL = ("memfast.cross_entropy: {} recomputes the gradient from the logits, which "
+                            "inplace_backward=True overwrote with it; leave inplace_backward off for this loss")
 
 
 def _fwd_scalars(scalars):
@@ -302,6 +333,7 @@ def _register(ns):
 
     torch.library.register_autograd(f"{ns}::cross_entropy_fwd", backward, setup_context=_fwd_setup_context)
     torch.library.register_fake(f"{ns}::cross_entropy_prob_fwd", _prob_fwd_fake)
+    torch.library.register_fake(f"{ns}::cross_entropy_prob_fwd_", _prob_fwd_inplace_fake)
     torch.library.register_autograd(f"{ns}::cross_entropy_prob_fwd", prob_backward,
                                     setup_context=_prob_fwd_setup_context)
 
@@ -346,22 +378,29 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
 class _FusedProbCrossEntropy(torch.autograd.Function):
     """cross_entropy_prob_fwd's autograd in eager mode, which knows the caller's tensor the rows
-    were made from (source, as _FusedCrossEntropy); traced code uses the registered formula."""
+    were made from (source, as _FusedCrossEntropy); traced code uses the registered formula.
+    inplace: cross_entropy_prob_fwd_ writes the gradient over the logits, whose version is then
+    bumped, so that autograd refuses any other backward that saved them (as csrc/autograd.cpp)."""
 
     @staticmethod
-    def forward(lib, source, *inputs):
+    def forward(lib, source, inplace, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
-            return lib.cross_entropy_prob_fwd(*inputs)
+            if not inplace:
+                return lib.cross_entropy_prob_fwd(*inputs)
+            logits, target, weight, eps, adjustment, groups, _, reduction, *scalars = inputs
+            out = lib.cross_entropy_prob_fwd_(logits, target, weight, eps, adjustment, groups, reduction, *scalars)
+        torch.autograd.graph.increment_version(logits)
+        return (*out, None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        lib, source, *inputs = inputs
-        _prob_fwd_setup_context(ctx, inputs, output, source)
+        lib, source, inplace, *inputs = inputs
+        _prob_fwd_setup_context(ctx, inputs, output, source, grad_over_logits=inplace)
         ctx.lib = lib
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_stats, _grad_label, _grad_grad):
-        return (None, None) + _backward(ctx.lib, ctx, grad_loss)
+        return (None, None, None) + _backward(ctx.lib, ctx, grad_loss)
 
 
 def prob_ops(device):
@@ -379,17 +418,18 @@ def prob_ops(device):
 
 
 def cross_entropy_prob(lib, logits, target, weight, eps, adjustment, groups, reduction, track=None, source=None,
-                       lse_square_scale=0.0, softcap=0.0):
+                       lse_square_scale=0.0, softcap=0.0, inplace=False):
     """lib.cross_entropy_prob_fwd, differentiable in logits, then lib.track_ of its row statistics
     against its labels when track = (state, counters, sample_ids, stat_rows) is given. Returns
-    (loss, row_stats). source: as in cross_entropy."""
+    (loss, row_stats). source, inplace: as in cross_entropy (inplace only for plain eager logits
+    that require grad)."""
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     args = (logits, target, weight, eps, adjustment, groups, compute_grad, reduction, float(lse_square_scale),
             float(softcap))
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():
         if compute_grad:
             held = None if source is None else (weakref.ref(source), source._version)
-            loss, row_stats, label, _ = _FusedProbCrossEntropy.apply(lib, held, *args)
+            loss, row_stats, label, _ = _FusedProbCrossEntropy.apply(lib, held, bool(inplace), *args)
         else:  # no gradient: skip the registered Python autograd kernel (as cross_entropy does)
             with torch._C._AutoDispatchBelowAutograd():
                 loss, row_stats, label, _ = lib.cross_entropy_prob_fwd(*args)

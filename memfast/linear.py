@@ -3,11 +3,12 @@ chunks of rows, so that the [N, C] logits never exist at once, with the
 per-sample tracking of memfast.cross_entropy in the same pass.
 
 For mean and sum, each chunk's logits are computed, the fused op writes the
-chunk's gradient over them (cross_entropy_fwd_) and the input / weight / bias
-gradients are formed right away (two matmuls), all in the forward: memory of
-one chunk's logits, three matmuls in all, as without chunking. For
-reduction='none' the per-row upstream gradient is only known in the backward,
-which recomputes each chunk's logits (one matmul more).
+chunk's gradient over them (cross_entropy_fwd_, or cross_entropy_prob_fwd_ for
+class-probability targets) and the input / weight / bias gradients are formed
+right away (two matmuls), all in the forward: memory of one chunk's logits, three
+matmuls in all, as without chunking. For reduction='none' the per-row upstream
+gradient is only known in the backward, which recomputes each chunk's logits (one
+matmul more).
 """
 import torch
 import torch.nn.functional as F
@@ -33,19 +34,25 @@ def _chunk_rows(rows, hidden, classes, chunk_size):
     return max(1, min(rows, -(-max(rows * hidden, _MIN_CHUNK_ELEMENTS) // max(classes, 1))))
 
 
-def _dtypes(input):
-    """(what F.linear computes the logits in, what F.cross_entropy of them returns): autocast's
-    dtype and float32 (autocast runs cross entropy in fp32) when autocast is on, else the input's."""
+def _autocast_dtype(input):
+    """Autocast's dtype for input's device when autocast is on there, else None."""
     kind = input.device.type
     try:
         if torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind), torch.float32
+            return torch.get_autocast_dtype(kind)
     except RuntimeError:  # a device type autocast does not know
         pass
-    return input.dtype, input.dtype
+    return None
 
 
-def _check(input, linear_weight, target, linear_bias, weight):
+def _dtypes(input):
+    """(what F.linear computes the logits in, what F.cross_entropy of them returns): autocast's
+    dtype and float32 (autocast runs cross entropy in fp32) when autocast is on, else the input's."""
+    autocast = _autocast_dtype(input)
+    return (input.dtype, input.dtype) if autocast is None else (autocast, torch.float32)
+
+
+def _check(input, linear_weight, target, linear_bias, weight, ignore_index):
     if not isinstance(input, Tensor) or not input.is_floating_point() or input.dim() < 1:
         raise TypeError("memfast.linear_cross_entropy: input must be a floating-point tensor [..., in_features]")
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
@@ -55,11 +62,24 @@ def _check(input, linear_weight, target, linear_bias, weight):
     if linear_bias is not None and (not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (C,)):
         raise ValueError(f"memfast.linear_cross_entropy: linear_bias must be [{C}], got "
                          f"{getattr(linear_bias, 'shape', type(linear_bias))}")
-    if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
-        raise TypeError("memfast.linear_cross_entropy: target must hold class indices (an integer tensor)")
-    if tuple(target.shape) != tuple(input.shape[:-1]):
+    if not isinstance(target, Tensor) or target.dtype == torch.bool or target.is_complex():
+        raise TypeError("memfast.linear_cross_entropy: target must hold class indices (an integer tensor) or class "
+                        "probabilities (a floating-point one)")
+    if target.is_floating_point():
+        expected = tuple(input.shape[:-1]) + (C,)
+        what = "a floating-point target holds class probabilities: input.shape[:-1] + (classes,)"
+        if ignore_index >= 0:  # as memfast.cross_entropy / F.cross_entropy with such targets
+            raise ValueError(f"memfast.linear_cross_entropy: ignore_index ({ignore_index}) applies to class-index "
+                             "targets only")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise ValueError("memfast.linear_cross_entropy: target requires grad, but the loss gives no gradient "
+                             "into class-probability targets; pass target.detach() (or memfast.cross_entropy on "
+                             "the logits, which does)")
+    else:
+        expected, what = tuple(input.shape[:-1]), "class indices"
+    if tuple(target.shape) != expected:
         raise ValueError(f"memfast.linear_cross_entropy: target has shape {tuple(target.shape)}, expected "
-                         f"{tuple(input.shape[:-1])} for input of shape {tuple(input.shape)}")
+                         f"{expected} for input of shape {tuple(input.shape)} ({what})")
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias), ("target", target),
                     ("weight", weight)):
         if t is not None and t.device != input.device:
@@ -72,14 +92,33 @@ def _check(input, linear_weight, target, linear_bias, weight):
                              "in the class weights (as in F.cross_entropy); pass weight.detach()")
 
 
+def _chunk_loss(lib, z, y, weight, ignore_index, eps, reduction, scalars, grad_over_logits):
+    """One chunk's logits z through the fused op (class indices y [n], or probabilities y [n, C]):
+    (loss, row_stats, the tracked labels: y itself for indices). grad_over_logits: the gradient is
+    written over z (the _ ops); otherwise none is computed."""
+    if y.is_floating_point():
+        if grad_over_logits:
+            return lib.cross_entropy_prob_fwd_(z, y, weight, eps, None, None, reduction, *scalars)
+        loss, row_stats, label, _ = lib.cross_entropy_prob_fwd(z, y, weight, eps, None, None, False, reduction,
+                                                               *scalars)
+        return loss, row_stats, label
+    if grad_over_logits:
+        loss, row_stats = lib.cross_entropy_fwd_(z, y, weight, ignore_index, eps, None, None, reduction, *scalars)
+    else:
+        loss, row_stats, _ = lib.cross_entropy_fwd(z, y, weight, ignore_index, eps, None, None, False, reduction,
+                                                   *scalars)
+    return loss, row_stats, y
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, lib, target, weight, ignore_index, eps, scalars, reduction,
                 rows, track, dtype, accum_dtype):
-        # input: [N, H]; target: [N]; scalars: (lse_square_scale, softcap);
-        # track: None or (state, counters, sample_ids, stat_rows);
+        # input: [N, H]; target: [N] class indices or [N, C] probabilities; scalars: (lse_square_scale,
+        # softcap); track: None or (state, counters, sample_ids, stat_rows);
         # dtype: what the logits are computed in (autocast's, else the input's)
         N, C = input.shape[0], linear_weight.shape[0]
+        soft = target.is_floating_point()
         acc = _ops._acc_dtype(dtype)
         need = ctx.needs_input_grad[:3]
         with _explicit_dtypes(input):
@@ -90,37 +129,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # The chunks' row statistics ([5, N]: 20 bytes a row), for one tracker update of the whole
             # batch after the loop: the same result as memfast.cross_entropy on all the logits.
             stats = torch.empty((len(ROW_STATS), N), dtype=acc, device=x.device) if track is not None else None
-            chunk_weight = weight
+            labels = torch.empty(N, dtype=torch.long, device=x.device) if track is not None and soft else target
+            chunk_weight, chunk_scalars = weight, scalars
             if reduction == _MEAN:
                 # The mean over all the rows, chunk by chunk: each chunk's sum with the class weights
-                # divided by the whole batch's denominator sum(weight[target]) -- loss and gradient are
-                # linear in the weights, so the kernel forms the mean's gradient in fp32 and rounds it
-                # once (scaling a bf16 gradient afterwards would round the scale too).
-                valid = target != ignore_index
+                # divided by the whole batch's denominator -- sum(weight[target]) for class indices, the
+                # number of rows for probabilities (PyTorch's mean of those), whose z-loss is not weighted
+                # and so is divided too. Loss and gradient are linear in both, so the kernel forms the
+                # mean's gradient in fp32 and rounds it once (scaling a bf16 gradient afterwards would
+                # round the scale too).
                 w_full = weight if weight is not None else torch.ones(C, dtype=acc, device=x.device)
-                den = (w_full[torch.where(valid, target, 0)] * valid).sum()
+                if soft:
+                    den = torch.full((), float(N if C else 0), dtype=acc, device=x.device)  # (a fill: no copy)
+                    chunk_scalars = (scalars[0] / N if N else 0.0, scalars[1])
+                else:
+                    valid = target != ignore_index
+                    den = (w_full[torch.where(valid, target, 0)] * valid).sum()
                 chunk_weight = (w_full / den).contiguous()
             in_forward = reduction != _NONE and any(need)  # the gradient now; 'none' recomputes it later
             for s in range(0, N, rows):
                 e = min(N, s + rows)
                 z = F.linear(x[s:e], w, b)
-                y = target[s:e]
+                loss, row_stats, label = _chunk_loss(lib, z, target[s:e], chunk_weight, ignore_index, eps,
+                                                     _NONE if reduction == _NONE else _SUM, chunk_scalars,
+                                                     grad_over_logits=in_forward)
                 if in_forward:
-                    loss, row_stats = lib.cross_entropy_fwd_(z, y, chunk_weight, ignore_index, eps, None, None, _SUM,
-                                                             *scalars)
                     _accumulate(grads, z, x[s:e], w, s, e)
-                else:
-                    loss, row_stats, _ = lib.cross_entropy_fwd(z, y, chunk_weight, ignore_index, eps, None, None,
-                                                               False, _NONE if reduction == _NONE else _SUM, *scalars)
                 if reduction == _NONE:
                     losses[s:e] = loss
                 else:
                     total += loss
                 if stats is not None:
                     stats[:, s:e] = row_stats
+                    if soft:
+                        labels[s:e] = label
             if track is not None:
                 state, counters, ids, stat_rows = track
-                _ops.track_rows(lib, state, counters, stats, target, ids, ignore_index, C, stat_rows)
+                _ops.track_rows(lib, state, counters, stats, labels, ids, -100 if soft else ignore_index, C,
+                                stat_rows)
             if reduction == _MEAN:  # over no rows: NaN, as in PyTorch (the gradient of no rows stays 0)
                 total = torch.where(den == 0, torch.full_like(total, float("nan")), total)
         ctx.reduction, ctx.lib, ctx.rows, ctx.dtype = reduction, lib, rows, dtype
@@ -198,7 +244,7 @@ def _recompute_grads(ctx, grad_loss):
         for s in range(0, x.shape[0], ctx.rows):
             e = min(x.shape[0], s + ctx.rows)
             z = F.linear(x[s:e], w, b)
-            ctx.lib.cross_entropy_fwd_(z, target[s:e], weight, ignore_index, eps, None, None, _NONE, *scalars)
+            _chunk_loss(ctx.lib, z, target[s:e], weight, ignore_index, eps, _NONE, scalars, grad_over_logits=True)
             ctx.lib.cross_entropy_bwd_(z, grad_loss[s:e].contiguous())
             _accumulate(grads, z, x[s:e], w, s, e)
     return grads
@@ -211,8 +257,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
     The argument names follow ``torch.nn.functional.linear_cross_entropy``
-    (PyTorch 2.13+); class-index targets. input ``[..., H]``, linear_weight
-    ``[C, H]`` (an LM head's weight), target ``input.shape[:-1]``. The
+    (PyTorch 2.13+). input ``[..., H]``, linear_weight ``[C, H]`` (an LM
+    head's weight), target ``input.shape[:-1]`` (class indices) or
+    ``input.shape[:-1] + (C,)`` (class probabilities, e.g. a teacher's, in the
+    logits' dtype or fp32: PyTorch's soft-target loss, the mean over rows; a
+    tracker scores each row against its most probable class). The
     projection and the loss run ``chunk_size`` rows at a time (default: a
     chunk's logits hold as many elements as ``input``, and at least 2^24),
     so the ``[N, C]`` logits never exist at once. ``sample_ids`` / ``tracker``: as in
@@ -241,12 +290,22 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"memfast.linear_cross_entropy: accum_dtype must be None, torch.float32 or torch.float64, "
                          f"got {accum_dtype!r}")
-    _check(input, linear_weight, target, linear_bias, weight)
+    _check(input, linear_weight, target, linear_bias, weight, ignore_index)
     H, C = input.shape[-1], linear_weight.shape[0]
     x = input.reshape(-1, H)
-    y = target.reshape(-1).long().contiguous()
     dtype, out_dtype = _dtypes(input)
     acc = _ops._acc_dtype(dtype)
+    if target.is_floating_point():
+        if target.dtype not in (dtype, acc):  # the op reads them in place: no silent [N, C] conversion
+            raise TypeError(f"memfast.linear_cross_entropy: class-probability targets must be in the logits' dtype "
+                            f"({dtype}) or {acc}, got {target.dtype}; convert them first")
+        y = target.detach().reshape(-1, C)
+        if _autocast_dtype(input) is None:  # F.cross_entropy's promotion (fp32 under autocast)
+            out_dtype = torch.promote_types(out_dtype, target.dtype)
+            if weight is not None:
+                out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    else:
+        y = target.reshape(-1).long().contiguous()
     track = None
     if tracker is not None:
         ids = tracker._check_batch(x, sample_ids, y.numel())
@@ -254,7 +313,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     w = None if weight is None else weight.detach().to(acc).contiguous()
     rows = _chunk_rows(x.shape[0], H, C, chunk_size)
-    loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, _ops.ops(input.device), y, w, ignore_index,
+    lib = _ops.ops(input.device)
+    if y.is_floating_point() and _ops.prob_ops(input.device) is None:
+        # the CUDA kernel of probability targets runs only with MEMFAST_CUDA_PROB=1 until it has been
+        # run on a GPU (as in memfast.cross_entropy): the reference ops meanwhile, chunk by chunk
+        lib = torch.ops.memfast_ref
+    loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, lib, y, w, ignore_index,
                                      float(label_smoothing), (zeta, cap), _REDUCTIONS.index(reduction), rows, track,
                                      dtype, _accum_dtype(accum_dtype, dtype))
-    return (loss.reshape(target.shape) if reduction == "none" else loss).to(out_dtype)
+    return (loss.reshape(input.shape[:-1]) if reduction == "none" else loss).to(out_dtype)

@@ -153,7 +153,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
 
 
 def _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids, tracker,
-                               adjustment, groups, zeta, cap, track_in_backward):
+                               adjustment, groups, zeta, cap, track_in_backward, inplace_backward):
     """Class-probability targets: the fused cross_entropy_prob_fwd where it exists and gives
     PyTorch's results (_fused_probability_cross_entropy). Otherwise the loss is PyTorch's
     (autograd included, into the target too) and the tracker gets one memfast pass over the
@@ -177,7 +177,8 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     if (lib is not None and target.dtype in (input.dtype, _ops._acc_dtype(input.dtype))
             and not (target.requires_grad and torch.is_grad_enabled()) and not _ops._forward_ad_active()):
         return _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids,
-                                                tracker, adjustment, groups, zeta, cap, track_in_backward)
+                                                tracker, adjustment, groups, zeta, cap, track_in_backward,
+                                                inplace_backward)
     has_mass = None  # rows with some target mass: tracked, and given the z-loss
     if tracker is not None or zeta:
         with torch.no_grad():  # one pass (max, not argmax + sum: half the time on the CPU)
@@ -229,10 +230,11 @@ def _probability_loss_dtype(input, target, weight):
 
 
 def _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids, tracker,
-                                     adjustment, groups, zeta, cap, track_in_backward):
-    """Class-probability targets in one pass (cross_entropy_prob_fwd): loss, gradient and the
-    row statistics against each row's most probable class; target in the input's dtype or its
-    accumulation dtype, and taking no gradient (the caller checked)."""
+                                     adjustment, groups, zeta, cap, track_in_backward, inplace_backward):
+    """Class-probability targets in one pass (cross_entropy_prob_fwd, or cross_entropy_prob_fwd_
+    for inplace_backward): loss, gradient and the row statistics against each row's most probable
+    class; target in the input's dtype or its accumulation dtype, and taking no gradient (the
+    caller checked)."""
     class_dim = 0 if input.dim() == 1 else 1
     no_label = torch.zeros(target.shape[:class_dim] + target.shape[class_dim + 1:], dtype=torch.long,
                            device=target.device)  # only for _prepare's checks (shapes, devices)
@@ -244,10 +246,11 @@ def _fused_probability_cross_entropy(lib, input, target, weight, reduction, labe
         ids = tracker._check_batch(logits, sample_ids, target_rows.shape[0])
         if track_in_backward or not _ops.in_backward():
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
+    inplace, logits = _inplace_rows(input, logits, inplace_backward)
     loss, _ = _ops.cross_entropy_prob(lib, logits, target_rows, weight_acc, float(label_smoothing), shift,
                                       groups_rows, _REDUCTIONS.index(reduction), track,
                                       source=input if logits is not input else None, lse_square_scale=zeta,
-                                      softcap=cap)
+                                      softcap=cap, inplace=inplace)
     if reduction == "none":
         loss = loss.reshape(() if unbatched else label_shape)
     dtype = _probability_loss_dtype(input, target, weight)
@@ -259,15 +262,28 @@ def _reduce(per_row, reduction):
     return per_row if reduction == "none" else per_row.mean() if reduction == "mean" else per_row.sum()
 
 
-def _check_inplace(input):
-    """inplace_backward writes into input's storage: refuse what an in-place op on it would."""
-    base = input._base if input._base is not None else input
-    if base.is_leaf and base.requires_grad:
-        what = "a view of a leaf" if base is not input else "a leaf"
-        raise ValueError(f"memfast.cross_entropy: inplace_backward=True would write the gradient over input, which is "
-                         f"{what} tensor that requires grad (a parameter, or made with requires_grad=True); pass "
-                         "the model's output (or a clone), or leave inplace_backward off")
-    # (non-contiguous logits: the op refuses them, check_inplace_logits)
+def _inplace_rows(input, logits, inplace_backward):
+    """(whether the op writes the gradient over the rows, the rows it gets) for inplace_backward:
+    only in eager mode with a gradient to compute and the compiled extension. input's own storage
+    (<= 2-D) must be something an in-place op may write; [N, C, d...] rows that happen to be a view
+    of input get a copy of their own."""
+    inplace = (bool(inplace_backward) and torch.is_grad_enabled() and input.requires_grad
+               and not torch.compiler.is_compiling())
+    if not inplace:
+        return False, logits
+    if input.dim() <= 2:  # the rows are the caller's storage
+        base = input._base if input._base is not None else input
+        if base.is_leaf and base.requires_grad:
+            what = "a view of a leaf" if base is not input else "a leaf"
+            raise ValueError(f"memfast.cross_entropy: inplace_backward=True would write the gradient over input, which "
+                             f"is {what} tensor that requires grad (a parameter, or made with requires_grad=True); "
+                             "pass the model's output (or a clone), or leave inplace_backward off")
+        # (non-contiguous logits: the op refuses them, check_inplace_logits)
+    elif logits._is_view():
+        logits = logits.clone(memory_format=torch.contiguous_format)
+    # Without the compiled extension the gradient is allocated as usual (index targets have no
+    # in-place path there; probability targets follow them), after the same refusals.
+    return _ops._C is not None, logits
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -301,9 +317,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         flows through the tanh. The tracker's statistics are those of the
         capped logits.
       Class-probability targets (floating point, the input's shape) give
-        PyTorch's loss, fused on the CPU (inplace_backward does not apply);
-        a tracker records each row's statistics against its most probable
-        class, and skips rows with no positive probability (all zeros).
+        PyTorch's loss, fused on the CPU (with inplace_backward too; where
+        PyTorch's own loss runs instead -- targets that require grad, CUDA
+        for now -- it does not apply); a tracker records each row's
+        statistics against its most probable class, and skips rows with no
+        positive probability (all zeros).
       inplace_backward: write the gradient over ``input`` in the forward
         instead of allocating it (zero extra memory: for a [B*T, V] LM head
         that is the size of the logits). Afterwards ``input`` holds
@@ -311,7 +329,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         that saved it (e.g. a hand-written z-loss on the same logits: use
         lse_square_scale instead) raises, as after any in-place op.
         Contiguous inputs only; a leaf (or a view of a leaf) that
-        requires grad is refused. Only in eager mode with a gradient to
+        requires grad is refused, and so is a weight, adjustment or
+        probability target that shares the input's memory. Only in eager mode with a gradient to
         compute: under torch.compile / torch.func the gradient is allocated as
         usual. [N, C, d...] inputs are copied to rows, so the copy gets it.
     """
@@ -332,7 +351,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     cap = _check_softcap(softcap, "memfast.cross_entropy")
     if isinstance(target, Tensor) and target.is_floating_point():
         return _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids,
-                                          tracker, adjustment, groups, zeta, cap, track_in_backward)
+                                          tracker, adjustment, groups, zeta, cap, track_in_backward, inplace_backward)
     logits, target_rows, weight, adjustment, groups_rows, target_shape, unbatched = _prepare(
         input, target, weight, ignore_index, label_smoothing, adjustment, groups)
     track = None
@@ -341,12 +360,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         if track_in_backward or not _ops.in_backward():  # a checkpoint's recompute was tracked the first time
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
-    inplace = bool(inplace_backward) and compute_grad and not torch.compiler.is_compiling()
-    if inplace:
-        if input.dim() <= 2:  # the rows are the caller's storage
-            _check_inplace(input)
-        elif logits._is_view():  # [N, C, d...] rows that happen to be a view of the input: a copy of its own
-            logits = logits.clone(memory_format=torch.contiguous_format)
+    inplace, logits = _inplace_rows(input, logits, inplace_backward)
     # The reduction happens inside the op: for the mean its gradient already
     # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
     dtype = _loss_dtype(input)

@@ -581,25 +581,34 @@ def test_backward_op_scalar_and_unit_factors(ns, dtype):
 
 
 # ------------------------------------------------------------ inplace_backward
-def _lm_head(dtype, R=11, H=6, C=9, seed=0):
+# Every inplace_backward test runs with class-index targets (cross_entropy_fwd_) and with
+# class-probability targets (cross_entropy_prob_fwd_).
+TARGET_KINDS = ["index", "probability"]
+
+
+def _lm_head(dtype, R=11, H=6, C=9, seed=0, targets="index"):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(R, H, generator=g).to(dtype)
     w = torch.randn(H, C, generator=g).to(dtype).requires_grad_(True)
     y = torch.randint(0, C, (R,), generator=g)
     y[3] = -100
+    if targets == "probability":  # soft labels, and a row without mass where index targets ignore one
+        y = torch.softmax(2 * torch.randn(R, C, generator=g), 1).to(dtype)
+        y[3] = 0
     return h, w, y
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", ["plain", "weight+smooth", "table", "tracked"])
-def test_inplace_backward_matches_pytorch(backend, dtype, reduction, opts):
-    h, w, y = _lm_head(dtype)
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_matches_pytorch(backend, dtype, reduction, opts, targets):
+    h, w, y = _lm_head(dtype, targets=targets)
     C = w.shape[1]
     kw, want_kw = {}, {}
     if opts == "weight+smooth":
         kw = want_kw = {"weight": torch.rand(C, dtype=torch.float64).to(dtype) + 0.5, "label_smoothing": 0.1}
-    table, groups = torch.randn(2, C, dtype=torch.float64), torch.randint(0, 2, y.shape)
+    table, groups = torch.randn(2, C, dtype=torch.float64), torch.randint(0, 2, (len(y),))
     if opts == "table":
         kw = {"adjustment": table.to(dtype), "groups": groups}
 
@@ -613,6 +622,8 @@ def test_inplace_backward_matches_pytorch(backend, dtype, reduction, opts):
         grads = []
         logits.register_hook(lambda g: grads.append(g.data_ptr()))
         upstream = torch.linspace(0.5, 2.0, len(y), dtype=loss.dtype) if reduction == "none" else None
+        if targets == "probability" and inplace:
+            assert logits._version > 0  # (the fused op ran: PyTorch's loss would not write the logits)
         loss.backward(upstream)
         return loss.detach(), w.grad.clone(), buffer, grads[0] == logits.data_ptr(), tracker.state
 
@@ -634,15 +645,20 @@ def test_inplace_backward_matches_pytorch(backend, dtype, reduction, opts):
     torch.testing.assert_close(buffer, want[0].to(dtype), **tol)
 
 
-def test_inplace_backward_is_refused_where_it_would_corrupt(backend):
-    h, w, y = _lm_head(torch.float32)
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_is_refused_where_it_would_corrupt(backend, targets):
+    h, w, y = _lm_head(torch.float32, targets=targets)
     with pytest.raises(ValueError, match="a leaf"):
         memfast.cross_entropy(w, y[:6], inplace_backward=True)
     with pytest.raises(ValueError, match="a view of a leaf"):
-        memfast.cross_entropy(w[:, :5], y[:6], inplace_backward=True)
+        memfast.cross_entropy(w[:, :5], y[:6] if targets == "index" else y[:6, :5], inplace_backward=True)
     assert w.grad is None
     with pytest.raises(ValueError, match="contiguous"):
         memfast.cross_entropy((h @ w).t().contiguous().t(), y, inplace_backward=True)
+    if targets == "probability":  # the kernel reads them while it writes the logits
+        logits = h @ w
+        with pytest.raises(ValueError, match="target shares their memory"):
+            memfast.cross_entropy(logits, logits.detach(), inplace_backward=True)
     # another backward that saved the logits: autograd refuses it, as after any in-place op
     logits = h @ w
     z_loss = logits.logsumexp(1).pow(2).mean()
@@ -660,8 +676,9 @@ def test_inplace_backward_is_refused_where_it_would_corrupt(backend):
         loss.backward()
 
 
-def test_inplace_backward_without_a_gradient_writes_nothing(backend):
-    h, w, y = _lm_head(torch.float32)
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_without_a_gradient_writes_nothing(backend, targets):
+    h, w, y = _lm_head(torch.float32, targets=targets)
     logits = h @ w
     before = logits.detach().clone()
     with torch.no_grad():
@@ -671,11 +688,14 @@ def test_inplace_backward_without_a_gradient_writes_nothing(backend):
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 3), (1, 4, 3), (2, 4, 1)], ids=["copied", "strided-view", "view"])
-def test_inplace_backward_spatial_input_is_left_alone(backend, shape):
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_spatial_input_is_left_alone(backend, shape, targets):
     # [N, C, d] inputs are copied to rows (also where the rows could be a view of the input):
     # the gradient goes over memfast's copy, not the input
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 4, (shape[0], shape[2]))
+    if targets == "probability":
+        y = torch.softmax(torch.randn(*shape, dtype=torch.float64), 1)
     logits = x * 2
     before = logits.detach().clone()
     memfast.cross_entropy(logits, y, inplace_backward=True).backward()
@@ -684,8 +704,9 @@ def test_inplace_backward_spatial_input_is_left_alone(backend, shape):
     torch.testing.assert_close(x.grad, want)
 
 
-def test_inplace_backward_through_the_module(backend):
-    h, w, y = _lm_head(torch.float32)
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_through_the_module(backend, targets):
+    h, w, y = _lm_head(torch.float32, targets=targets)
     loss_fn = memfast.CrossEntropyLoss(inplace_backward=True)
     logits = h @ w
     loss_fn(logits, y).backward()
@@ -704,9 +725,10 @@ class _ViewInCustomFunction(torch.autograd.Function):
         return grad
 
 
-def test_inplace_backward_through_views(backend):
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_through_views(backend, targets):
     # an LM's logits: a [B, T, V] output viewed as rows, or a view made inside a custom Function
-    h, w, y = _lm_head(torch.float64, R=12)
+    h, w, y = _lm_head(torch.float64, R=12, targets=targets)
     C = w.shape[1]
     (want,) = torch.autograd.grad(F.cross_entropy(h @ w, y), w)
     for make in (lambda: (h @ w).view(3, 4, C).view(-1, C), lambda: _ViewInCustomFunction.apply(h @ w)):

@@ -398,18 +398,27 @@ def test_inplace_backward_needs_no_gradient_buffer():
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_matches_pytorch(reduction, dtype):
+@pytest.mark.parametrize("targets", ["index", "probability", "probability, kernel off"])
+def test_linear_cross_entropy_matches_pytorch(monkeypatch, reduction, dtype, targets):
+    """Class indices, and a teacher's probabilities (through the CUDA kernel with MEMFAST_CUDA_PROB=1,
+    else the reference ops chunk by chunk)."""
     B, T, H, V = 2, 96, 64, 32000
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, T, H, generator=g).to(DEV, dtype).requires_grad_(True)
     w = (torch.randn(V, H, generator=g) / 8).to(DEV, dtype).requires_grad_(True)
     y = torch.randint(0, V, (B, T), generator=g).to(DEV)
     y[:, :5] = -100
+    if targets != "index":
+        if targets == "probability":
+            monkeypatch.setenv("MEMFAST_CUDA_PROB", "1")
+        probs = torch.softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64), -1) * (y != -100).cpu()[..., None]
+        y = probs.to(DEV, dtype)
     tracker = memfast.SampleTracker(B, device=DEV)
     got = memfast.linear_cross_entropy(x, w, y, reduction=reduction, sample_ids=torch.arange(B, device=DEV),
                                        tracker=tracker, chunk_size=50)
     xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
-    want = F.cross_entropy(F.linear(xr, wr).reshape(-1, V), y.reshape(-1), reduction=reduction)
+    flat = y.reshape(-1) if targets == "index" else y.double().reshape(-1, V)
+    want = F.cross_entropy(F.linear(xr, wr).reshape(-1, V), flat, reduction=reduction)
     want = want.reshape(B, T) if reduction == "none" else want
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -565,6 +574,11 @@ def check_prob_op(args):
     assert torch.equal(got[2], want[2])
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[3].double(), want[3].double(), **gtol, equal_nan=True)
+    if args[6]:  # cross_entropy_prob_fwd_ (inplace_backward): the same results, the gradient over the logits
+        buffer = args[0].detach().clone(memory_format=torch.contiguous_format)
+        inplace = torch.ops.memfast.cross_entropy_prob_fwd_(buffer, *args[1:6], *args[7:])
+        for a, b in zip((*inplace, buffer), got):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -675,6 +689,15 @@ def test_probability_op_through_api(monkeypatch):
     want.update(x.detach(), torch.where(top > 0, most_probable, -100), ids)
     assert_trackers_close(got, want)
     torch.library.opcheck(torch.ops.memfast.cross_entropy_prob_fwd, (x, q, None, 0.1, None, None, True, 1))
+    torch.library.opcheck(torch.ops.memfast.cross_entropy_prob_fwd_, (x.detach().clone(), q, None, 0.1, None, None, 1))
+    # inplace_backward: the fused op writes the gradient over the logits, and autograd passes them on
+    rows = x.detach().clone().requires_grad_() * 1
+    loss = memfast.cross_entropy(rows, q, label_smoothing=0.1, inplace_backward=True)
+    assert rows._version > 0
+    (want_grad,) = torch.autograd.grad(F.cross_entropy(x, q, label_smoothing=0.1), x)
+    (got_grad,) = torch.autograd.grad(loss, rows)
+    assert got_grad.data_ptr() == rows.data_ptr()
+    torch.testing.assert_close(got_grad, want_grad)
 
 
 @cuda_only("the CPU kernels raise on bad ids / targets instead of counting them")

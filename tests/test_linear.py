@@ -31,6 +31,16 @@ def _grads(loss, inputs, upstream=None):
     return torch.autograd.grad(loss, inputs, upstream)
 
 
+def _assert_matches(got, want, inputs, dtype, reduction):
+    """The same dtype, shape, value and gradients (per-row upstream ones for 'none')."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    upstream = torch.linspace(0.5, 2, want.numel(), dtype=want.dtype).reshape(want.shape) if reduction == "none" \
+        else None
+    for a, c in zip(_grads(got, inputs, upstream), _grads(want, inputs, upstream)):
+        torch.testing.assert_close(a, c, **TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", ["plain", "weight+smooth", "no-bias"])
@@ -41,24 +51,20 @@ def test_matches_linear_then_cross_entropy(backend, dtype, reduction, opts, chun
     if opts == "weight+smooth":
         kw.update(weight=torch.rand(w.shape[0], dtype=torch.float64).to(dtype) + 0.5, label_smoothing=0.1)
     got = memfast.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=chunk_size, **kw)
-    want = _reference(x, w, b, y, **kw)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    torch.testing.assert_close(got, want, **TOL[dtype])
-    upstream = torch.linspace(0.5, 2, want.numel(), dtype=want.dtype).reshape(want.shape) if reduction == "none" \
-        else None
-    for a, c in zip(_grads(got, (x, w, b), upstream), _grads(want, (x, w, b), upstream)):
-        torch.testing.assert_close(a, c, **TOL[dtype])
+    _assert_matches(got, _reference(x, w, b, y, **kw), (x, w, b), dtype, reduction)
 
 
 def test_matches_torch_linear_cross_entropy_where_it_exists(backend):
     if not hasattr(F, "linear_cross_entropy"):
         pytest.skip("torch.nn.functional.linear_cross_entropy: PyTorch 2.13+")
     x, w, b, y = _head(torch.float64)
-    for reduction in ("mean", "sum", "none"):
-        rows, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1)  # torch's takes 1-D or 2-D input
-        got = memfast.linear_cross_entropy(rows, w, targets, linear_bias=b, reduction=reduction, label_smoothing=0.2)
-        want = F.linear_cross_entropy(rows, w, targets, linear_bias=b, reduction=reduction, label_smoothing=0.2)
-        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    rows = x.reshape(-1, x.shape[-1])  # torch's takes 1-D or 2-D input
+    for targets in (y.reshape(-1), _soft(y, w.shape[0], torch.float64).reshape(-1, w.shape[0])):
+        for reduction in ("mean", "sum", "none"):
+            got = memfast.linear_cross_entropy(rows, w, targets, linear_bias=b, reduction=reduction,
+                                               label_smoothing=0.2)
+            want = F.linear_cross_entropy(rows, w, targets, linear_bias=b, reduction=reduction, label_smoothing=0.2)
+            torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 def test_chunks_bound_the_logits(backend, monkeypatch):
@@ -170,7 +176,8 @@ def test_bad_input_names_the_argument(backend):
         (dict(input=x.long()), TypeError, "input"),
         (dict(linear_weight=w.t()), ValueError, "linear_weight"),
         (dict(linear_bias=b[:3]), ValueError, "linear_bias"),
-        (dict(target=y.float()), TypeError, "target"),
+        (dict(target=y.float()), ValueError, "target has shape .* class probabilities"),
+        (dict(target=y.bool()), TypeError, "target"),
         (dict(target=y[:, :2]), ValueError, "target"),
         (dict(weight=torch.ones(3)), ValueError, "weight"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
@@ -253,3 +260,103 @@ def test_fp32_accumulation_of_the_weight_gradient(backend, autocast):
     assert errors[torch.float32] < 4e-3 < errors[None], errors
     with pytest.raises(ValueError, match="accum_dtype"):
         memfast.linear_cross_entropy(x, w, y, accum_dtype=torch.bfloat16)
+
+
+# ------------------------------------------------ class-probability targets (a teacher's)
+def _soft(y, C, dtype, seed=1):
+    """A teacher's probabilities [..., C] in dtype, without mass where y is ignored."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.softmax(2 * torch.randn(*y.shape, C, generator=g, dtype=torch.float64), -1)
+    return (q * (y != -100).unsqueeze(-1)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,opts", [(d, o) for d in (torch.float64, torch.float32, torch.bfloat16)
+                                         for o in ("plain", "weight+smooth", "zloss+softcap")]
+                         + [(torch.bfloat16, "fp32 targets")])  # (fp32: bf16 logits' accumulation dtype)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_probability_targets_match_cross_entropy(backend, dtype, reduction, opts, chunk_size):
+    """Soft targets: PyTorch's soft-target loss of the projection (the mean over all rows, rows
+    without mass included), chunk by chunk; the z-loss and softcap as memfast.cross_entropy's."""
+    x, w, b, y = _head(dtype)
+    C = w.shape[0]
+    q = _soft(y, C, torch.float32 if opts == "fp32 targets" else dtype)
+    kw, extra = {"reduction": reduction}, {}
+    if opts == "weight+smooth":
+        kw.update(weight=torch.rand(C, dtype=torch.float64).to(dtype) + 0.5, label_smoothing=0.1)
+    elif opts == "zloss+softcap":
+        extra = {"lse_square_scale": 1e-2, "softcap": 2.0}
+    got = memfast.linear_cross_entropy(x, w, q, linear_bias=b, chunk_size=chunk_size, **kw, **extra)
+    logits = F.linear(x, w, b).reshape(-1, C)
+    if extra:
+        want = memfast.cross_entropy(logits, q.reshape(-1, C), **kw, **extra)
+    else:
+        want = F.cross_entropy(logits, q.reshape(-1, C), **kw)
+    _assert_matches(got, want.reshape(y.shape) if reduction == "none" else want, (x, w, b), dtype, reduction)
+
+
+@pytest.mark.parametrize("ids", ["per-row", "per-sequence"])
+@pytest.mark.parametrize("chunk_size", [3, 7, None])
+def test_probability_targets_track_as_cross_entropy(backend, ids, chunk_size):
+    """Each row against its most probable class, rows without mass not counted: the tracker of
+    memfast.cross_entropy on the whole logits, with chunks that split sequences."""
+    x, w, b, y = _head(torch.float64)
+    q = _soft(y, w.shape[0], torch.float64)
+    sample_ids = torch.tensor([4, 0, 2]) if ids == "per-sequence" else torch.arange(15) % 6
+    got, want = (memfast.SampleTracker(6, stats="all") for _ in range(2))
+    memfast.linear_cross_entropy(x, w, q, linear_bias=b, sample_ids=sample_ids, tracker=got,
+                                 chunk_size=chunk_size).backward()
+    logits = F.linear(x, w, b).reshape(-1, w.shape[0])
+    memfast.cross_entropy(logits, q.reshape(-1, w.shape[0]), sample_ids=sample_ids, tracker=want)
+    torch.testing.assert_close(got.state, want.state, equal_nan=True)
+    assert torch.equal(got.counters, want.counters)
+    assert got.stat("count").sum() == 13  # two prompt tokens without mass
+
+
+def test_probability_targets_under_autocast_empty_and_compiled(backend):
+    x, w, b, y = _head(torch.float32)
+    q = _soft(y, w.shape[0], torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 targets for bf16 logits
+        got = memfast.linear_cross_entropy(x, w, q, linear_bias=b, chunk_size=4)
+        want = F.cross_entropy(F.linear(x, w, b).reshape(-1, w.shape[0]), q.reshape(-1, w.shape[0]))
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL[torch.bfloat16])
+    for a, c in zip(_grads(got, (x, w, b)), _grads(want, (x, w, b))):
+        torch.testing.assert_close(a, c, **TOL[torch.bfloat16])
+    # no rows: PyTorch's NaN mean, zero gradients
+    x0 = x[:0].detach().requires_grad_()
+    loss = memfast.linear_cross_entropy(x0, w, q[:0], linear_bias=b)
+    assert torch.isnan(loss)
+    assert not any(g.any() for g in torch.autograd.grad(loss, (x0, w, b)))
+    # torch.compile(fullgraph=True): the same loss, gradients and tracker
+    results = []
+    for compiled in (False, True):
+        tracker = memfast.SampleTracker(3, stats="all")
+        xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+        def step(xi, wi):
+            return memfast.linear_cross_entropy(xi, wi, q, chunk_size=4, sample_ids=torch.arange(3),
+                                                tracker=tracker, lse_square_scale=1e-3)
+
+        loss = (torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step)(xi, wi)
+        loss.backward()
+        results.append((loss.detach(), xi.grad, wi.grad, tracker.state))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c)
+
+
+def test_probability_targets_bad_input_names_the_argument(backend):
+    x, w, b, y = _head(torch.float32)
+    q = _soft(y, w.shape[0], torch.float32)
+    cases = [
+        (dict(target=q[..., :5]), ValueError, r"target has shape .* class probabilities"),
+        (dict(target=q.double()), TypeError, "class-probability targets must be in the logits' dtype"),
+        (dict(target=q.clone().requires_grad_()), ValueError, "target requires grad"),
+        (dict(ignore_index=0), ValueError, "ignore_index"),
+        (dict(target=q.bool()), TypeError, "target"),
+    ]
+    for override, error, match in cases:
+        args = dict(target=q, linear_bias=b)
+        args.update(override)
+        with pytest.raises(error, match=match):
+            memfast.linear_cross_entropy(x, w, args.pop("target"), **args)

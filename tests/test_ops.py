@@ -101,6 +101,14 @@ def test_forward_inplace_writes_the_gradient_over_the_logits(ns, dtype):
     with pytest.raises(ValueError, match="contiguous"):
         op.cross_entropy_fwd_(torch.randn(4, 6)[:, :5], torch.zeros(4, dtype=torch.long), None, -100, 0.0, None, None,
                               1)
+    storage = torch.randn(3, 4, 5)
+    saved = storage.clone()
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="weight shares their memory"):  # read while the gradient is written
+        op.cross_entropy_fwd_(storage[0], y, storage[1, 0], -100, 0.0, None, None, 1)
+    with pytest.raises(ValueError, match="adjustment shares their memory"):
+        op.cross_entropy_fwd_(storage[0], y, None, -100, 0.0, storage[2], None, 1)
+    assert torch.equal(storage, saved)
     before = torch.randn(3, 4)
     buffer = before.clone()
     with pytest.raises(IndexError):  # a bad target is refused before anything is written

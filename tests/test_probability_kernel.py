@@ -41,6 +41,12 @@ def check(args, dtype):
     assert torch.equal(got[2], want[2])
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[3].to(acc), want[3].to(acc), **gtol, equal_nan=True)
+    if args[6]:  # cross_entropy_prob_fwd_ (inplace_backward): the same results, the gradient over the logits
+        logits, rest, (reduction, *scalars) = args[0], args[1:6], args[7:]
+        buffer = logits.detach().clone(memory_format=torch.contiguous_format)
+        loss, row_stats, label = torch.ops.memfast.cross_entropy_prob_fwd_(buffer, *rest, reduction, *scalars)
+        for a, b in ((loss, got[0]), (row_stats, got[1]), (label, got[2]), (buffer, got[3])):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
     return got
 
 
@@ -157,8 +163,19 @@ def test_strided_rows_and_empty_batch(cpu_kernel):
 
 
 @pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])
-def test_opcheck(ns):
-    op = getattr(torch.ops, ns).cross_entropy_prob_fwd
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck(ns, inplace):
+    """Both forms; the in-place one gets a fresh buffer each time (opcheck runs the op repeatedly)."""
+    lib = getattr(torch.ops, ns)
+
+    def opcheck(x, t, weight, eps, adjustment, groups, compute_grad, reduction, *scalars):
+        if not inplace:
+            torch.library.opcheck(lib.cross_entropy_prob_fwd, (x, t, weight, eps, adjustment, groups, compute_grad,
+                                                               reduction, *scalars))
+        elif compute_grad:  # (the in-place form always forms the gradient)
+            torch.library.opcheck(lib.cross_entropy_prob_fwd_, (x.detach().clone(), t, weight, eps, adjustment,
+                                                                groups, reduction, *scalars))
+
     g = torch.Generator().manual_seed(3)
     R, C = 9, 6
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -166,12 +183,31 @@ def test_opcheck(ns):
         x = torch.randn(R, C, dtype=dtype, generator=g).requires_grad_()
         t = soft_targets(R, C, dtype, g, zero_rows=(2,))
         for reduction in (0, 1, 2):
-            torch.library.opcheck(op, (x, t, None, 0.0, None, None, True, reduction))
-        torch.library.opcheck(op, (x, t.to(acc), torch.rand(C, dtype=acc, generator=g), 0.1,
-                                   torch.randn(3, C, dtype=acc, generator=g), torch.randint(0, 3, (R,), generator=g),
-                                   True, 1, 1e-2, 2.0))
-        torch.library.opcheck(op, (x.detach(), t, None, 0.0, torch.randn(R, C, dtype=acc, generator=g), None, False,
-                                   0))
+            opcheck(x, t, None, 0.0, None, None, True, reduction)
+        opcheck(x, t.to(acc), torch.rand(C, dtype=acc, generator=g), 0.1, torch.randn(3, C, dtype=acc, generator=g),
+                torch.randint(0, 3, (R,), generator=g), True, 1, 1e-2, 2.0)
+        opcheck(x.detach(), t, None, 0.0, torch.randn(R, C, dtype=acc, generator=g), None, False, 0)
+
+
+@pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])
+def test_inplace_refuses_what_it_cannot_write(ns):
+    """cross_entropy_prob_fwd_ needs contiguous logits that share no memory with the other inputs
+    (the kernels still read those while they write the gradient), and writes nothing when it refuses."""
+    op = getattr(torch.ops, ns).cross_entropy_prob_fwd_
+    t = torch.softmax(torch.randn(4, 5), 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        op(torch.randn(4, 6)[:, :5], t, None, 0.0, None, None, 1)
+    storage = torch.randn(3, 4, 5)
+    logits, before = storage[0], storage.clone()
+    for kw in ({"target": storage[1]}, {"target": logits}, {"weight": storage[1, 0]}, {"adjustment": storage[2]}):
+        args = {"target": t, "weight": None, "adjustment": None, **kw}
+        (name,) = kw
+        with pytest.raises(ValueError, match=f"{name} shares their memory"):
+            op(logits, args["target"], args["weight"], 0.0, args["adjustment"], None, 1)
+        assert torch.equal(storage, before)
+    with pytest.raises(ValueError, match="class-probability targets"):
+        op(logits, torch.rand(4, 2), None, 0.0, None, None, 1)
+    assert torch.equal(storage, before)
 
 
 @pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])

@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 
@@ -93,6 +95,31 @@ inline void check_prob_forward_args(const at::Tensor& logits, const at::Tensor& 
 
 // cross_entropy_prob_fwd's tensors after the checks, with the class dimension made dense
 // (rows may stay strided): what both backends' entry points start from.
+// cross_entropy_fwd_ and cross_entropy_prob_fwd_ write the gradient over the logits, row by row in
+// their own layout, while other rows (and their targets, weight and adjustment) are still being read:
+// no other input may share the logits' memory. on_cuda: the backward's 16-byte vector accesses of
+// that gradient (cross_entropy_bwd_) need it aligned.
+struct NamedInput {
+  const char* name;
+  const at::Tensor* tensor;
+};
+
+inline void check_inplace_logits(const at::Tensor& logits, std::initializer_list<NamedInput> inputs,
+                                 bool on_cuda = false) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(),
+                    "memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, which must be "
+                    "contiguous [rows, classes]; got sizes ", logits.sizes(), " and strides ", logits.strides(),
+                    " (call .contiguous() first, or leave inplace_backward off)");
+  TORCH_CHECK_VALUE(!on_cuda || logits.numel() == 0 || reinterpret_cast<uintptr_t>(logits.const_data_ptr()) % 16 == 0,
+                    "memfast.cross_entropy: inplace_backward=True on CUDA needs 16-byte-aligned logits (an offset "
+                    "view is not); call .clone() first, or leave inplace_backward off");
+  for (const NamedInput& in : inputs) {
+    TORCH_CHECK_VALUE(!in.tensor->defined() || in.tensor->numel() == 0 || !in.tensor->is_alias_of(logits),
+                      "memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, and ",
+                      in.name, " shares their memory; pass a copy of it (.clone()), or leave inplace_backward off");
+  }
+}
+
 struct ProbInputs {
   at::Tensor logits, target, weight, adjustment, groups;
 };
@@ -100,22 +127,19 @@ struct ProbInputs {
 inline ProbInputs prob_inputs(const at::Tensor& logits, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, double label_smoothing,
                               const std::optional<at::Tensor>& adjustment, const std::optional<at::Tensor>& groups,
-                              int64_t reduction, double lse_square_scale, double softcap) {
+                              int64_t reduction, double lse_square_scale, double softcap,
+                              bool grad_over_logits, bool on_cuda) {
   ProbInputs in{logits, target, weight.value_or(at::Tensor()), adjustment.value_or(at::Tensor()),
                 groups.value_or(at::Tensor())};
+  if (grad_over_logits) {
+    check_inplace_logits(logits, {{"target", &in.target}, {"weight", &in.weight}, {"adjustment", &in.adjustment}},
+                         on_cuda);
+  }
   check_prob_forward_args(logits, target, in.weight, label_smoothing, in.adjustment, in.groups, reduction,
                           lse_square_scale, softcap);
   if (logits.stride(1) != 1 && logits.size(1) > 1) in.logits = logits.contiguous();
   if (target.stride(1) != 1 && target.size(1) > 1) in.target = target.contiguous();
   return in;
-}
-
-// cross_entropy_fwd_ writes the gradient over the logits, row by row in their own layout.
-inline void check_inplace_logits(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(),
-                    "memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, which must be "
-                    "contiguous [rows, classes]; got sizes ", logits.sizes(), " and strides ", logits.strides(),
-                    " (call .contiguous() first, or leave inplace_backward off)");
 }
 
 inline void check_backward_args(const at::Tensor& grad, const at::Tensor& grad_loss) {

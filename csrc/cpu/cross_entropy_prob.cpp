@@ -22,6 +22,7 @@
 
 #include "../common/ce_math.h"
 #include "../common/checks.h"
+#include "../common/forward_entries.h"
 #include "row_loops.h"
 
 namespace memfast {
@@ -171,13 +172,16 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   });
 }
 
+// grad_into: nullptr (allocate the gradient when compute_grad) or the logits themselves
+// (cross_entropy_prob_fwd_): forward_rows reads a row only until its exp-sum, before the gradient
+// of that row (formed from the row buffers) is written over it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight_opt,
     double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
     const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
-    double softcap) {
+    double softcap, const at::Tensor* grad_into) {
   const ProbInputs in = prob_inputs(logits_in, target_in, weight_opt, label_smoothing, adjustment_opt, groups_opt,
-                                    reduction, lse_square_scale, softcap);
+                                    reduction, lse_square_scale, softcap, grad_into != nullptr, false);
   const at::Tensor &logits = in.logits, &target = in.target, &weight = in.weight;
   const at::Tensor &adjustment = in.adjustment, &groups = in.groups;
   const int64_t R = logits.size(0);
@@ -187,7 +191,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   at::Tensor loss_rows = at::empty({R}, logits.options().dtype(acc_dtype));
   at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
   at::Tensor label = at::empty({R}, logits.options().dtype(at::kLong));
-  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? logits.size(1) : 0}, logits.options());
+  at::Tensor grad = grad_into ? *grad_into
+                              : at::empty({compute_grad ? R : 0, compute_grad ? logits.size(1) : 0}, logits.options());
   at::Tensor loss = reduction == REDUCTION_NONE ? loss_rows : at::empty({}, loss_rows.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "memfast_cross_entropy_prob_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -214,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memfast, CPU, m) {
-  m.impl("cross_entropy_prob_fwd", &forward_cpu);
+  m.impl("cross_entropy_prob_fwd", &prob_forward_allocating<forward_cpu>);
+  m.impl("cross_entropy_prob_fwd_", &prob_forward_grad_over_logits<forward_cpu>);
 }
 
 }  // namespace memfast

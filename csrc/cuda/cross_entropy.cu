@@ -722,13 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
-  if (grad_into) {
-    check_inplace_logits(logits_in);
-    // the backward's 16-byte vector loads and stores of that gradient need it (cross_entropy_bwd_)
-    TORCH_CHECK_VALUE(logits_in.numel() == 0 || aligned16(logits_in.const_data_ptr()),
-                      "memfast.cross_entropy: inplace_backward=True on CUDA needs 16-byte-aligned logits (an offset "
-                      "view is not); call .clone() first, or leave inplace_backward off");
-  }
+  if (grad_into) check_inplace_logits(logits_in, {{"weight", &weight}, {"adjustment", &adjustment}}, true);
   check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale,
                      softcap);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());

@@ -26,6 +26,7 @@
 #include "../common/ce_math.h"
 #include "../common/checks.h"
 #include "../common/cuda_utils.cuh"
+#include "../common/forward_entries.h"
 
 namespace memfast {
 namespace {
@@ -181,14 +182,18 @@ __global__ void __launch_bounds__(kProbThreads)
   }
 }
 
+// grad_into: nullptr (allocate the gradient when compute_grad) or the logits themselves
+// (cross_entropy_prob_fwd_, contiguous): sweep 4 is the only one that writes, after the block
+// reductions that end the reading sweeps, and each thread reads an element's logit before it
+// writes that element's gradient (plain loads, no __restrict__: the aliasing is well defined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight_opt,
     double label_smoothing, const std::optional<at::Tensor>& adjustment_opt,
     const std::optional<at::Tensor>& groups_opt, bool compute_grad, int64_t reduction, double lse_square_scale,
-    double softcap) {
+    double softcap, const at::Tensor* grad_into) {
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   const ProbInputs in = prob_inputs(logits_in, target_in, weight_opt, label_smoothing, adjustment_opt, groups_opt,
-                                    reduction, lse_square_scale, softcap);
+                                    reduction, lse_square_scale, softcap, grad_into != nullptr, true);
   const at::Tensor &logits = in.logits, &target = in.target, &weight = in.weight;
   const at::Tensor &adjustment = in.adjustment, &groups = in.groups;
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -197,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   at::Tensor loss_rows = at::empty({R}, logits.options().dtype(acc_dtype));
   at::Tensor row_stats = at::empty({NUM_ROW_STATS, R}, logits.options().dtype(acc_dtype));
   at::Tensor label = at::empty({R}, logits.options().dtype(at::kLong));
-  at::Tensor grad = at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
+  at::Tensor grad = grad_into ? *grad_into : at::empty({compute_grad ? R : 0, compute_grad ? C : 0}, logits.options());
   if (R == 0) {
     if (reduction == REDUCTION_NONE) return {loss_rows, row_stats, label, grad};
     return {at::full({}, reduction == REDUCTION_MEAN ? std::numeric_limits<double>::quiet_NaN() : 0.0,
@@ -253,7 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memfast, CUDA, m) {
-  m.impl("cross_entropy_prob_fwd", &forward_cuda);
+  m.impl("cross_entropy_prob_fwd", &prob_forward_allocating<forward_cuda>);
+  m.impl("cross_entropy_prob_fwd_", &prob_forward_grad_over_logits<forward_cuda>);
 }
 
 }  // namespace memfast

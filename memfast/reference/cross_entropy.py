@@ -46,14 +46,29 @@ def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, ad
                        lse_square_scale=0.0, softcap=0.0):
     """cross_entropy_fwd with the gradient written over the logits (contiguous [R, C]), which are
     then the gradient; returns the loss and the row statistics."""
-    if logits.dim() != 2 or not logits.is_contiguous():
-        raise ValueError("memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, which "
-                         f"must be contiguous [rows, classes]; got sizes {list(logits.shape)} and strides "
-                         f"{list(logits.stride())} (call .contiguous() first, or leave inplace_backward off)")
+    _check_inplace_logits(logits, weight=weight, adjustment=adjustment)
     loss, row_stats, grad = cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment,
                                               groups, True, reduction, lse_square_scale, softcap)
     logits.copy_(grad)
     return loss, row_stats
+
+
+def _check_inplace_logits(logits, **inputs):
+    """The kernels' checks of logits the gradient is written over (csrc/common/checks.h): contiguous
+    [R, C], and no other input sharing their memory (the kernels read it while writing)."""
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError("memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, which "
+                         f"must be contiguous [rows, classes]; got sizes {list(logits.shape)} and strides "
+                         f"{list(logits.stride())} (call .contiguous() first, or leave inplace_backward off)")
+    if logits.device.type == "cuda" and logits.numel() and logits.data_ptr() % 16:
+        raise ValueError("memfast.cross_entropy: inplace_backward=True on CUDA needs 16-byte-aligned logits (an "
+                         "offset view is not); call .clone() first, or leave inplace_backward off")
+    storage = logits.untyped_storage().data_ptr()
+    for name, t in inputs.items():
+        if t is not None and t.numel() and t.untyped_storage().data_ptr() == storage:
+            raise ValueError(f"memfast.cross_entropy: inplace_backward=True writes the gradient into the logits, and "
+                             f"{name} shares their memory; pass a copy of it (.clone()), or leave inplace_backward "
+                             "off")
 
 
 def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, reduction,
@@ -183,6 +198,17 @@ def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, adjustment, 
                          f"{list(target.shape)} {target.dtype}")
     return _prob_forward(logits, target, weight, label_smoothing, adjustment, groups, compute_grad, reduction, zeta,
                          cap, validate=True)
+
+
+def cross_entropy_prob_fwd_(logits, target, weight, label_smoothing, adjustment, groups, reduction,
+                            lse_square_scale=0.0, softcap=0.0):
+    """cross_entropy_prob_fwd with the gradient written over the logits (contiguous [R, C], sharing
+    no memory with the other inputs); returns the loss, the row statistics and the labels."""
+    _check_inplace_logits(logits, target=target, weight=weight, adjustment=adjustment)
+    loss, row_stats, label, grad = cross_entropy_prob_fwd(logits, target, weight, label_smoothing, adjustment,
+                                                          groups, True, reduction, lse_square_scale, softcap)
+    logits.copy_(grad)
+    return loss, row_stats, label
 
 
 def cross_entropy_prob_grad(logits, target, weight, label_smoothing, adjustment, groups, reduction,
