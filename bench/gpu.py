@@ -26,7 +26,9 @@ gradient), so a step never finds its input in L2. "extra MiB" is the peak
 memory a step allocates beyond its inputs. The "no tracking" rows give every
 method the plain mean loss (reduction='mean'), with no per-row losses. The
 "soft targets" rows take class probabilities (the floor then reads them too;
-no Liger, which takes class indices only).
+no Liger, which takes class indices only); their "sweeps kernel" row times
+memfast's first CUDA kernel of them (MEMFAST_CUDA_PROB_KERNEL=sweeps) beside the
+default one-sweep kernel.
 Without a CUDA device it prints a message and exits; --device cpu runs the same
 code on the CPU (time.perf_counter, no memory figures, no Liger), meant with
 --smoke to check the script before a GPU session.
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 BUFFER = 1_000_000
 L2_BYTES = 50 << 20
+SWEEPS = {"MEMFAST_CUDA_PROB_KERNEL": "sweeps"}  # the first CUDA kernel of soft targets, for comparison
 
 
 def sync(device):
@@ -90,11 +93,13 @@ def load_liger(device):
 
 class Case:
     def __init__(self, name, rows, classes, dtype, tracking=True, table=False, seq_len=None, z_loss=0.0,
-                 softcap=None, soft=False):
+                 softcap=None, soft=False, env=None):
         self.name, self.rows, self.classes, self.dtype = name, rows, classes, dtype
         self.tracking, self.table, self.seq_len, self.z_loss = tracking, table, seq_len, z_loss
         self.softcap = softcap
         self.soft = soft  # class-probability targets of the logits' shape and dtype
+        # environment variables set while the case runs (a kernel choice: memfast's methods only)
+        self.env = env or {}
 
     @property
     def logits_bytes(self):
@@ -277,12 +282,14 @@ def cases(quick, smoke=False):
         out.append(Case("64 x 10 bf16, z-loss 1e-4", 64, 10, bf16, z_loss=1e-4))
         out.append(Case("64 x 10 bf16, softcap 30", 64, 10, bf16, softcap=30.0))
         out.append(Case("64 x 10 bf16, soft targets", 64, 10, bf16, soft=True))
+        out.append(Case("64 x 10 bf16, soft targets, sweeps kernel", 64, 10, bf16, soft=True, env=SWEEPS))
     else:
         out.append(Case("B8 T2048 V32000 bf16, per-sequence ids", 8 * 2048, 32000, bf16, seq_len=2048))
         out.append(Case("8192 x 32000 bf16, z-loss 1e-4", 8192, 32000, bf16, z_loss=1e-4))
         out.append(Case("8192 x 32000 bf16, softcap 30", 8192, 32000, bf16, softcap=30.0))
         # the CUDA kernel of cross_entropy_prob_fwd, which the API runs with MEMFAST_CUDA_PROB=1
         out.append(Case("8192 x 32000 bf16, soft targets", 8192, 32000, bf16, soft=True))
+        out.append(Case("8192 x 32000 bf16, soft targets, sweeps kernel", 8192, 32000, bf16, soft=True, env=SWEEPS))
     if quick:
         out = [c for c in out if c.logits_bytes <= 64 << 20]
     return out
@@ -360,7 +367,10 @@ def main(argv=None):
         inputs = make_inputs(case, copies, device)
         floor_ms = (3 if case.soft else 2) * case.logits_bytes / rate * 1e3  # soft: the targets are read too
         row = {"case": case.name, "floor_ms": floor_ms}
-        for name, fn in make_methods(case, liger, device, wanted).items():
+        saved_env = {k: os.environ.get(k) for k in case.env}
+        os.environ.update(case.env)
+        case_methods = [m for m in wanted if m in ("memfast", "inplace")] if case.env else wanted
+        for name, fn in make_methods(case, liger, device, case_methods).items():
             try:
                 ms, extra, value = time_method(fn, case, inputs, warmup, iters, device)
                 row[name] = {"ms": ms, "extra_mib": extra, "loss": value}
@@ -368,6 +378,11 @@ def main(argv=None):
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if "memfast" in wanted and not case.table and case.tracking and not case.seq_len and not case.soft:
             try:
                 row["kernels"] = kernel_times(case, inputs, warmup, iters, rate, device)

@@ -125,6 +125,12 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
                                int64_t reduction, double lse_square_scale, double softcap, bool inplace,
                                const Tensor* source,
                                std::optional<at::ScalarType> loss_dtype) {
+    // inplace: the saved gradient is a detached alias of the logits (same storage and version
+    // counter, so that a later in-place change of the logits fails this node's version check);
+    // saving the input itself would make autograd regenerate a view's grad_fn after the bump (and
+    // refuse views made inside a custom Function). Made before the guard below, under which
+    // detach() would give the alias a version counter of its own.
+    const Tensor alias = inplace ? logits.detach() : Tensor();
     // Function::apply only turns grad mode off: without this the call would go through
     // torch.library's Python autograd kernel of the op.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -136,10 +142,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
       // Tell autograd: a node that saved these logits (or anything sharing their storage) now
       // fails its version check at backward instead of reading the gradient as the logits.
       torch::autograd::impl::bump_version(logits);
-      // Saved as a detached alias (same storage and version counter): saving the input itself
-      // would make autograd regenerate a view's grad_fn after the bump (and refuse views made
-      // inside a custom Function).
-      grad = logits.detach();
+      grad = alias;
       ctx->mark_non_differentiable({row_stats});
     } else {
       std::tie(loss, row_stats, grad) = ops->fwd.call(logits, target, weight, ignore_index, label_smoothing,

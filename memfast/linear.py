@@ -260,8 +260,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     (PyTorch 2.13+). input ``[..., H]``, linear_weight ``[C, H]`` (an LM
     head's weight), target ``input.shape[:-1]`` (class indices) or
     ``input.shape[:-1] + (C,)`` (class probabilities, e.g. a teacher's, in the
-    logits' dtype or fp32: PyTorch's soft-target loss, the mean over rows; a
-    tracker scores each row against its most probable class). The
+    logits' dtype, or fp32 for bf16 / fp16 logits: PyTorch's soft-target loss,
+    the mean over rows; a tracker scores each row against its most probable
+    class). The
     projection and the loss run ``chunk_size`` rows at a time (default: a
     chunk's logits hold as many elements as ``input``, and at least 2^24),
     so the ``[N, C]`` logits never exist at once. ``sample_ids`` / ``tracker``: as in
@@ -297,9 +298,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     acc = _ops._acc_dtype(dtype)
     if target.is_floating_point():
         if target.dtype not in (dtype, acc):  # the op reads them in place: no silent [N, C] conversion
-            raise TypeError(f"memfast.linear_cross_entropy: class-probability targets must be in the logits' dtype "
-                            f"({dtype}) or {acc}, got {target.dtype}; convert them first")
-        y = target.detach().reshape(-1, C)
+            allowed = f"the logits' dtype ({dtype})" + ("" if acc == dtype else f" or {acc}")
+            raise TypeError(f"memfast.linear_cross_entropy: class-probability targets must be in {allowed}, got "
+                            f"{target.dtype}; convert them first")
+        y = target.detach().reshape(x.shape[0], C)
         if _autocast_dtype(input) is None:  # F.cross_entropy's promotion (fp32 under autocast)
             out_dtype = torch.promote_types(out_dtype, target.dtype)
             if weight is not None:
@@ -308,7 +310,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         y = target.reshape(-1).long().contiguous()
     track = None
     if tracker is not None:
-        ids = tracker._check_batch(x, sample_ids, y.numel())
+        ids = tracker._check_batch(x, sample_ids, x.shape[0])
         if not _ops.in_backward():  # a checkpoint's recompute: tracked by the first forward already
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     w = None if weight is None else weight.detach().to(acc).contiguous()

@@ -665,6 +665,22 @@ def test_inplace_backward_is_refused_where_it_would_corrupt(backend, targets):
     loss = memfast.cross_entropy(logits, y, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + 1e-4 * z_loss).backward()
+    # the logits changed in place after the loss: its gradient (their buffer) is no longer its own
+    logits = h @ w
+    loss = memfast.cross_entropy(logits, y, inplace_backward=True)
+    with torch.no_grad():
+        logits.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # two in-place losses on the same logits (a distillation's soft and hard terms): the second
+    # read the first's gradient as logits, which the first's backward refuses, whichever kind came first
+    _, _, q = _lm_head(torch.float32, targets="probability")
+    _, _, labels = _lm_head(torch.float32)
+    logits = h @ w
+    loss = memfast.cross_entropy(logits, y, inplace_backward=True)
+    loss = loss + memfast.cross_entropy(logits, q if targets == "index" else labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
     # recomputing the gradient needs the logits, which now hold it
     logits = h @ w
     loss = memfast.cross_entropy(logits, y, inplace_backward=True)

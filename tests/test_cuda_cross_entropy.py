@@ -563,6 +563,15 @@ def prob_case(R, C, dtype, gen_seed, empty_every=5):
     return x, t.to(device=DEV)
 
 
+@pytest.fixture(params=["one-sweep", "sweeps"])
+def prob_kernel(request, monkeypatch):
+    """Both CUDA kernels of cross_entropy_prob_fwd: the default one-sweep summary and the first
+    version's sweeps (MEMFAST_CUDA_PROB_KERNEL=sweeps)."""
+    if request.param == "sweeps":
+        monkeypatch.setenv("MEMFAST_CUDA_PROB_KERNEL", "sweeps")
+    return request.param
+
+
 def check_prob_op(args):
     """cross_entropy_prob_fwd on DEV against the reference on the same arguments."""
     got = torch.ops.memfast.cross_entropy_prob_fwd(*args)
@@ -583,7 +592,7 @@ def check_prob_op(args):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C", [1, 2, 10, 1000, 32000, 50257])
-def test_probability_op_matches_reference(dtype, C):
+def test_probability_op_matches_reference(prob_kernel, dtype, C):
     R = 64 if C <= 1000 else 8
     x, t = prob_case(R, C, dtype, C)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -595,7 +604,7 @@ def test_probability_op_matches_reference(dtype, C):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("opts", ["weight+smoothing", "dense", "vector", "table", "zloss+softcap", "strided rows",
                                   "strided classes", "no gradient"])
-def test_probability_op_options(opts, dtype):
+def test_probability_op_options(prob_kernel, opts, dtype):
     C, R = 777, 40
     x, t = prob_case(R, C, dtype, 7)
     t = t.to(dtype)
@@ -625,7 +634,7 @@ def test_probability_op_options(opts, dtype):
 
 
 @pytest.mark.parametrize("C", [3, 1000])
-def test_probability_op_ties_and_odd_rows(C):
+def test_probability_op_ties_and_odd_rows(prob_kernel, C):
     """Ties decide the label (the first maximal target, across the threads' strides) and the
     correctness (the first maximal logit); NaN / inf logits and targets, rows without mass; and the
     shapes R = 1, R = 0 and C = 0."""
@@ -644,6 +653,8 @@ def test_probability_op_ties_and_odd_rows(C):
     x[6, 0] = math.nan
     x[7, 2] = math.inf
     x[8, :] = -math.inf
+    x[10] = torch.linspace(-50, 50, C, device=DEV)  # rising: the one-sweep kernel's shift moves at every element
+    x[11] = torch.linspace(1e4, -1e4, C, device=DEV)  # huge and falling
     for reduction in (0, 1, 2):
         check_prob_op((x, t, None, 0.1, None, None, True, reduction))
     _, row_stats, label, _ = torch.ops.memfast.cross_entropy_prob_fwd(x, t, None, 0.0, None, None, False, 0)
@@ -656,7 +667,7 @@ def test_probability_op_ties_and_odd_rows(C):
 
 
 @cuda_only("the CPU kernel raises on a bad group")
-def test_probability_op_bad_group_gives_a_nan_row():
+def test_probability_op_bad_group_gives_a_nan_row(prob_kernel):
     x, t = prob_case(6, 50, torch.float32, 1, empty_every=0)
     groups = torch.tensor([0, 1, 7, 0, -1, 1], device=DEV)
     loss, row_stats, label, grad = torch.ops.memfast.cross_entropy_prob_fwd(

@@ -328,6 +328,13 @@ def test_probability_targets_under_autocast_empty_and_compiled(backend):
     loss = memfast.linear_cross_entropy(x0, w, q[:0], linear_bias=b)
     assert torch.isnan(loss)
     assert not any(g.any() for g in torch.autograd.grad(loss, (x0, w, b)))
+    # no classes: as F.cross_entropy (NaN mean, zeros otherwise)
+    for rows in (x, x[:0]):
+        for reduction in ("mean", "sum", "none"):
+            w0, q0 = w[:0].detach(), q[..., :0][:len(rows)]
+            want = F.cross_entropy(F.linear(rows, w0).flatten(0, -2), q0.flatten(0, -2), reduction=reduction)
+            got = memfast.linear_cross_entropy(rows, w0, q0, reduction=reduction)
+            torch.testing.assert_close(got, want.reshape(got.shape), equal_nan=True)
     # torch.compile(fullgraph=True): the same loss, gradients and tracker
     results = []
     for compiled in (False, True):
@@ -354,6 +361,8 @@ def test_probability_targets_bad_input_names_the_argument(backend):
         (dict(target=q.clone().requires_grad_()), ValueError, "target requires grad"),
         (dict(ignore_index=0), ValueError, "ignore_index"),
         (dict(target=q.bool()), TypeError, "target"),
+        # one id per row (15) or per sequence (3): 13 ids divide the 13 x 15 probabilities, not the rows
+        (dict(sample_ids=torch.arange(13), tracker=memfast.SampleTracker(13)), ValueError, "sample_ids"),
     ]
     for override, error, match in cases:
         args = dict(target=q, linear_bias=b)

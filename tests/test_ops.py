@@ -126,6 +126,11 @@ def test_opcheck_track(ns):
     _, row_stats, _ = reference.cross_entropy_fwd(logits, y, None, -100, 0.0, None, None, False, 0)
     for ids in (torch.tensor([0, 1, 1, 7, 3, 1]), torch.tensor([2, 5])):
         torch.library.opcheck(op.track_, (t.state, t.counters, row_stats, y, ids, -100, 4, t._stat_rows))
+    before = t.counters.clone()
+    for ids in (torch.tensor([0, 1, 2, 3]), torch.zeros(0, dtype=torch.long)):  # 4 ids (or none) for 6 rows
+        with pytest.raises(ValueError, match="sample_ids has .* must equal or divide the 6 rows"):
+            op.track_(t.state, t.counters, row_stats, y, ids, -100, 4, t._stat_rows)
+    assert torch.equal(t.counters, before)
 
 
 @needs_ext

@@ -1,13 +1,21 @@
-// Small device helpers shared by the CUDA kernels: 16-byte vector loads and
-// stores of logits-typed data, and warp / thread-group reductions.
+// Small helpers shared by the CUDA kernels: 16-byte vector loads and stores of
+// logits-typed data, warp / thread-group reductions, and the host's kernel choice.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace memfast {
 namespace cuda {
+
+// Whether the environment variable `name` is set to `value` (a host check of a kernel choice).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
 
 // Elements of `scalar_t` in one 16-byte access.
 template <typename scalar_t>

@@ -606,11 +606,6 @@ int device_major() {
   return major;
 }
 
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
-
 template <typename scalar_t, int G, int NVEC>
 void launch_resident(const FwdArgs<at::opmath_type<scalar_t>>& a, int cs, cudaStream_t stream) {
   constexpr int NT = ResidentConfig<scalar_t, G, NVEC>::kThreads;
@@ -682,10 +677,10 @@ template <typename scalar_t>
 void launch_forward(const FwdArgs<at::opmath_type<scalar_t>>& a, cudaStream_t stream) {
   constexpr int VEC = vec_width<scalar_t>();
   const int64_t need = a.C / VEC;
-  const bool stream_only = env_is("MEMFAST_CE_KERNEL", "stream");
+  const bool stream_only = cuda::env_is("MEMFAST_CE_KERNEL", "stream");
   // Asked only for rows that need them (cluster_code_loaded may query the driver once).
   auto clusters = [&] {
-    return !env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9 && cluster_code_loaded<scalar_t>(stream);
+    return !cuda::env_is("MEMFAST_CE_CLUSTER", "0") && device_major() >= 9 && cluster_code_loaded<scalar_t>(stream);
   };
   if (!stream_only) {
     if (need <= 8 * 1) return launch_resident<scalar_t, 8, 1>(a, 1, stream);

@@ -286,13 +286,16 @@ def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_cla
     finite row in the batch; non-finite rows only count in `nonfinite`.
     """
     N = state.shape[1]
+    R = target.numel()
+    if not (sample_ids.numel() == R or (sample_ids.numel() > 0 and R % sample_ids.numel() == 0)):
+        raise ValueError(f"memfast tracker: sample_ids has {sample_ids.numel()} entries, which must equal or divide "
+                         f"the {R} rows")  # (the kernels' check_track_args)
     if sample_ids.numel() and ((sample_ids < 0) | (sample_ids >= N)).any():
         i = int(((sample_ids < 0) | (sample_ids >= N)).nonzero()[0, 0])
         raise IndexError(f"memfast tracker: sample_ids[{i}] = {int(sample_ids[i])} is out of range "
                          f"for a tracker of {N} samples")
     _check_targets(target, num_classes, ignore_index, "memfast tracker")
     counters[COUNTER["calls"]] += 1
-    R = target.numel()
     if R == 0:
         return
 
