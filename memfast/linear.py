@@ -262,10 +262,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ``input.shape[:-1] + (C,)`` (class probabilities, e.g. a teacher's, in the
     logits' dtype, or fp32 for bf16 / fp16 logits: PyTorch's soft-target loss,
     the mean over rows; a tracker scores each row against its most probable
-    class). The
-    projection and the loss run ``chunk_size`` rows at a time (default: a
-    chunk's logits hold as many elements as ``input``, and at least 2^24),
-    so the ``[N, C]`` logits never exist at once. ``sample_ids`` / ``tracker``: as in
+    class). The projection and the loss run ``chunk_size`` rows at a time
+    (default: a chunk's logits hold as many elements as ``input``, and at
+    least 2^24), so the ``[N, C]`` logits never exist at once. ``sample_ids`` / ``tracker``: as in
     :func:`memfast.cross_entropy` (one id per row, or per leading index, e.g.
     ``[B]`` for ``[B, T]`` targets: the tokens of a sequence add into its
     sample). ``lse_square_scale`` (the z-loss) and ``softcap`` (Gemma 2's

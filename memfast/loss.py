@@ -330,9 +330,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         lse_square_scale instead) raises, as after any in-place op.
         Contiguous inputs only; a leaf (or a view of a leaf) that
         requires grad is refused, and so is a weight, adjustment or
-        probability target that shares the input's memory. Only in eager mode with a gradient to
-        compute: under torch.compile / torch.func the gradient is allocated as
-        usual. [N, C, d...] inputs are copied to rows, so the copy gets it.
+        probability target that shares the input's memory. Only in eager
+        mode with a gradient to compute: under torch.compile / torch.func
+        the gradient is allocated as usual. [N, C, d...] inputs are copied
+        to rows, so the copy gets it.
     """
     return _cross_entropy(input, target, weight, ignore_index, _legacy_reduction(size_average, reduce, reduction),
                           label_smoothing, sample_ids, tracker, adjustment, groups, inplace_backward, lse_square_scale,
