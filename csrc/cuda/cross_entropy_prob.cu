@@ -231,6 +231,8 @@ struct RowSummary {
   static constexpr int kNone = 0x7fffffff;  // no element yet: after every index
   acc_t t_max;        // the largest target (NaN skipped)
   int t_first;        // its first index
+  acc_t t_logit;      // that class's loss logit (carried here: read again after the combine, it could
+                      // already be overwritten by another warp's gradient in the in-place op)
   int t_nan;          // 1 if a target is NaN
   acc_t mass;         // A = sum w t'
   acc_t z_max;        // the largest logit (NaN as -inf), also the shift m of sum and dot
@@ -245,7 +247,7 @@ struct RowSummary {
     t_max = z_max = z_second = ninf;
     t_first = z_first = kNone;
     t_nan = 0;
-    mass = sum = dot = finite_mass = acc_t(0);
+    t_logit = mass = sum = dot = finite_mass = acc_t(0);
   }
 
   // Element c: target tc, w t' = wt, loss logit x.
@@ -254,6 +256,7 @@ struct RowSummary {
     if (tc > t_max) {
       t_max = tc;
       t_first = c;
+      t_logit = x;
     }
     t_nan |= tc != tc;
     mass += wt;
@@ -283,6 +286,7 @@ struct RowSummary {
     const bool tb = b.t_max > a.t_max || (b.t_max == a.t_max && b.t_first < a.t_first);
     r.t_max = tb ? b.t_max : a.t_max;
     r.t_first = tb ? b.t_first : a.t_first;
+    r.t_logit = tb ? b.t_logit : a.t_logit;
     r.t_nan = a.t_nan | b.t_nan;
     r.mass = a.mass + b.mass;
     const bool zb = b.z_max > a.z_max || (b.z_max == a.z_max && b.z_first < a.z_first);
@@ -307,6 +311,7 @@ struct RowSummary {
     RowSummary o;
     o.t_max = __shfl_xor_sync(0xffffffffu, t_max, offset);
     o.t_first = __shfl_xor_sync(0xffffffffu, t_first, offset);
+    o.t_logit = __shfl_xor_sync(0xffffffffu, t_logit, offset);
     o.t_nan = __shfl_xor_sync(0xffffffffu, t_nan, offset);
     o.mass = __shfl_xor_sync(0xffffffffu, mass, offset);
     o.z_max = __shfl_xor_sync(0xffffffffu, z_max, offset);
@@ -348,7 +353,7 @@ __global__ void __launch_bounds__(kProbThreads)
 
   const int64_t y = s.t_max > acc_t(0) && !s.t_nan ? s.t_first : -100;  // the first most probable class
   const bool has_mass = y >= 0;
-  const acc_t z_y = has_mass ? r.logit(y) : acc_t(0);
+  const acc_t z_y = has_mass ? s.t_logit : acc_t(0);
   const acc_t max_other = s.z_first == y ? s.z_second : s.z_max;
   // An all -inf row sums to 0 here; the CPU's exp(-inf - -inf) makes it NaN (no classes: 0).
   const acc_t sum = s.z_max == ninf && a.C > 0 ? std::numeric_limits<acc_t>::quiet_NaN() : s.sum;
