@@ -7,10 +7,11 @@
 //    (cross_entropy_bwd_, nothing to do for a mean's or sum's grad_loss == 1)
 //    and returns it, so a step holds one [R, C] buffer;
 //  - a second backward through the same graph recomputes the gradient from the
-//    logits: saved with the gradient when their storage is small (kKeepLogitsBytes,
-//    a classifier's: then a gradient penalty works as with F.cross_entropy, and
-//    autograd frees them after the backward), else held weakly (an LM head's cost
-//    no memory, and the caller must keep them for that);
+//    logits: kept by the node when their storage is small (kKeepLogitsBytes, a
+//    classifier's: then a gradient penalty works as with F.cross_entropy; freed
+//    after a backward that does not keep the graph, as autograd frees what it
+//    saved), else held weakly (an LM head's cost no memory, and the caller must
+//    keep them for that);
 //  - create_graph=True calls back into Python (the reference's differentiable
 //    gradient, memfast._ops._differentiable_grad), the one place that math is;
 //  - inplace_backward=True: cross_entropy_fwd_ writes the gradient over the
@@ -22,6 +23,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -95,7 +97,12 @@ struct SavedInputs : torch::CustomClassHolder {
   // were made from (memfast._ops.as_rows), which the caller keeps alive.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source{
       c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
-  bool rows_saved = false;  // small logits: the rows are the node's second saved variable instead
+  // Small logits: the rows themselves, kept here rather than with the gradient in the node's saved
+  // variables, so that a backward that does not need them (the usual one) does not unpack them and
+  // so does not fail when they were changed in place since -- e.g. by a later in-place loss of the
+  // same logits, as a distillation's soft and hard terms are. Unpacking checks their version.
+  bool rows_saved = false;
+  torch::autograd::SavedVariable rows;
   int64_t source_version = 0;
   int64_t target_version = 0;  // a backward needs the target unchanged, as autograd's saved tensors
   bool source_is_rows = true;
@@ -105,7 +112,7 @@ struct SavedInputs : torch::CustomClassHolder {
 
   Tensor live_logits(AutogradContext* ctx, const char* why) const {
     // (autograd's own check raises if saved rows were modified in place)
-    if (rows_saved) return ctx->get_saved_variables()[1];
+    if (rows_saved) return rows.unpack();  // (raises if modified, or freed by an earlier backward)
     auto impl = source.lock();
     Tensor t = impl ? Tensor(std::move(impl)) : Tensor();
     TORCH_CHECK(t.defined() && t._version() == source_version, "memfast.cross_entropy: ", why,
@@ -152,18 +159,15 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     }
     // Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx->set_materialize_grads(false);
-    // Small logits (by their storage: a small view of an LM's logits is not small) are saved with
-    // the gradient; never the in-place ones, whose buffer is the gradient, and not under saved-tensor
-    // hooks (activation checkpointing would recompute the region to unpack them, in the backward).
+    // Small logits (by their storage: a small view of an LM's logits is not small) are kept by the
+    // node (SavedInputs::rows); never the in-place ones, whose buffer is the gradient, and not under
+    // saved-tensor hooks (activation checkpointing would recompute the region to unpack them).
     const bool save_rows = !inplace && !at::SavedTensorDefaultHooks::get_hooks().has_value() &&
                            static_cast<int64_t>(logits.storage().nbytes()) <= kKeepLogitsBytes;
-    if (save_rows) {
-      ctx->save_for_backward({grad, logits});
-    } else {
-      ctx->save_for_backward({grad});
-    }
+    ctx->save_for_backward({grad});
     auto saved = c10::make_intrusive<SavedInputs>();
     saved->rows_saved = save_rows;
+    if (save_rows) saved->rows = torch::autograd::SavedVariable(logits, /*is_output=*/false);
     saved->target_version = target._version();
     saved->ops = ops;
     saved->target = target;
@@ -196,6 +200,15 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     variable_list out(15);
     if (!grad_outputs[0].defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
+    // The kept rows go when autograd frees the node's saved variables: after a backward that does
+    // not keep the graph (however this one ends).
+    struct ReleaseRows {
+      SavedInputs* inputs;
+      bool release;
+      ~ReleaseRows() {
+        if (release) inputs->rows.reset_data();
+      }
+    } release_rows{saved.get(), saved->rows_saved && !torch::autograd::get_current_graph_task_keep_graph()};
     const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
     // As for a tensor autograd saved: the gradient belongs to the forward's target.
     TORCH_CHECK(saved->target._version() == saved->target_version, "memfast.cross_entropy: the target was "
@@ -219,7 +232,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     }
     if (saved->rows_saved) {
       // Small logits: the saved gradient is scaled into a new tensor (at most kKeepLogitsBytes), so that
-      // it and the rows saved beside it stay as autograd saved them, for a second backward.
+      // it stays as saved, for a second backward (which the rows kept beside it also serve).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       out[1] = saved->ops->bwd.call(ctx->get_saved_variables()[0], grad_loss);
       return out;

@@ -180,19 +180,21 @@ def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
         # them too: the gradient is recomputed from the logits (_backward, jvp), so they are kept.
         ctx.save_for_backward(grad, logits)
         ctx.save_for_forward(logits)
-        ctx.keeps_logits = True
+        ctx.keeps_logits = ctx.logits_saved = True
         return
     # For a second backward through the same graph (retain_graph=True, gradcheck) or
     # create_graph, the gradient is recomputed from the logits. Small ones (by their storage) are
-    # saved with the gradient, as csrc/autograd.cpp does (autograd frees them after the
-    # backward); larger ones -- the caller's tensor (source) when memfast made the rows from it --
-    # are held weakly, so that an LM head's cost no memory. (Traced code never recomputes: there
-    # the logits are not saved.)
-    if _plain_eager(logits) and logits.untyped_storage().nbytes() <= KEEP_LOGITS_BYTES and not _saved_tensor_hooks():
-        ctx.save_for_backward(grad, logits)
-        ctx.keeps_logits = True
-        return
+    # kept, as csrc/autograd.cpp does: beside the saved gradient rather than with it, so that the
+    # usual backward, which does not need them, does not fail when they were changed in place since
+    # (a later in-place loss of the same logits); they are freed after a backward that does not keep
+    # the graph (_release_kept_logits). Larger ones -- the caller's tensor (source) when memfast made
+    # the rows from it -- are held weakly, so that an LM head's cost no memory. (Traced code never
+    # recomputes: there the logits are not saved.)
     ctx.save_for_backward(grad)
+    if _plain_eager(logits) and logits.untyped_storage().nbytes() <= KEEP_LOGITS_BYTES and not _saved_tensor_hooks():
+        ctx.keeps_logits = True
+        ctx.kept_logits, ctx.logits_version = logits, logits._version
+        return
     ctx.keeps_logits = False
     ctx.logits_ref, ctx.logits_version = (weakref.ref(logits), logits._version) if source is None else source
     ctx.rows_from_source = source is not None
@@ -212,8 +214,17 @@ def _plain_eager(t):
 
 
 def _live_logits(ctx, why):
-    if ctx.keeps_logits:  # (autograd's own check raises if they were modified in place)
+    if getattr(ctx, "logits_saved", False):  # (forward AD: autograd's own check raises if modified)
         return ctx.saved_tensors[1]
+    if ctx.keeps_logits:
+        logits = ctx.kept_logits
+        if logits is None:
+            raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits, which the loss kept until its "
+                               "first backward; pass retain_graph=True to that one (as for any saved tensor)")
+        if logits._version != ctx.logits_version:
+            raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits, which were modified by an inplace "
+                               "operation after the loss (as a saved tensor would say); compute the loss again")
+        return logits
     logits = ctx.logits_ref()
     if logits is None or logits._version != ctx.logits_version:
         raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
@@ -270,6 +281,20 @@ _PROBABILITY_TARGETS = _ForwardOp(10, _prob_recompute, _prob_differentiable)
 
 def _backward(lib, ctx, grad_loss):
     """d loss / d logits from the gradient the forward saved (see _fwd_setup_context)."""
+    try:
+        return _backward_of(lib, ctx, grad_loss)
+    finally:
+        _release_kept_logits(ctx)
+
+
+def _release_kept_logits(ctx):
+    """Drop the small logits a loss kept (_keep_for_backward) after a backward that does not keep the
+    graph, as autograd frees its saved tensors then."""
+    if getattr(ctx, "kept_logits", None) is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
+        ctx.kept_logits = None
+
+
+def _backward_of(lib, ctx, grad_loss):
     op = ctx.op
     if grad_loss is None:
         return (None,) + op.no_grads

@@ -77,6 +77,8 @@ def _check(input, linear_weight, target, linear_bias, weight, ignore_index):
                              "the logits, which does)")
     else:
         expected, what = tuple(input.shape[:-1]), "class indices"
+        if tuple(target.shape) == expected + (C,):
+            what += "; class probabilities must be a floating-point tensor"
     if tuple(target.shape) != expected:
         raise ValueError(f"memfast.linear_cross_entropy: target has shape {tuple(target.shape)}, expected "
                          f"{expected} for input of shape {tuple(input.shape)} ({what})")

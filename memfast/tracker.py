@@ -262,7 +262,8 @@ class SampleTracker:
         after which the sample stayed correct, / epochs; 1 if not learned),
         curv (input curvature averaged over the scoring calls), grad_norm
         (input-gradient norm, "loss sensitivity", averaged likewise), count,
-        nonfinite. Samples never updated get NaN means.
+        nonfinite. Samples never updated get NaN means and NaN latest-update
+        values (last_loss, inconf_final, inconf_max).
 
         sync=True first merges all ranks (all_reduce) under torch.distributed.
         """
@@ -293,10 +294,14 @@ class SampleTracker:
             if has("correct"):
                 out["accuracy"] = mean(self.stat("correct"))
                 out["cum_01_loss"] = 1 - out["accuracy"]
+        # The latest update's values: NaN for a sample never updated (not the 0 of an empty buffer,
+        # which would read as a confidently learned sample).
+        latest = (lambda x: x) if count is None else (lambda x: torch.where(count > 0, x, torch.nan))
         if has("last_loss"):
-            out["inconf_final"] = 1 - torch.exp(-self.stat("last_loss"))
+            out["last_loss"] = latest(self.stat("last_loss"))
+            out["inconf_final"] = latest(1 - torch.exp(-self.stat("last_loss")))
         if has("last_maxprob"):
-            out["inconf_max"] = 1 - self.stat("last_maxprob")
+            out["inconf_max"] = latest(1 - self.stat("last_maxprob"))
         if has("learned_epoch"):
             epochs = max(self.epoch, 1)
             learned = self.stat("learned_epoch")

@@ -692,6 +692,28 @@ def test_inplace_backward_is_refused_where_it_would_corrupt(backend, targets):
         loss.backward()
 
 
+@pytest.mark.parametrize("first", TARGET_KINDS)
+def test_inplace_loss_after_another_loss_of_the_same_logits(backend, first):
+    """Distillation's soft and hard terms of one set of logits, the in-place one last (as the README
+    advises): the first loss's backward does not need the logits it kept (small ones, for a
+    gradient penalty), so it does not fail on the in-place change; both gradients are PyTorch's.
+    A gradient penalty through the first loss then needs them, and raises. (Index targets first:
+    the C++ autograd keeps them; probability targets first: the Python one.)"""
+    h, w, y = _lm_head(torch.float64)
+    _, _, q = _lm_head(torch.float64, targets="probability")
+    hard, soft = (y, q) if first == "index" else (q, y)
+    logits = h @ w
+    loss = memfast.cross_entropy(logits, hard) + memfast.cross_entropy(logits, soft, inplace_backward=True)
+    loss.backward()
+    (want,) = torch.autograd.grad(F.cross_entropy(h @ w, hard) + F.cross_entropy(h @ w, soft), w)
+    torch.testing.assert_close(w.grad, want)
+    logits = h @ w
+    loss = memfast.cross_entropy(logits, hard)
+    memfast.cross_entropy(logits, soft, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, w, create_graph=True)
+
+
 @pytest.mark.parametrize("targets", TARGET_KINDS)
 def test_inplace_backward_without_a_gradient_writes_nothing(backend, targets):
     h, w, y = _lm_head(torch.float32, targets=targets)

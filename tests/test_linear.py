@@ -361,6 +361,7 @@ def test_probability_targets_bad_input_names_the_argument(backend):
         (dict(target=q.clone().requires_grad_()), ValueError, "target requires grad"),
         (dict(ignore_index=0), ValueError, "ignore_index"),
         (dict(target=q.bool()), TypeError, "target"),
+        (dict(target=(q * 255).to(torch.uint8)), ValueError, "class probabilities must be a floating-point"),
         # one id per row (15) or per sequence (3): 13 ids divide the 13 x 15 probabilities, not the rows
         (dict(sample_ids=torch.arange(13), tracker=memfast.SampleTracker(13)), ValueError, "sample_ids"),
     ]

@@ -170,6 +170,19 @@ def test_scores(backend):
     torch.testing.assert_close(s["variability"], p.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
 
 
+def test_scores_of_samples_never_updated(backend):
+    """A sample no batch named has count 0: NaN means and NaN latest-update values (not the zeros of
+    an empty buffer, which would read as a confidently learned sample); never learned."""
+    tracker = SampleTracker(3, stats="all")
+    tracker.update(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1]), torch.tensor([0, 2]))
+    tracker.end_epoch()
+    s = tracker.scores()
+    assert s["count"].tolist() == [1, 0, 1]
+    for name in ("csl_mean", "aum", "accuracy", "confidence", "last_loss", "inconf_final", "inconf_max"):
+        assert s[name][1].isnan() and not s[name][[0, 2]].isnan().any(), name
+    assert s["learn_time"][1] == 1 and s["csl"][1] == 0 and s["forgetting"][1] == 0
+
+
 def test_default_stats_and_memory():
     t = SampleTracker(10)
     assert t.stored_stats == ("csl", "count", "nonfinite")
