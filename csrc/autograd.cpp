@@ -111,7 +111,6 @@ struct SavedInputs : torch::CustomClassHolder {
   at::ScalarType acc_dtype = at::kFloat;  // the op's loss dtype: what its backward takes
 
   Tensor live_logits(AutogradContext* ctx, const char* why) const {
-    // (autograd's own check raises if saved rows were modified in place)
     if (rows_saved) return rows.unpack();  // (raises if modified, or freed by an earlier backward)
     auto impl = source.lock();
     Tensor t = impl ? Tensor(std::move(impl)) : Tensor();
@@ -198,7 +197,6 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     // One entry per forward argument (ops, logits, target, ... reduction, lse_square_scale,
     // softcap, inplace, source, loss_dtype); only logits gets one.
     variable_list out(15);
-    if (!grad_outputs[0].defined()) return out;
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
     // The kept rows go when autograd frees the node's saved variables: after a backward that does
     // not keep the graph (however this one ends).
@@ -209,6 +207,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
         if (release) inputs->rows.reset_data();
       }
     } release_rows{saved.get(), saved->rows_saved && !torch::autograd::get_current_graph_task_keep_graph()};
+    if (!grad_outputs[0].defined()) return out;
     const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
     // As for a tensor autograd saved: the gradient belongs to the forward's target.
     TORCH_CHECK(saved->target._version() == saved->target_version, "memfast.cross_entropy: the target was "
