@@ -591,7 +591,7 @@ def check_prob_op(args):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("C", [1, 2, 10, 1000, 32000, 50257])
+@pytest.mark.parametrize("C", [1, 2, 10, 1000, 32000, 50257, 128256])  # (128256: 500 elements a thread)
 def test_probability_op_matches_reference(prob_kernel, dtype, C):
     R = 64 if C <= 1000 else 8
     x, t = prob_case(R, C, dtype, C)
