@@ -169,7 +169,9 @@ def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
     logits, *rest = inputs
     ctx.other_inputs = rest
     ctx.target_version = rest[0]._version  # a backward needs the target unchanged (see _backward)
-    ctx.saved_grad_consumed = False
+    # What the backward changes lives in one mutable object: compiled autograd runs the backward with
+    # a stand-in ctx that reads attributes through but keeps assignments to itself.
+    ctx.state = _BackwardState()
     ctx.grad_over_logits = grad_over_logits
     if grad_over_logits:  # the logits are the gradient now: nothing to recompute from
         ctx.save_for_backward(grad)
@@ -193,11 +195,22 @@ def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
     ctx.save_for_backward(grad)
     if _plain_eager(logits) and logits.untyped_storage().nbytes() <= KEEP_LOGITS_BYTES and not _saved_tensor_hooks():
         ctx.keeps_logits = True
-        ctx.kept_logits, ctx.logits_version = logits, logits._version
+        ctx.state.kept_logits, ctx.logits_version = logits, logits._version
+        ctx.logits_history = (logits.grad_fn, logits.requires_grad)  # (what detach_() would change)
         return
     ctx.keeps_logits = False
     ctx.logits_ref, ctx.logits_version = (weakref.ref(logits), logits._version) if source is None else source
     ctx.rows_from_source = source is not None
+
+
+class _BackwardState:
+    """A loss's backward-time state (see _keep_for_backward)."""
+
+    __slots__ = ("saved_grad_consumed", "kept_logits")
+
+    def __init__(self):
+        self.saved_grad_consumed = False  # the saved gradient was scaled in place by a first backward
+        self.kept_logits = None  # small logits kept for a recompute, until a backward that frees the graph
 
 
 def _saved_tensor_hooks():
@@ -217,13 +230,16 @@ def _live_logits(ctx, why):
     if getattr(ctx, "logits_saved", False):  # (forward AD: autograd's own check raises if modified)
         return ctx.saved_tensors[1]
     if ctx.keeps_logits:
-        logits = ctx.kept_logits
+        logits = ctx.state.kept_logits
         if logits is None:
             raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits, which the loss kept until its "
                                "first backward; pass retain_graph=True to that one (as for any saved tensor)")
         if logits._version != ctx.logits_version:
             raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits, which were modified by an inplace "
                                "operation after the loss (as a saved tensor would say); compute the loss again")
+        if (logits.grad_fn, logits.requires_grad) != ctx.logits_history:
+            raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits' autograd history, which detach_() "
+                               "removed after the loss; compute the loss again")
         return logits
     logits = ctx.logits_ref()
     if logits is None or logits._version != ctx.logits_version:
@@ -290,8 +306,10 @@ def _backward(lib, ctx, grad_loss):
 def _release_kept_logits(ctx):
     """Drop the small logits a loss kept (_keep_for_backward) after a backward that does not keep the
     graph, as autograd frees its saved tensors then."""
-    if getattr(ctx, "kept_logits", None) is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
-        ctx.kept_logits = None
+    state = getattr(ctx, "state", None)
+    if state is not None and state.kept_logits is not None:
+        if not torch._C._autograd._get_current_graph_task_keep_graph():
+            state.kept_logits = None
 
 
 def _backward_of(lib, ctx, grad_loss):
@@ -302,7 +320,7 @@ def _backward_of(lib, ctx, grad_loss):
     if not traced and ctx.other_inputs[0]._version != ctx.target_version:  # as for a tensor autograd saved
         raise RuntimeError("memfast.cross_entropy: the target was modified in place after the forward, so the "
                            "loss's gradient no longer belongs to it; compute the loss again")
-    if ctx.grad_over_logits and (torch.is_grad_enabled() or ctx.saved_grad_consumed):
+    if ctx.grad_over_logits and (torch.is_grad_enabled() or ctx.state.saved_grad_consumed):
         raise RuntimeError(GRAD_OVER_LOGITS_REFUSAL.format(
             "a differentiable gradient (create_graph=True)" if torch.is_grad_enabled()
             else "a second backward through one loss (retain_graph=True)"))
@@ -311,7 +329,7 @@ def _backward_of(lib, ctx, grad_loss):
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
         logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)")
         return (op.differentiable(logits, ctx.other_inputs, grad_loss),) + op.no_grads
-    if not ctx.saved_grad_consumed:
+    if not ctx.state.saved_grad_consumed:
         grad = ctx.saved_tensors[0]
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
         logits = _live_logits(ctx, "backward twice through one loss (retain_graph=True)")
@@ -322,7 +340,7 @@ def _backward_of(lib, ctx, grad_loss):
         return (lib.cross_entropy_bwd(grad, grad_loss),) + op.no_grads
     # eager: scale the saved gradient in place (no second [R, C] buffer; on the CPU
     # nothing at all for the usual grad_loss == 1 of a mean or sum); it is not used again
-    ctx.saved_grad_consumed = True
+    ctx.state.saved_grad_consumed = True
     lib.cross_entropy_bwd_(grad, grad_loss)
     return (grad,) + op.no_grads
 

@@ -316,3 +316,50 @@ def test_recomputed_gradient_needs_the_inputs_unchanged():
     y[0] = 3
     with pytest.raises(RuntimeError, match="target was modified"):
         loss.backward()
+
+
+def test_backward_state_survives_compiled_autograd():
+    """Compiled autograd runs the Python autograd's backward with a stand-in ctx that keeps
+    assignments to itself: the state a backward changes (the kept logits, freed after a backward
+    that does not keep the graph; the saved gradient, scaled in place by a first backward) must
+    still reach the loss."""
+    import gc
+    import weakref
+
+    ca = pytest.importorskip("torch._dynamo.compiled_autograd")
+    q = torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1)
+    h, w = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    logits = h @ w
+    ref = weakref.ref(logits)
+    loss = memfast.cross_entropy(logits, q)  # small logits: kept for a recompute
+    del logits
+    with ca._enable(lambda gm: gm):
+        loss.backward()
+    gc.collect()
+    assert ref() is None
+    classes = _ops.KEEP_LOGITS_BYTES // (8 * 64) + 1  # large logits: the saved gradient is scaled in place
+    h, q = torch.randn(64, 3, dtype=torch.float64), torch.softmax(torch.randn(64, classes, dtype=torch.float64), 1)
+    w = torch.randn(3, classes, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fn in (memfast.cross_entropy, F.cross_entropy):
+        w.grad = None
+        logits = h @ w
+        loss = fn(logits, q) * 3
+        with ca._enable(lambda gm: gm):
+            loss.backward(retain_graph=True)
+            first = w.grad.clone()
+            loss.backward()
+        grads.append((first, w.grad - first))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradient_penalty_refuses_logits_detached_in_place():
+    """detach_() on the logits after the loss removes the history a differentiable gradient needs:
+    refused (as autograd refuses a saved tensor detached in place), not an incomplete penalty."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    logits = torch.tanh(x @ torch.randn(3, 4, dtype=torch.float64)) * 3
+    loss = memfast.cross_entropy(logits, torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1))
+    logits.detach_()
+    with pytest.raises(RuntimeError, match="detach_"):
+        torch.autograd.grad(loss, x, create_graph=True)
