@@ -61,4 +61,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prob_forward_grad_over_logits(
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
+// The adjustment's fields of a CUDA kernel's arguments (FwdArgs, ProbArgs): the rows (nullptr:
+// none), their stride (0 for one [C] shift expanded to every row), the row of each logits row
+// (groups; nullptr: the row itself) and the table's number of rows (the groups' bound).
+template <typename acc_t, typename Args>
+void set_adjustment_args(Args& a, const at::Tensor& adjustment, const at::Tensor& groups) {
+  a.adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
+  a.adj_ld = adjustment.defined() && adjustment.size(0) > 1 ? adjustment.stride(0) : 0;
+  a.groups = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
+  a.A = adjustment.defined() ? adjustment.size(0) : 0;
+}
+
 }  // namespace memfast

@@ -41,9 +41,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   const scalar_t* z_base = logits.const_data_ptr<scalar_t>();
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
-  const int64_t adj_ld = adjustment.defined() ? adjustment.stride(0) : 0;
-  const int64_t* grp = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
+  const AdjustmentRows<acc_t> shift(adjustment, groups);
   acc_t* loss_p = loss_rows.mutable_data_ptr<acc_t>();
   acc_t* st = row_stats.mutable_data_ptr<acc_t>();
   scalar_t* g_base = grad.numel() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
@@ -74,7 +72,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       }
       // The (capped, adjusted) row in the accumulation type; plain fp32 rows are read in place.
       const acc_t* row = load_row(z_base + r * ld, buf, slope, C, cap, inv_cap,
-                                  adj ? adj + (grp ? grp[r] : r) * adj_ld : nullptr, avx512);
+                                  shift.row(r), avx512);
       // The scans first: reading row[y] before them would be a cache miss per row
       // that the hardware prefetcher, following the row in order, cannot hide.
       const acc_t max_before = row_max(row, y, avx512);
@@ -164,13 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
       forward_rows<scalar_t>(logits, target, weight, ignore_index, label_smoothing, adjustment, groups,
                              acc_t(1) / den, lse_square_scale, softcap, loss_rows, row_stats, grad);
     }
-    if (reduction != REDUCTION_NONE) {
-      double total = 0;
-      const acc_t* lp = loss_rows.const_data_ptr<acc_t>();
-      for (int64_t r = 0; r < R; ++r) total += lp[r];
-      // The mean over no rows (or rows all weighing 0) is NaN, as in PyTorch.
-      *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total) / den;
-    }
+    if (reduction != REDUCTION_NONE) write_total(loss_rows, den, loss);
   });
   return {loss, row_stats, grad};
 }

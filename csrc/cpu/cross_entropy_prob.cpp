@@ -87,9 +87,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
   const scalar_t* z_base = logits.const_data_ptr<scalar_t>();
   const target_t* t_base = target.const_data_ptr<target_t>();
   const acc_t* w = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
-  const int64_t adj_ld = adjustment.defined() ? adjustment.stride(0) : 0;
-  const int64_t* grp = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
+  const AdjustmentRows<acc_t> shift(adjustment, groups);
   acc_t* loss_p = loss_rows.mutable_data_ptr<acc_t>();
   acc_t* st = row_stats.mutable_data_ptr<acc_t>();
   int64_t* label_p = label.mutable_data_ptr<int64_t>();
@@ -113,7 +111,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
     acc_t* slope = slope_buffer.data();
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* row = load_row(z_base + r * ld, buf, slope, C, cap, inv_cap,
-                                  adj ? adj + (grp ? grp[r] : r) * adj_ld : nullptr, avx512);
+                                  shift.row(r), avx512);
       const target_t* t_in = t_base + r * t_ld;
       const acc_t* t = tbuf;
       if constexpr (std::is_same_v<target_t, acc_t>) {
@@ -206,12 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
       forward_rows<scalar_t, acc_t>(logits, target, weight, label_smoothing, adjustment, groups, acc_t(1) / den,
                                     lse_square_scale, softcap, loss_rows, row_stats, label, grad);
     }
-    if (reduction != REDUCTION_NONE) {
-      double total = 0;
-      const acc_t* lp = loss_rows.const_data_ptr<acc_t>();
-      for (int64_t r = 0; r < R; ++r) total += lp[r];
-      *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total) / den;
-    }
+    if (reduction != REDUCTION_NONE) write_total(loss_rows, den, loss);
   });
   return {loss, row_stats, label, grad};
 }

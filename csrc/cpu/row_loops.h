@@ -5,6 +5,7 @@
 // loops are written with intrinsics (MEMFAST_CPU_KERNEL=generic turns them off).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -312,6 +313,32 @@ const acc_t* load_row(const scalar_t* z, acc_t* buf, acc_t* slope, int64_t C, ac
     for (int64_t c = 0; c < C; ++c) buf[c] += adj_row[c];
   }
   return buf;
+}
+
+// The adjustment's row for logits row r (nullptr without one): dense rows, one [C] shift expanded
+// to every row (stride 0), or the table row that groups names.
+template <typename acc_t>
+struct AdjustmentRows {
+  const acc_t* adj;
+  int64_t ld;
+  const int64_t* groups;
+
+  AdjustmentRows(const at::Tensor& adjustment, const at::Tensor& groups_)
+      : adj(adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr),
+        ld(adjustment.defined() ? adjustment.stride(0) : 0),
+        groups(groups_.defined() ? groups_.const_data_ptr<int64_t>() : nullptr) {}
+
+  const acc_t* row(int64_t r) const { return adj ? adj + (groups ? groups[r] : r) * ld : nullptr; }
+};
+
+// The mean's or the sum's loss: the row losses summed in double (the exact order of a serial
+// loop), divided by den (1 for the sum; the mean over no rows is NaN, as in PyTorch).
+template <typename acc_t>
+void write_total(const at::Tensor& loss_rows, acc_t den, at::Tensor& loss) {
+  double total = 0;
+  const acc_t* lp = loss_rows.const_data_ptr<acc_t>();
+  for (int64_t r = 0; r < loss_rows.numel(); ++r) total += lp[r];
+  *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total) / den;
 }
 
 }  // namespace cpu

@@ -772,10 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       a.grad_scale = d + 1;
     }
-    a.adj = adjustment.defined() ? adjustment.const_data_ptr<acc_t>() : nullptr;
-    a.adj_ld = adjustment.defined() && adjustment.size(0) > 1 ? adjustment.stride(0) : 0;
-    a.groups = groups.defined() ? groups.const_data_ptr<int64_t>() : nullptr;
-    a.A = adjustment.defined() ? adjustment.size(0) : 0;
+    set_adjustment_args<acc_t>(a, adjustment, groups);
     a.loss = loss_rows.mutable_data_ptr<acc_t>();
     a.stats = row_stats.mutable_data_ptr<acc_t>();
     a.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;

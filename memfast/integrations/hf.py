@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import memfast
+from memfast.linear import _autocast_dtype
 
 TRACKER_FILE = "memfast_tracker.pt"
 
@@ -181,12 +182,9 @@ class _HeadInput:
         self.hidden = args[0]
         # The Trainer's mixed precision wraps the model's forward only (accelerate), and the loss
         # runs after it: the head's projection must see the autocast state the head saw.
-        kind = self.hidden.device.type
-        try:
-            self.autocast = dict(device_type=kind, enabled=torch.is_autocast_enabled(kind),
-                                 dtype=torch.get_autocast_dtype(kind))
-        except RuntimeError:  # a device type autocast does not know
-            self.autocast = dict(device_type=kind, enabled=False)
+        dtype = _autocast_dtype(self.hidden)
+        self.autocast = dict(device_type=self.hidden.device.type, enabled=dtype is not None,
+                             **({} if dtype is None else {"dtype": dtype}))
         return (args[0][..., -1:, :],)
 
     def autocast_context(self):
