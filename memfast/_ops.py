@@ -5,6 +5,7 @@ Two namespaces carry the same schemas: ``torch.ops.memfast`` (compiled
 kernels, csrc/) and ``torch.ops.memfast_ref`` (memfast/reference.py). The
 Python API calls ``ops(device)``, which picks one per device type.
 """
+import sys
 import os
 import warnings
 import weakref
@@ -307,7 +308,8 @@ def _release_kept_logits(ctx):
     """Drop the small logits a loss kept (_keep_for_backward) after a backward that does not keep the
     graph, as autograd frees its saved tensors then."""
     state = getattr(ctx, "state", None)
-    if state is not None and state.kept_logits is not None:
+    # (Dynamo tracing a compiled autograd graph cannot call the query; there the logits go with the graph.)
+    if state is not None and state.kept_logits is not None and not torch.compiler.is_compiling():
         if not torch._C._autograd._get_current_graph_task_keep_graph():
             state.kept_logits = None
 
@@ -484,6 +486,17 @@ def cross_entropy_prob(lib, logits, target, weight, eps, adjustment, groups, red
     return loss, row_stats
 
 
+def _compiled_autograd_on():
+    """Whether a backward may run under compiled autograd (torch._dynamo.config.compiled_autograd,
+    or inside its context manager): its graph capture cannot collect the C++ autograd node's saved
+    state, so the loss takes the Python autograd Function there."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:  # never imported: nothing can have turned it on
+        return False
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return bool((ca is not None and ca.compiled_autograd_enabled) or dynamo.config.compiled_autograd)
+
+
 def _forward_ad_active():
     return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0
 
@@ -506,7 +519,7 @@ def cross_entropy(lib, logits, target, weight, ignore_index, eps, adjustment, gr
     if type(logits) is torch.Tensor and not torch.compiler.is_compiling():  # not traced (fake / functional)
         if _forward_ad_active():  # the logits are kept (_fwd_setup_context): no source needed
             loss, row_stats, _ = _FusedCrossEntropy.apply(lib, None, *args)
-        elif _C is not None:
+        elif _C is not None and not (logits.requires_grad and _compiled_autograd_on()):
             # Plain eager: one C++ call does the forward (through the C++ autograd Function when
             # the logits require grad) and the tracking -- no Python on the step's autograd path.
             return _C.cross_entropy(lib.name, *args, *(track or _NO_TRACKING), inplace, source, loss_dtype)

@@ -1,4 +1,6 @@
 """The op registrations: schemas, build info, opcheck, torch.compile."""
+import contextlib
+
 import pytest
 import torch
 
@@ -179,3 +181,53 @@ def test_torch_compile_fullgraph_matches_eager(backend, compile_backend):
         torch.testing.assert_close(model.weight.grad, eager_grad)
     torch.testing.assert_close(compiled_tracker.state, eager_tracker.state)
     assert torch.equal(compiled_tracker.counters, eager_tracker.counters)
+
+
+@contextlib.contextmanager
+def _config_compiled_autograd():
+    torch._dynamo.config.compiled_autograd = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.compiled_autograd = False
+
+
+@pytest.mark.parametrize("turned_on", ["config", "context"])
+def test_compiled_autograd_backward_of_an_eager_loss_matches_eager(backend, turned_on):
+    """A loss computed eagerly (a compiled model, the loss outside it) whose backward runs under
+    compiled autograd: the C++ autograd node's state cannot be captured there, so the loss takes
+    the Python autograd Function -- same loss, gradients and tracker totals as plain eager. With
+    the C++ node this raised "unhashable type: 'Capsule'"."""
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y, ids = torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.tensor([0, 1, 2, 3, 3, 4, 5, 6])
+    y[1] = -100
+    trackers = memfast.SampleTracker(7, stats="all"), memfast.SampleTracker(7, stats="all")
+    results = []
+    torch._dynamo.reset()
+    for tracker, compiled in zip(trackers, (False, True)):
+        grads = []
+        for step in range(3):
+            model.zero_grad()
+            if compiled and turned_on == "context":
+                scope = compiled_autograd._enable(torch.compile(backend="aot_eager"))
+            elif compiled:  # the switch a program sets once, before its steps
+                scope = _config_compiled_autograd()
+            else:
+                scope = contextlib.nullcontext()
+            with scope:
+                loss = _loss(model, x * (step + 1), y, ids, tracker, inplace_backward=True)
+                loss = loss + memfast.cross_entropy(model(x), y, reduction="none").sum() / 3
+                if compiled and turned_on == "config":  # a backward under torch.compile: compiled autograd
+                    torch.compile(lambda: loss.backward(), backend="aot_eager")()
+                else:
+                    loss.backward()
+            grads.append((loss.detach(), model.weight.grad.clone(), model.bias.grad.clone()))
+        results.append(grads)
+    for got, want in zip(*results):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    torch.testing.assert_close(trackers[1].state, trackers[0].state)
+    assert torch.equal(trackers[1].counters, trackers[0].counters)
