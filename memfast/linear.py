@@ -35,7 +35,10 @@ def _chunk_rows(rows, hidden, classes, chunk_size):
 
 
 def _autocast_dtype(input):
-    """Autocast's dtype for input's device when autocast is on there, else None."""
+    """Autocast's dtype for input when autocast is on for its device and casts it, else None
+    (autocast leaves float64 alone: F.linear of fp64 tensors stays fp64 under it)."""
+    if input.dtype == torch.float64:
+        return None
     kind = input.device.type
     try:
         if torch.is_autocast_enabled(kind):

@@ -2,6 +2,7 @@
 that can also track per-sample statistics and shift the logits (MAT's
 adjusted softmax) inside the same fused op (class-index targets, and
 class-probability targets through an op of their own)."""
+import functools
 import math
 import numbers
 import os
@@ -221,12 +222,11 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
 
 def _probability_loss_dtype(input, target, weight):
     """F.cross_entropy's dtype for probability targets: the promotion of input, target and weight
-    (fp32 under autocast)."""
-    dtype = _loss_dtype(input)
-    if dtype != input.dtype:
-        return dtype
-    dtype = torch.promote_types(input.dtype, target.dtype)
-    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
+    (under autocast: of fp32 and any fp64 among them)."""
+    dtypes = [input.dtype, target.dtype] + ([] if weight is None else [weight.dtype])
+    if _loss_dtype(input) != input.dtype:  # autocast runs it in fp32, casting all but fp64 tensors
+        dtypes = [d if d == torch.float64 else torch.float32 for d in dtypes]
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids, tracker,

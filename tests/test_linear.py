@@ -170,6 +170,23 @@ def test_autocast_bf16_matches_pytorch(backend):
         torch.testing.assert_close(a, c, **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_autocast_leaves_float64_alone(backend, soft):
+    """Autocast does not cast float64 (F.linear of fp64 tensors stays fp64 under it): nor does
+    memfast -- before, the head ran in bf16 and returned an fp32 loss 3e-3 off."""
+    x, w, b, y = _head(torch.float64)
+    target = torch.softmax(torch.randn(*y.shape, w.shape[0], dtype=torch.float64), -1) if soft else y
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = memfast.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4)
+        want = F.cross_entropy(F.linear(x, w, b).reshape(-1, w.shape[0]),
+                               target.reshape(-1, w.shape[0]) if soft else target.reshape(-1))
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    for a, c in zip(_grads(got, (x, w, b)), _grads(want, (x, w, b))):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, c, **TOL[torch.float64])
+
+
 def test_bad_input_names_the_argument(backend):
     x, w, b, y = _head(torch.float32)
     cases = [

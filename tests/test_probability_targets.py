@@ -205,3 +205,25 @@ def test_ignore_index_and_dtype_as_pytorch(backend):
         eps = torch.finfo(xd).eps
         torch.testing.assert_close(memfast.cross_entropy(x.to(xd), q.to(qd)).double(), truth, rtol=eps, atol=0)
         torch.testing.assert_close(want.double(), truth, rtol=4 * eps, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_output_dtype_and_refusals_match_pytorch(backend, autocast):
+    """Every mix of logits, target and weight dtypes, with and without autocast: the loss's dtype
+    is F.cross_entropy's (under autocast: fp32, or fp64 where a target or weight is fp64), and
+    where PyTorch refuses a mix memfast does too. Before, bf16 logits with fp64 targets under
+    autocast gave fp32."""
+    import itertools
+
+    z, q = torch.randn(6, 7), torch.softmax(torch.randn(6, 7), 1)
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    for logits_dtype, target_dtype, weight_dtype in itertools.product(dtypes, dtypes, [None] + dtypes):
+        kw = {} if weight_dtype is None else dict(weight=torch.rand(7, dtype=weight_dtype) + 0.5)
+        results = []
+        for fn in (F.cross_entropy, memfast.cross_entropy):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                try:
+                    results.append(fn(z.to(logits_dtype), q.to(target_dtype), **kw).dtype)
+                except (RuntimeError, TypeError, ValueError):
+                    results.append("refused")
+        assert results[1] == results[0], (logits_dtype, target_dtype, weight_dtype)
