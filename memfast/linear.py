@@ -186,6 +186,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled() and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling():
+            # the gradients are formed by in-place products with no history: a gradient penalty would
+            # silently miss this loss's part
+            raise RuntimeError("memfast.linear_cross_entropy: a differentiable gradient (create_graph=True) is "
+                               "not supported; use memfast.cross_entropy(F.linear(input, linear_weight, "
+                               "linear_bias), target, ...) for a gradient penalty")
         if ctx.reduction == _NONE:
             grads = _recompute_grads(ctx, grad_loss)
         else:
@@ -255,6 +261,21 @@ def _recompute_grads(ctx, grad_loss):
     return grads
 
 
+def _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, sample_ids,
+             tracker, zeta, cap):
+    """memfast.cross_entropy of the whole logits, for torch.func transforms and forward-mode AD, which
+    the chunked Function (gradients formed in its forward) cannot serve."""
+    from .loss import cross_entropy
+
+    H, C = input.shape[-1], linear_weight.shape[0]
+    logits = F.linear(input.reshape(-1, H), linear_weight, linear_bias)
+    rows = target.reshape(-1, C) if target.is_floating_point() else target.reshape(-1)
+    loss = cross_entropy(logits, rows, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, sample_ids=sample_ids, tracker=tracker,
+                         lse_square_scale=zeta, softcap=cap or None)
+    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+
+
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, sample_ids=None, tracker=None, chunk_size=None,
                          size_average=None, reduce=None, lse_square_scale=0.0, accum_dtype=None,
@@ -296,6 +317,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise ValueError(f"memfast.linear_cross_entropy: accum_dtype must be None, torch.float32 or torch.float64, "
                          f"got {accum_dtype!r}")
     _check(input, linear_weight, target, linear_bias, weight, ignore_index)
+    if _ops._forward_ad_active():
+        return _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                        sample_ids, tracker, zeta, cap)
+    if not torch.is_grad_enabled():  # (an autograd Function would still see the parameters' requires_grad)
+        input, linear_weight = input.detach(), linear_weight.detach()
+        linear_bias = None if linear_bias is None else linear_bias.detach()
     H, C = input.shape[-1], linear_weight.shape[0]
     x = input.reshape(-1, H)
     dtype, out_dtype = _dtypes(input)

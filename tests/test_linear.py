@@ -387,3 +387,57 @@ def test_probability_targets_bad_input_names_the_argument(backend):
         args.update(override)
         with pytest.raises(error, match=match):
             memfast.linear_cross_entropy(x, w, args.pop("target"), **args)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_gradient_work_without_grad_mode(backend, monkeypatch, mode):
+    """Under no_grad / inference_mode (an eval loop) the chunks form no gradients, although the
+    parameters require grad (an autograd Function would still see that): same cost as detached."""
+    x, w, b, y = _head(torch.float32)
+    products = []
+    monkeypatch.setattr(memfast.linear, "_accumulate", lambda *a: products.append(1))
+    with getattr(torch, mode)():
+        got = memfast.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=4)
+    assert not products and not got.requires_grad
+    torch.testing.assert_close(got, _reference(x, w, b, y).detach(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_differentiable_gradient_is_refused(backend, reduction, soft):
+    """create_graph=True: the chunks' gradients are in-place products with no history, so a
+    gradient penalty would silently miss this loss's part; refused with the alternative named."""
+    x, w, b, y = _head(torch.float64)
+    target = torch.softmax(torch.randn(*y.shape, w.shape[0], dtype=torch.float64), -1) if soft else y
+    loss = memfast.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="create_graph=True.*memfast.cross_entropy"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_torch_func_transforms_match_pytorch(backend, soft):
+    """torch.func (grad, vmap, jvp) gets the unfused loss, which it can transform; the tracker is
+    updated once per call, as with memfast.cross_entropy."""
+    x, w, b, y = _head(torch.float64)
+    C = w.shape[0]
+    target = torch.softmax(torch.randn(*y.shape, C, dtype=torch.float64), -1) if soft else y
+    x, w, b = x.detach(), w.detach(), b.detach()
+
+    def ours(w, x=x, target=target, **kw):
+        return memfast.linear_cross_entropy(x, w, target, linear_bias=b, **kw)
+
+    def theirs(w, x=x, target=target):
+        return F.cross_entropy(F.linear(x, w, b).reshape(-1, C), target.reshape(-1, C) if soft else target.reshape(-1))
+
+    torch.testing.assert_close(torch.func.grad(ours)(w), torch.func.grad(theirs)(w), **TOL[torch.float64])
+    per_sequence = torch.func.vmap(torch.func.grad(ours), in_dims=(None, 0, 0))(w, x[:, None], target[:, None])
+    torch.testing.assert_close(per_sequence, torch.func.vmap(torch.func.grad(theirs), in_dims=(None, 0, 0))(
+        w, x[:, None], target[:, None]), **TOL[torch.float64])
+    tangent = torch.randn_like(w)
+    torch.testing.assert_close(torch.func.jvp(ours, (w,), (tangent,)), torch.func.jvp(theirs, (w,), (tangent,)),
+                               **TOL[torch.float64])
+    tracker, plain = memfast.SampleTracker(3, stats="all"), memfast.SampleTracker(3, stats="all")
+    torch.func.grad(lambda w: ours(w, sample_ids=torch.arange(3), tracker=tracker))(w)
+    ours(w, sample_ids=torch.arange(3), tracker=plain)
+    torch.testing.assert_close(tracker.state, plain.state)
+    assert torch.equal(tracker.counters, plain.counters)
