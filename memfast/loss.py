@@ -74,7 +74,8 @@ def _caller_stacklevel():
     return level
 
 
-def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups, rows=True):
+def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, groups, rows=True,
+             weight_grad=False):
     """Validate arguments (host metadata only) and bring them to the op's row layout (rows=False:
     no logits rows, which for [N, C, d...] inputs are a copy; None is returned for them)."""
     _check_input(input)
@@ -108,7 +109,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
                              f"{getattr(weight, 'shape', type(weight))}")
         if weight.device != input.device:
             raise ValueError(f"memfast.cross_entropy: weight is on {weight.device} but input is on {input.device}")
-        if weight.requires_grad and torch.is_grad_enabled():  # F.cross_entropy refuses it too
+        if weight.requires_grad and torch.is_grad_enabled() and not weight_grad:  # F.cross_entropy refuses it too
             raise ValueError("memfast.cross_entropy: weight requires grad, but the loss is not differentiable in the "
                              "class weights (as in F.cross_entropy); pass weight.detach()")
         weight = weight.detach().to(acc).contiguous()
@@ -175,7 +176,9 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
                          "must be an integer tensor)")
     class_dim = 0 if input.dim() == 1 else 1
     lib = _ops.prob_ops(input.device)
-    if (lib is not None and target.dtype in (input.dtype, _ops._acc_dtype(input.dtype))
+    # PyTorch's soft-target loss is differentiable in the target and the class weights: then it runs
+    weight_grad = isinstance(weight, Tensor) and weight.requires_grad and torch.is_grad_enabled()
+    if (lib is not None and target.dtype in (input.dtype, _ops._acc_dtype(input.dtype)) and not weight_grad
             and not (target.requires_grad and torch.is_grad_enabled()) and not _ops._forward_ad_active()):
         return _fused_probability_cross_entropy(lib, input, target, weight, reduction, label_smoothing, sample_ids,
                                                 tracker, adjustment, groups, zeta, cap, track_in_backward,
@@ -194,7 +197,7 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
     # copy for [N, C, d...]) only where the shift, the cap or the tracker needs them.
     logits, label_rows, weight_acc, shift, groups_rows, label_shape, unbatched = _prepare(
         input, label, weight, -100, label_smoothing, adjustment, groups,
-        rows=adjustment is not None or bool(cap) or tracker is not None)
+        rows=adjustment is not None or bool(cap) or tracker is not None, weight_grad=weight_grad)
     if adjustment is None and not cap:
         loss = F.cross_entropy(input, target, weight, reduction=reduction, label_smoothing=label_smoothing)
         if zeta:
@@ -206,7 +209,8 @@ def _probability_cross_entropy(input, target, weight, ignore_index, reduction, l
             shifted = cap * torch.tanh(shifted / cap)
         if shift is not None:
             shifted = shifted + (shift if groups_rows is None else shift[groups_rows])
-        loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype), weight_acc, reduction=reduction,
+        loss = F.cross_entropy(shifted, _ops.as_rows(target).to(shifted.dtype),
+                               weight.to(shifted.dtype) if weight_grad else weight_acc, reduction=reduction,
                                label_smoothing=label_smoothing)
         if zeta:
             loss = loss + _reduce(zeta * torch.logsumexp(shifted, 1) ** 2 * has_mass.reshape(-1), reduction)

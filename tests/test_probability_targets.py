@@ -227,3 +227,27 @@ def test_output_dtype_and_refusals_match_pytorch(backend, autocast):
                 except (RuntimeError, TypeError, ValueError):
                     results.append("refused")
         assert results[1] == results[0], (logits_dtype, target_dtype, weight_dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_class_weights_that_require_grad_get_pytorchs_gradient(backend, reduction, shifted):
+    """With probability targets F.cross_entropy is differentiable in the class weights (with class
+    indices it refuses, and so does memfast): memfast gives the same weight and logits gradients,
+    with a softcap and an adjustment too, and still tracks."""
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    q, w = soft((6, 4)), (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    adjustment = torch.randn(4, dtype=torch.float64) if shifted else None
+    tracker = SampleTracker(6)
+    got = memfast.cross_entropy(x, q, weight=w, reduction=reduction, adjustment=adjustment,
+                                softcap=5.0 if shifted else None, sample_ids=torch.arange(6), tracker=tracker)
+    z = 5.0 * torch.tanh(x / 5.0) + adjustment if shifted else x
+    want = F.cross_entropy(z, q, weight=w, reduction=reduction)
+    torch.testing.assert_close(got, want)
+    upstream = torch.randn_like(want)
+    grads = [torch.autograd.grad(loss, (x, w), upstream) for loss in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert tracker.stat("count").tolist() == [1.0] * 6
+    with pytest.raises(ValueError, match="weight requires grad"):
+        memfast.cross_entropy(x, q.argmax(1), weight=w)
