@@ -104,18 +104,41 @@ struct SavedInputs : torch::CustomClassHolder {
   bool rows_saved = false;
   torch::autograd::SavedVariable rows;
   int64_t source_version = 0;
-  int64_t target_version = 0;  // a backward needs the target unchanged, as autograd's saved tensors
+  // A backward needs the target, weight, adjustment and groups unchanged, as autograd's saved tensors
+  // (check_inputs). They are dropped after a backward that does not keep the graph (released).
+  int64_t target_version = 0, weight_version = 0, adjustment_version = 0, groups_version = 0;
+  bool released = false;
   bool source_is_rows = true;
   bool grad_over_logits = false;  // inplace_backward: the saved gradient is the logits' own buffer
   bool saved_grad_consumed = false;
   at::ScalarType acc_dtype = at::kFloat;  // the op's loss dtype: what its backward takes
 
-  Tensor live_logits(AutogradContext* ctx, const char* why) const {
+  static int64_t version_of(const OptTensor& t) { return t.has_value() && t->defined() ? t->_version() : 0; }
+
+  void check_inputs() const {
+    TORCH_CHECK(!released, "memfast.cross_entropy: Trying to backward through the graph a second time (the loss's "
+                "saved inputs were freed by the first backward); specify retain_graph=True the first time");
+    const std::pair<const char*, bool> changed[] = {
+        {"target", target._version() != target_version},
+        {"weight", version_of(weight) != weight_version},
+        {"adjustment", version_of(adjustment) != adjustment_version},
+        {"groups", version_of(groups) != groups_version}};
+    for (const auto& [name, moved] : changed) {
+      TORCH_CHECK(!moved, "memfast.cross_entropy: the ", name, " was modified in place after the forward, so the "
+                  "loss's gradient no longer belongs to it; compute the loss again");
+    }
+  }
+
+  Tensor live_logits(AutogradContext* ctx, const char* why, bool differentiable = false) const {
     if (rows_saved) return rows.unpack();  // (raises if modified, or freed by an earlier backward)
     auto impl = source.lock();
     Tensor t = impl ? Tensor(std::move(impl)) : Tensor();
     TORCH_CHECK(t.defined() && t._version() == source_version, "memfast.cross_entropy: ", why,
-                " needs the logits alive and unmodified; keep a reference to them (or compute the loss again)");
+                " needs the logits alive and unmodified; keep a reference to them (or compute the loss again; "
+                "inside torch.utils.checkpoint, return them from the checkpointed function)");
+    // (the loss exists because they required grad)
+    TORCH_CHECK(!differentiable || t.requires_grad(), "memfast.cross_entropy: ", why, " needs the logits' autograd "
+                "history, which detach_() removed after the loss; compute the loss again");
     if (source_is_rows) return t;
     return t.dim() == 1 ? t.unsqueeze(0) : t.movedim(1, -1).reshape({-1, t.size(1)});
   }
@@ -168,6 +191,9 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     saved->rows_saved = save_rows;
     if (save_rows) saved->rows = torch::autograd::SavedVariable(logits, /*is_output=*/false);
     saved->target_version = target._version();
+    saved->weight_version = SavedInputs::version_of(weight);
+    saved->adjustment_version = SavedInputs::version_of(adjustment);
+    saved->groups_version = SavedInputs::version_of(groups);
     saved->ops = ops;
     saved->target = target;
     saved->weight = weight;
@@ -198,21 +224,22 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
     // softcap, inplace, source, loss_dtype); only logits gets one.
     variable_list out(15);
     auto saved = c10::static_intrusive_pointer_cast<SavedInputs>(ctx->saved_data["inputs"].toCapsule());
-    // The kept rows go when autograd frees the node's saved variables: after a backward that does
-    // not keep the graph (however this one ends).
-    struct ReleaseRows {
+    saved->check_inputs();
+    // The kept rows and the inputs go when autograd frees the node's saved variables: after a backward
+    // that does not keep the graph (however this one ends).
+    struct ReleaseSaved {
       SavedInputs* inputs;
       bool release;
-      ~ReleaseRows() {
-        if (release) inputs->rows.reset_data();
+      ~ReleaseSaved() {
+        if (!release) return;
+        if (inputs->rows_saved) inputs->rows.reset_data();
+        inputs->target = Tensor();
+        inputs->weight = inputs->adjustment = inputs->groups = std::nullopt;
+        inputs->released = true;
       }
-    } release_rows{saved.get(), saved->rows_saved && !torch::autograd::get_current_graph_task_keep_graph()};
+    } release_saved{saved.get(), !torch::autograd::get_current_graph_task_keep_graph()};
     if (!grad_outputs[0].defined()) return out;
     const Tensor grad_loss = grad_outputs[0].to(saved->acc_dtype);
-    // As for a tensor autograd saved: the gradient belongs to the forward's target.
-    TORCH_CHECK(saved->target._version() == saved->target_version, "memfast.cross_entropy: the target was "
-                "modified in place after the forward, so the loss's gradient no longer belongs to it; compute the "
-                "loss again");
     TORCH_CHECK(!(saved->grad_over_logits && (at::GradMode::is_enabled() || saved->saved_grad_consumed)),
                 "memfast.cross_entropy: ",
                 at::GradMode::is_enabled() ? "a differentiable gradient (create_graph=True)"
@@ -221,7 +248,8 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
                 "inplace_backward off for this loss");
     if (at::GradMode::is_enabled()) {
       // create_graph=True (a gradient penalty): a differentiable gradient, recomputed from the logits
-      Tensor logits = saved->live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)");
+      Tensor logits = saved->live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)",
+                                         /*differentiable=*/true);
       py::gil_scoped_acquire gil;
       out[1] = (*differentiable_grad)(logits, saved->target, saved->weight, saved->ignore_index,
                                       saved->label_smoothing, saved->adjustment, saved->groups, saved->reduction,

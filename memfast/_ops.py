@@ -168,11 +168,11 @@ def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
     # Otherwise autograd fills an [R, C] zero tensor for the unused `grad` output on every backward.
     ctx.set_materialize_grads(False)
     logits, *rest = inputs
-    ctx.other_inputs = rest
-    ctx.target_version = rest[0]._version  # a backward needs the target unchanged (see _backward)
+    # a backward needs the target, weight, adjustment and groups unchanged (see _check_inputs)
+    ctx.input_versions = [(i, t._version) for i, t in enumerate(rest) if isinstance(t, torch.Tensor)]
     # What the backward changes lives in one mutable object: compiled autograd runs the backward with
     # a stand-in ctx that reads attributes through but keeps assignments to itself.
-    ctx.state = _BackwardState()
+    ctx.state = _BackwardState(rest)
     ctx.grad_over_logits = grad_over_logits
     if grad_over_logits:  # the logits are the gradient now: nothing to recompute from
         ctx.save_for_backward(grad)
@@ -207,11 +207,14 @@ def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
 class _BackwardState:
     """A loss's backward-time state (see _keep_for_backward)."""
 
-    __slots__ = ("saved_grad_consumed", "kept_logits")
+    __slots__ = ("saved_grad_consumed", "kept_logits", "inputs")
 
-    def __init__(self):
+    def __init__(self, inputs):
         self.saved_grad_consumed = False  # the saved gradient was scaled in place by a first backward
         self.kept_logits = None  # small logits kept for a recompute, until a backward that frees the graph
+        # the op's arguments after the logits (target, weight, ...), until a backward that frees the
+        # graph: a teacher's [N, C] probabilities or a dense adjustment go then, as saved tensors do
+        self.inputs = inputs
 
 
 def _saved_tensor_hooks():
@@ -227,7 +230,7 @@ def _plain_eager(t):
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def _live_logits(ctx, why):
+def _live_logits(ctx, why, differentiable=False):
     if getattr(ctx, "logits_saved", False):  # (forward AD: autograd's own check raises if modified)
         return ctx.saved_tensors[1]
     if ctx.keeps_logits:
@@ -245,7 +248,11 @@ def _live_logits(ctx, why):
     logits = ctx.logits_ref()
     if logits is None or logits._version != ctx.logits_version:
         raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits alive and unmodified; keep a "
-                           "reference to them (or compute the loss again)")
+                           "reference to them (or compute the loss again; inside torch.utils.checkpoint, return "
+                           "them from the checkpointed function)")
+    if differentiable and not logits.requires_grad:  # (the loss exists because they required grad)
+        raise RuntimeError(f"memfast.cross_entropy: {why} needs the logits' autograd history, which detach_() "
+                           "removed after the loss; compute the loss again")
     return as_rows(logits) if ctx.rows_from_source else logits
 
 
@@ -262,9 +269,10 @@ class _ForwardOp:
     """What _backward needs to know of a forward op: its number of inputs, and how to recompute
     its gradient from the logits (with the op, or differentiably with whole-tensor ops)."""
 
-    def __init__(self, num_inputs, recompute, differentiable):
+    def __init__(self, num_inputs, recompute, differentiable, tensor_names):
         self.no_grads = (None,) * (num_inputs - 1)  # only the logits get a gradient
         self.recompute, self.differentiable = recompute, differentiable
+        self.tensor_names = tensor_names  # position among the inputs after the logits -> argument name
 
 
 def _index_recompute(lib, logits, inputs):
@@ -292,8 +300,10 @@ def _prob_differentiable(logits, inputs, grad_loss):
     return reference.cross_entropy_bwd(grad, grad_loss)
 
 
-_INDEX_TARGETS = _ForwardOp(11, _index_recompute, _index_differentiable)
-_PROBABILITY_TARGETS = _ForwardOp(10, _prob_recompute, _prob_differentiable)
+_INDEX_TARGETS = _ForwardOp(11, _index_recompute, _index_differentiable,
+                            {0: "target", 1: "weight", 4: "adjustment", 5: "groups"})
+_PROBABILITY_TARGETS = _ForwardOp(10, _prob_recompute, _prob_differentiable,
+                                  {0: "target", 1: "weight", 3: "adjustment", 4: "groups"})
 
 
 def _backward(lib, ctx, grad_loss):
@@ -305,13 +315,28 @@ def _backward(lib, ctx, grad_loss):
 
 
 def _release_kept_logits(ctx):
-    """Drop the small logits a loss kept (_keep_for_backward) after a backward that does not keep the
-    graph, as autograd frees its saved tensors then."""
+    """Drop the small logits a loss kept (_keep_for_backward) and its other inputs after a backward
+    that does not keep the graph, as autograd frees its saved tensors then."""
     state = getattr(ctx, "state", None)
-    # (Dynamo tracing a compiled autograd graph cannot call the query; there the logits go with the graph.)
-    if state is not None and state.kept_logits is not None and not torch.compiler.is_compiling():
+    # (Dynamo tracing a compiled autograd graph cannot call the query; there they go with the graph.)
+    if state is not None and state.inputs is not None and not torch.compiler.is_compiling():
         if not torch._C._autograd._get_current_graph_task_keep_graph():
-            state.kept_logits = None
+            state.kept_logits = state.inputs = None
+
+
+# PyTorch's words for a backward through a graph whose saved tensors were freed.
+FREED_GRAPH_REFUSAL = ("memfast.cross_entropy: Trying to backward through the graph a second time (the loss's saved "
+                       "inputs were freed by the first backward); specify retain_graph=True the first time")
+
+
+def _check_inputs(ctx, inputs):
+    """As for tensors autograd saved: the gradient belongs to the forward's target, weight, adjustment
+    and groups, and a recompute (a second or a differentiable backward) reads them again."""
+    for i, version in ctx.input_versions:
+        if inputs[i]._version != version:
+            raise RuntimeError(f"memfast.cross_entropy: the {ctx.op.tensor_names.get(i, 'input')} was modified in "
+                               "place after the forward, so the loss's gradient no longer belongs to it; compute the "
+                               "loss again")
 
 
 def _backward_of(lib, ctx, grad_loss):
@@ -319,9 +344,11 @@ def _backward_of(lib, ctx, grad_loss):
     if grad_loss is None:
         return (None,) + op.no_grads
     traced = type(grad_loss) is not torch.Tensor or torch.compiler.is_compiling()  # fake / functional tensors
-    if not traced and ctx.other_inputs[0]._version != ctx.target_version:  # as for a tensor autograd saved
-        raise RuntimeError("memfast.cross_entropy: the target was modified in place after the forward, so the "
-                           "loss's gradient no longer belongs to it; compute the loss again")
+    inputs = ctx.state.inputs
+    if inputs is None:
+        raise RuntimeError(FREED_GRAPH_REFUSAL)
+    if not traced:
+        _check_inputs(ctx, inputs)
     if ctx.grad_over_logits and (torch.is_grad_enabled() or ctx.state.saved_grad_consumed):
         raise RuntimeError(GRAD_OVER_LOGITS_REFUSAL.format(
             "a differentiable gradient (create_graph=True)" if torch.is_grad_enabled()
@@ -329,13 +356,13 @@ def _backward_of(lib, ctx, grad_loss):
     if torch.is_grad_enabled() and not traced:
         # create_graph=True (a gradient penalty) or a torch.func transform: the gradient must
         # itself be differentiable, so it is recomputed from the logits with whole-tensor ops.
-        logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)")
-        return (op.differentiable(logits, ctx.other_inputs, grad_loss),) + op.no_grads
+        logits = _live_logits(ctx, "a differentiable gradient (create_graph=True, torch.func)", differentiable=True)
+        return (op.differentiable(logits, inputs, grad_loss),) + op.no_grads
     if not ctx.state.saved_grad_consumed:
         grad = ctx.saved_tensors[0]
     else:  # a second backward: the saved gradient was scaled in place (its version moved on)
         logits = _live_logits(ctx, "backward twice through one loss (retain_graph=True)")
-        grad = op.recompute(lib, logits.detach(), ctx.other_inputs)
+        grad = op.recompute(lib, logits.detach(), inputs)
     if traced or not _plain_eager(grad) or ctx.keeps_logits:
         # traced (AOTAutograd): the functional form, a fresh tensor; so too where the logits were
         # saved beside the gradient (small ones): both stay as saved, for a second backward
@@ -413,7 +440,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if logits_tangent is None:
             return None, None, None
         logits = ctx.saved_tensors[-1]  # save_for_forward's (_fwd_setup_context)
-        target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = ctx.other_inputs
+        target, weight, ignore_index, eps, adjustment, groups, _, reduction, *scalars = ctx.state.inputs
         grad = reference.cross_entropy_grad(logits, target, weight, ignore_index, eps, adjustment, groups, reduction,
                                             *_fwd_scalars(scalars))
         acc = _acc_dtype(logits.dtype)

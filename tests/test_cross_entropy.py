@@ -779,3 +779,64 @@ def test_inplace_backward_through_views(backend, targets):
     loss = memfast.cross_entropy(rows, y, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _loss_inputs(kind, large):
+    """Logits [64, C] from x (small: kept by the loss; large: over KEEP_LOGITS_BYTES, held weakly),
+    an index or probability target, class weights and a dense adjustment."""
+    from memfast import _ops
+
+    C = _ops.KEEP_LOGITS_BYTES // (8 * 64) + 1 if large else 5
+    x = torch.randn(64, 3, dtype=torch.float64, requires_grad=True)
+    logits = x @ torch.randn(3, C, dtype=torch.float64)
+    target = torch.randint(0, C, (64,)) if kind == "index" else torch.softmax(torch.randn(64, C, dtype=torch.float64), 1)
+    return x, logits, target, torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(64, C, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("large", [False, True])
+@pytest.mark.parametrize("changed", ["weight", "adjustment", "target"])
+def test_inputs_changed_in_place_after_the_loss_are_refused(backend, kind, large, changed):
+    """As for tensors autograd saves: a backward (which may recompute the gradient from them, in a
+    second or a differentiable backward) refuses a target, weight or adjustment changed in place
+    since the forward, naming it -- before, a recompute used the new values silently."""
+    x, logits, target, weight, adjustment = _loss_inputs(kind, large)
+    loss = memfast.cross_entropy(logits, target, weight=weight, adjustment=adjustment)
+    {"weight": weight, "adjustment": adjustment, "target": target}[changed].mul_(2)
+    for backward in (lambda: loss.backward(retain_graph=True), lambda: torch.autograd.grad(loss, x, create_graph=True)):
+        with pytest.raises(RuntimeError, match=f"the {changed} was modified in place"):
+            backward()
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("large", [False, True])
+def test_inputs_are_freed_by_a_backward_that_frees_the_graph(backend, kind, large):
+    """The target (a teacher's [N, C] probabilities) and a dense adjustment are let go by a backward
+    without retain_graph, as autograd frees what it saved, though the loss tensor lives on (a loop
+    keeps it until the next step's loss replaces it); a second backward then raises PyTorch's
+    message, as it would (before, one through large logits recomputed silently)."""
+    import gc
+
+    x, logits, target, weight, adjustment = _loss_inputs(kind, large)
+    loss = memfast.cross_entropy(logits, target, weight=weight, adjustment=adjustment)
+    memory = [t.untyped_storage()._weak_ref() for t in (target, adjustment)]
+    del target, adjustment, logits
+    gc.collect()
+    assert not any(torch.UntypedStorage._expired(m) for m in memory)  # kept for the backward
+    loss.backward()
+    gc.collect()
+    assert all(torch.UntypedStorage._expired(m) for m in memory)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_gradient_penalty_refuses_large_logits_detached_in_place(backend, kind):
+    """Large logits are held weakly; detach_() on them after the loss removes the history a
+    differentiable gradient needs: refused, not a penalty that silently adds nothing."""
+    x, logits, target, _, _ = _loss_inputs(kind, large=True)
+    loss = memfast.cross_entropy(logits, target)
+    logits.detach_()
+    with pytest.raises(RuntimeError, match="detach_"):
+        torch.autograd.grad(loss, x, create_graph=True)

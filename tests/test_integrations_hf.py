@@ -404,3 +404,38 @@ def test_linear_cross_entropy_needs_a_linear_head(tmp_path):
                        tracker=memfast.SampleTracker(3))
     with pytest.raises(ValueError, match="torch_compile"):
         MemfastTrainer(model=make_model(), args=make_args(tmp_path, torch_compile=True), linear_cross_entropy=True)
+
+
+class StepLosses(MemfastTrainer):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.losses = []
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        loss = super().compute_loss(model, inputs, *a, **kw)
+        if model.training:
+            self.losses.append(float(loss))
+        return loss
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_another_padding_label_trains_as_minus_100(tmp_path, linear):
+    """ignore_index=0 with labels padded by 0: the same losses (with gradient accumulation, whose
+    denominator the Trainer counts as labels != -100), parameters, tracker and evaluation loss as
+    the same data padded with -100. Before, the padding entered the Trainer's token count."""
+    runs = []
+    for pad in (-100, 0):
+        examples = make_examples()
+        for example in examples:  # token ids are >= 1: 0 is never a target
+            example["labels"] = example["labels"].masked_fill(example["labels"] == -100, pad)
+        trainer = StepLosses(model=make_model(), args=make_args(tmp_path / str(pad), gradient_accumulation_steps=2),
+                             train_dataset=add_sample_ids(examples), tracker=memfast.SampleTracker(N, stats="all"),
+                             ignore_index=pad, linear_cross_entropy=linear)
+        trainer.train()
+        runs.append((trainer.losses, trainer.model.transformer.wte.weight.detach().clone(), trainer.tracker.state,
+                     trainer.evaluate(eval_dataset=add_sample_ids(examples))["eval_loss"]))
+    (losses, weight, state, eval_loss), (losses0, weight0, state0, eval_loss0) = runs
+    assert losses0 == pytest.approx(losses, rel=1e-6), (losses0, losses)
+    torch.testing.assert_close(weight0, weight)
+    torch.testing.assert_close(state0, state)
+    assert eval_loss0 == pytest.approx(eval_loss, rel=1e-6)

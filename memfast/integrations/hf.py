@@ -25,6 +25,7 @@ sees only that rank's batches, and only rank 0's is saved.
 """
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -304,6 +305,8 @@ class MemfastTrainer(Trainer):
             callbacks.append(TrackerCallback(tracker))
         super().__init__(*args, compute_loss_func=self._memfast_loss, callbacks=callbacks, **kwargs)
         self.shift_labels = _is_causal_lm(self.model) if shift_labels == "auto" else shift_labels
+        if ignore_index != -100:
+            self.data_collator = _RelabellingCollator(self.data_collator, ignore_index)
         if linear_cross_entropy and getattr(self.args, "torch_compile", False):
             raise ValueError("MemfastTrainer: linear_cross_entropy=True keeps the LM head's input with a forward "
                              "hook, which a compiled model does not run; use it without torch_compile")
@@ -358,11 +361,11 @@ class MemfastTrainer(Trainer):
         if labels is None:
             raise ValueError("MemfastTrainer: the batch has no labels")
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        labels = labels.to(logits.device)
+        labels = _ignored_as_minus_100({"labels": labels.to(logits.device)}, self.ignore_index)["labels"]
         if self.shift_labels:
             # Shift the labels, not the logits (as transformers' own loss does): logits[..., :-1, :]
             # would copy all [B, T-1, V] of them; the padded last position is ignored instead.
-            labels = torch.nn.functional.pad(labels, (0, 1), value=self.ignore_index)[..., 1:]
+            labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
         tracker, ids = self.tracker, self._batch_sample_ids
         if ids is not None:
             if tracker.device != logits.device:
@@ -370,7 +373,7 @@ class MemfastTrainer(Trainer):
             ids = ids.to(logits.device)
         else:
             tracker = None
-        kw = dict(ignore_index=self.ignore_index, sample_ids=ids, tracker=tracker,
+        kw = dict(ignore_index=-100, sample_ids=ids, tracker=tracker,
                   label_smoothing=float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0),
                   lse_square_scale=self.lse_square_scale)
         if self._head_input is not None:
@@ -429,6 +432,29 @@ class MemfastTrainer(Trainer):
             return memfast.linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), linear_bias=bias,
                                                 weight=class_weight, reduction=reduction, softcap=softcap,
                                                 accum_dtype=accum, **kw)
+
+
+class _RelabellingCollator:
+    """The Trainer's collator, its batches' labels with ignore_index written as -100: the Trainer
+    counts a batch's target tokens (num_items_in_batch, the loss's denominator, in training and in
+    evaluation) as its labels != -100."""
+
+    def __init__(self, collate, ignore_index):
+        self.collate, self.ignore_index = collate, ignore_index
+
+    def __call__(self, features):
+        return _ignored_as_minus_100(self.collate(features), self.ignore_index)
+
+
+def _ignored_as_minus_100(batch, ignore_index):
+    """The batch with its labels' ignore_index (a padding label) written as -100, the label the
+    Trainer's token count and the loss take as not a target."""
+    if ignore_index != -100 and isinstance(batch, Mapping):
+        for key in ("labels", "shift_labels"):
+            labels = batch.get(key)
+            if isinstance(labels, torch.Tensor):
+                batch[key] = labels.masked_fill(labels == ignore_index, -100)
+    return batch
 
 
 __all__ = ["MemfastTrainer", "TrackerCallback", "add_sample_ids", "load_tracker", "TRACKER_FILE"]
