@@ -303,8 +303,10 @@ class SampleTracker:
         if has("last_maxprob"):
             out["inconf_max"] = latest(1 - self.stat("last_maxprob"))
         if has("learned_epoch"):
-            epochs = max(self.epoch, 1)
             learned = self.stat("learned_epoch")
+            # the epochs seen, the current one too when a sample was learned in it (scores read before
+            # its end_epoch(), or a run stopped mid-epoch): learned then stays below 1, "never"
+            epochs = max(self.epoch, int(learned.max()) + 1 if learned.numel() else 1, 1)
             out["learn_time"] = torch.where(learned >= 0, learned, torch.full_like(learned, epochs)) / epochs
         for s in ("curv", "grad_norm"):
             if has(s):
@@ -356,9 +358,10 @@ class SampleTracker:
         if sd["num_samples"] != self.num_samples:
             raise ValueError(f"load_state_dict: the state is for {sd['num_samples']} samples, this tracker has "
                              f"{self.num_samples}")
-        if tuple(sd["user_stats"]) != self.user_stats:
+        if set(sd["user_stats"]) != set(self.user_stats) or sd["stored_stats"] != list(self.stored_stats):
             raise ValueError(f"load_state_dict: the state keeps {sd['user_stats']}, this tracker keeps "
                              f"{list(self.user_stats)}")
+        # (the same statistics named in another order: stored in the same canonical rows)
         self.state.copy_(sd["state"])
         self.counters.copy_(sd["counters"])
         synced = sd.get("synced_sums")

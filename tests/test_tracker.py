@@ -170,6 +170,22 @@ def test_scores(backend):
     torch.testing.assert_close(s["variability"], p.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
 
 
+def test_learn_time_read_before_the_epoch_ends(backend):
+    """Scores read mid-epoch (or after a run stopped mid-epoch): a sample learned in the current
+    epoch is learned (below 1, as after end_epoch()), not the 1 of "never learned"."""
+    tracker = SampleTracker(2, stats="all")
+    y, ids = torch.zeros(2, dtype=torch.long), torch.arange(2)
+    wrong = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    for _ in range(2):
+        tracker.update(wrong, y, ids)
+        tracker.end_epoch()
+    tracker.update(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), y, ids)  # sample 0 learned in epoch 2
+    mid_epoch = tracker.scores()["learn_time"]
+    torch.testing.assert_close(mid_epoch, torch.tensor([2 / 3, 1.0]))
+    tracker.end_epoch()
+    assert torch.equal(tracker.scores()["learn_time"], mid_epoch)
+
+
 def test_scores_of_samples_never_updated(backend):
     """A sample no batch named has count 0: NaN means and NaN latest-update values (not the zeros of
     an empty buffer, which would read as a confidently learned sample); never learned."""
@@ -209,6 +225,32 @@ def test_save_load_round_trip(tmp_path, backend):
     v = SampleTracker(50, stats="all")
     v.load_state_dict(t.state_dict())
     assert torch.equal(v.state, t.state)
+
+
+def test_load_into_the_same_statistics_named_in_another_order(backend):
+    """A state loads into a tracker of the same statistics named in another order (they are stored
+    in one canonical order), sums as of the last all_reduce too, with the same scores."""
+    from memfast._stats import SUM_STATS
+
+    stats = ("csl", "last_loss", "count", "margin", "forgetting")
+    t = SampleTracker(20, stats=stats)
+    for logits, target, ids, end in _scripted_batches(20, 4, 3, seed=2):
+        t.update(logits, target, ids)
+        if end:
+            t.end_epoch()
+    sums = [name for name in t.stored_stats if name in SUM_STATS]
+    t._synced_sums = torch.stack([t.stat(name) * 0.5 for name in sums])  # as after an all_reduce
+    u = SampleTracker(20, stats=tuple(reversed(stats)))
+    u.load_state_dict(t.state_dict())
+    for name in t.stored_stats:
+        assert torch.equal(u.stat(name), t.stat(name)), name
+    u_sums = [name for name in u.stored_stats if name in SUM_STATS]
+    for name in sums:
+        assert torch.equal(u._synced_sums[u_sums.index(name)], t.stat(name) * 0.5), name
+    for name, value in t.scores().items():
+        torch.testing.assert_close(u.scores()[name], value, equal_nan=True)
+    with pytest.raises(ValueError, match="keeps"):
+        SampleTracker(20, stats=stats[:-1]).load_state_dict(t.state_dict())
 
 
 def test_save_failure_keeps_previous_file(tmp_path, monkeypatch):
