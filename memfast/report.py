@@ -488,7 +488,8 @@ def load_array(path, name="file"):
 
 def add_arguments(parser):
     parser.add_argument("tracker", help="a SampleTracker file written by tracker.save(path)")
-    parser.add_argument("--labels", required=True, help="given (training) labels, .pt or .npy [N]")
+    parser.add_argument("--labels", help="given (training) labels, .pt or .npy [N]: a column of scores.csv and the "
+                        "image grid's captions (an LM's per-sequence tracker has none)")
     parser.add_argument("--noisy", help="boolean mask [N] of known mislabeled samples (.pt/.npy): "
                         "enables the mislabeled-detection metrics")
     parser.add_argument("--duplicates", help="boolean mask [N] of known duplicates (.pt/.npy)")
@@ -523,9 +524,11 @@ def run(args):
     def array(path, what):
         return _readable(lambda p: load_array(p, what), what, path)
 
-    labels = array(args.labels, "--labels").reshape(-1)
-    if labels.shape[0] != n:
+    labels = array(args.labels, "--labels").reshape(-1) if args.labels else None
+    if labels is not None and labels.shape[0] != n:
         raise SystemExit(f"memfast report: --labels has {labels.shape[0]} entries, the tracker has {n} samples")
+    if args.images and labels is None:
+        raise SystemExit("memfast report: --images needs --labels (the grid shows each image's given label)")
     noisy = array(args.noisy, "--noisy").reshape(-1).astype(bool) if args.noisy else None
     duplicates = array(args.duplicates, "--duplicates").reshape(-1).astype(bool) if args.duplicates else None
     true_labels = array(args.true_labels, "--true-labels").reshape(-1) if args.true_labels else None

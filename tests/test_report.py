@@ -147,6 +147,15 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "median" in text and "mislabeled AUROC" not in text
 
+    # An LM's per-sequence tracker has no labels: the tables and the files without that column.
+    lm_out = tmp_path / "lm"
+    assert main(["report", str(tmp_path / "tracker.pt"), "--noisy", str(tmp_path / "noisy.npy"), "--out",
+                 str(lm_out)]) == 0
+    assert "mislabeled AUROC" in capsys.readouterr().out
+    assert "given_label" not in (lm_out / "scores.csv").read_text().splitlines()[0]
+    with pytest.raises(SystemExit, match="--images needs --labels"):
+        main(["report", str(tmp_path / "tracker.pt"), "--images", str(tmp_path / "images.npy")])
+
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
     with pytest.raises(SystemExit, match="--labels has 5 entries"):
         main(["report", str(tmp_path / "tracker.pt"), "--labels", str(tmp_path / "short.npy")])
