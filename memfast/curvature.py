@@ -16,11 +16,13 @@ the CSL paper's learning time (Sec. 5; memfast.metrics.theory_learning_time).
 import contextlib
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from . import _ops
+from .data import describe_batch
 
 # On CPU a chunk holds about this many input elements (two CIFAR batches of
 # 64): larger stacked chunks fall out of cache and run slower per probe
@@ -126,7 +128,12 @@ def _check_args(model, inputs, targets, n_probes, h, chunk_size, scale):
 
 
 def _compute_dtype(inputs, model):
-    return torch.float64 if inputs.dtype == torch.float64 or _model_dtype(model) == torch.float64 else torch.float32
+    """The model's parameters' dtype (fp32 or fp64: what it takes, e.g. fp64 tabular inputs for an fp32
+    model); for a parameterless model or a function, fp64 for fp64 inputs, else fp32."""
+    model_dtype = _model_dtype(model)
+    if model_dtype is not None:
+        return model_dtype
+    return torch.float64 if inputs.dtype == torch.float64 else torch.float32
 
 
 def _squared_norms(g):
@@ -327,9 +334,10 @@ def _scored_batches(who, loader, num_samples, progress, desc):
 
     total = len(loader) if hasattr(loader, "__len__") else None
     for index, batch in enumerate(tqdm(loader, total=total, desc=desc, disable=not progress)):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-            raise ValueError(f"{who}: the loader must yield (inputs, targets, sample_ids) batches; wrap the "
-                             "dataset in memfast.data.WithIndex")
+        if not isinstance(batch, (tuple, list)) or len(batch) != 3 or isinstance(batch[0], Mapping):
+            raise ValueError(f"{who}: the loader must yield (inputs, targets, sample_ids) batches, got "
+                             f"{describe_batch(batch)}; wrap a dataset of (input, target) pairs in "
+                             "memfast.data.WithIndex")
         x, y, ids = batch
         if not isinstance(ids, torch.Tensor):
             ids = torch.as_tensor(ids)
@@ -346,7 +354,7 @@ def _accumulate(tracker, name, ids, values):
     """tracker's `name` += values and `name`_count += 1 at ids."""
     ids = ids.to(tracker.device, non_blocking=True)
     tracker.stat(name).index_add_(0, ids, values.to(tracker.device, torch.float32))
-    tracker.stat(f"{name}_count").index_add_(0, ids, torch.ones(len(ids), device=tracker.device))
+    tracker.stat(f"{name}_count").index_add_(0, ids, torch.ones(len(ids), dtype=torch.float32, device=tracker.device))
 
 
 def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None, progress=True, squared=False,

@@ -38,6 +38,19 @@ class WithIndex(Dataset):
         return f"WithIndex({self.dataset!r})"
 
 
+def describe_batch(batch):
+    """What a loader yielded, for an error message that says what (inputs, targets, sample_ids) it got."""
+    from collections.abc import Mapping
+
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {list(batch)} (have the dataset return (input, target) pairs)"
+    if isinstance(batch, (tuple, list)):
+        inner = ", ".join(type(b).__name__ + (" with keys " + str(list(b)) if isinstance(b, Mapping) else "")
+                          for b in batch)
+        return f"a {type(batch).__name__} of {len(batch)} ({inner})"
+    return f"a {type(batch).__name__}"
+
+
 def tensor_batches(inputs, targets, batch_size, *, shuffle=False, seed=0):
     """A DataLoader of (inputs, targets, sample_ids) batches over in-memory
     tensors, each batch indexed in one call (no per-sample collate);

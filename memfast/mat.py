@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import describe_batch
 from .loss import cross_entropy
 
 __all__ = ["XRM", "InferredGroups", "ArgmaxShift", "shift_table", "argmax_shift_table", "MATLoss",
@@ -38,6 +39,10 @@ def _check_ids(sample_ids, num_samples, name="sample_ids"):
         raise TypeError(f"{name} must be an integer tensor, got {getattr(sample_ids, 'dtype', type(sample_ids))}")
     if sample_ids.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(sample_ids.shape)}")
+    # (usually a loader's CPU tensor: no device sync; out of range, indexing would fail on the device)
+    if sample_ids.numel() and bool((sample_ids.min() < 0) | (sample_ids.max() >= num_samples)):
+        raise IndexError(f"{name} must be in [0, {num_samples}), got values in [{int(sample_ids.min())}, "
+                         f"{int(sample_ids.max())}]")
 
 
 def flip_probability(probs: Tensor) -> Tensor:
@@ -53,12 +58,11 @@ def class_balanced_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     rows (XRM's loss; its scale grows with the number of classes present).
     One fused memfast.cross_entropy call with class weights 1/count."""
     K = logits.shape[-1]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the loss's own precision
     # index_add rather than bincount: no host synchronisation on CUDA
-    counts = torch.zeros(K, dtype=torch.float32, device=logits.device).index_add_(
-        0, targets, torch.ones(targets.shape, dtype=torch.float32, device=logits.device))
+    counts = torch.zeros(K, dtype=acc, device=logits.device).index_add_(
+        0, targets, torch.ones(targets.shape, dtype=acc, device=logits.device))
     weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
-    if logits.dtype == torch.float64:
-        weight = weight.double()
     return cross_entropy(logits, targets, weight=weight, reduction="sum")
 
 
@@ -129,7 +133,7 @@ class XRM(nn.Module):
         self.twin_a, self.twin_b = twin_a, twin_b
         self.num_samples, self.num_classes, self.seed = int(num_samples), int(num_classes), int(seed)
         gen = torch.Generator().manual_seed(self.seed)
-        self.register_buffer("assignment", torch.rand(self.num_samples, generator=gen) < 0.5)
+        self.register_buffer("assignment", torch.rand(self.num_samples, generator=gen, dtype=torch.float32) < 0.5)
         self.register_buffer("labels", torch.full((self.num_samples,), -1, dtype=torch.long))
         self.register_buffer("dynamic_labels", torch.full((self.num_samples,), -1, dtype=torch.long))
         self.fuse = self._choose_fuse(fuse)
@@ -228,7 +232,8 @@ class XRM(nn.Module):
         optimizer.step()
 
         probs = torch.softmax(held_out.float(), dim=1)
-        flip = torch.rand(ids.shape[0], generator=self._flip_rng(device), device=device) < flip_probability(probs)
+        flip = torch.rand(ids.shape[0], generator=self._flip_rng(device), device=device,
+                          dtype=torch.float32) < flip_probability(probs)
         self.dynamic_labels[ids] = torch.where(flip, probs.argmax(1), dyn)
         return loss.detach()
 
@@ -247,8 +252,9 @@ class XRM(nn.Module):
         self.eval()
         try:
             for batch in loader:
-                if len(batch) != 3:
-                    raise ValueError("the loader must yield (x, y, sample_ids)")
+                if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+                    raise ValueError(f"the loader must yield (x, y, sample_ids) batches, got {describe_batch(batch)}; "
+                                     "wrap a dataset of (x, y) pairs in memfast.data.WithIndex")
                 x, y, ids = batch
                 _check_ids(ids, self.num_samples)
                 la, lb = self.twin_logits(x)
@@ -260,7 +266,8 @@ class XRM(nn.Module):
     def held_out_logits(self, loader) -> Tensor:
         """[num_samples, K] fp32 logits, each sample scored (eval mode) by the
         twin that did not train on it. Rows the loader never visits are NaN."""
-        out = torch.full((self.num_samples, self.num_classes), math.nan, device=self.assignment.device)
+        out = torch.full((self.num_samples, self.num_classes), math.nan, dtype=torch.float32,
+                         device=self.assignment.device)
 
         def record(la, lb, y, ids):
             if int(ids.max()) >= self.num_samples or int(ids.min()) < 0:

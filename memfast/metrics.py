@@ -30,7 +30,7 @@ def _curve(scores, labels):
     s, y = _scores_labels(scores, labels)
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
-    distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    distinct = np.r_[np.nonzero(s[1:] != s[:-1])[0], s.size - 1]  # (not np.diff: inf - inf is NaN, not a tie)
     tps = np.cumsum(y)[distinct]
     fps = (distinct + 1) - tps
     return tps.astype(np.float64), fps.astype(np.float64)
@@ -80,20 +80,27 @@ def pearson(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _classes(pred):
+    """Predicted classes [N] from logits [N, K] (K >= 2) or classes [N]."""
+    p = _np(pred)
+    if p.ndim == 2:
+        if p.shape[1] == 1:
+            raise ValueError("pred is [N, 1]: a single-logit (sigmoid) head's classes are (logit > 0); pass those")
+        p = p.argmax(1)
+    return p.reshape(-1)
+
+
 def accuracy(pred, y):
     """Plain accuracy; `pred` may be logits [N, K] or predicted classes [N]."""
-    p, y = _np(pred), _np(y).reshape(-1)
-    if p.ndim == 2:
-        p = p.argmax(1)
-    return float((p.reshape(-1) == y).mean())
+    p, y = _classes(pred), _np(y).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"pred and y differ in length: {p.shape[0]} vs {y.shape[0]}")
+    return float((p == y).mean())
 
 
 def group_accuracy(pred, y, groups):
     """{group: accuracy} over the groups present; `pred` logits or classes."""
-    p, y, g = _np(pred), _np(y).reshape(-1), _np(groups).reshape(-1)
-    if p.ndim == 2:
-        p = p.argmax(1)
-    p = p.reshape(-1)
+    p, y, g = _classes(pred), _np(y).reshape(-1), _np(groups).reshape(-1)
     if not (p.shape == y.shape == g.shape):
         raise ValueError(f"pred, y and groups differ in length: {p.shape}, {y.shape}, {g.shape}")
     return {int(k): float((p[g == k] == y[g == k]).mean()) for k in np.unique(g)}

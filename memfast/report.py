@@ -86,7 +86,7 @@ def proxies(scores, eval_scores=None, curvature=None, confident_learning=None, c
       per-epoch input-gradient norms.
     """
     out = {csl_key: _usable(scores.get("csl"))}
-    if csl_key == "csl_free":
+    if csl_key == "csl_free" or eval_scores is not None:
         out["csl_eval"] = _usable(eval_scores.get("csl")) if eval_scores is not None else None
     if curvature is None:
         curvature = scores.get("curv")
@@ -548,7 +548,11 @@ def run(args):
             raise SystemExit(f"memfast report: --grad-norm-history: {e}") from None
     scores = tracker.scores()
     if args.eval_tracker:
-        eval_scores = _readable(SampleTracker.load, "--eval-tracker", args.eval_tracker).scores()
+        eval_tracker = _readable(SampleTracker.load, "--eval-tracker", args.eval_tracker)
+        if eval_tracker.num_samples != n:
+            raise SystemExit(f"memfast report: --eval-tracker has {eval_tracker.num_samples} samples, the tracker "
+                             f"has {n}")
+        eval_scores = eval_tracker.scores()
         proxy_dict = proxies(scores, eval_scores, csl_key="csl_free", theory_learning_time=theory_lt)
     else:
         proxy_dict = proxies(scores, theory_learning_time=theory_lt)

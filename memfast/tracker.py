@@ -228,7 +228,7 @@ class SampleTracker:
         sum_rows = [self._row[s] for s in self.stored_stats if s in SUM_STATS]
         state_rows = [self._row[s] for s in self.stored_stats if s not in SUM_STATS]
         if self._synced_sums is None:
-            self._synced_sums = torch.zeros(len(sum_rows), self.num_samples, device=self.device)
+            self._synced_sums = torch.zeros(len(sum_rows), self.num_samples, dtype=torch.float32, device=self.device)
         delta = self.state[sum_rows] - self._synced_sums
         dist.all_reduce(delta, group=group)
         merged = self._synced_sums + delta

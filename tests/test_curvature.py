@@ -618,3 +618,44 @@ def test_cpu_and_cuda_agree():
     if dev.type != "cpu":
         with pytest.raises(ValueError, match="model"):
             memfast.input_curvature(model, x, y)
+
+
+def test_float64_inputs_for_a_float32_model():
+    """fp64 inputs (tabular data from NumPy) for an fp32 model are cast to the model's dtype: the same
+    scores as fp32 inputs (a raw dtype-mismatch error before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    for fn in (lambda inputs: memfast.input_curvature(model, inputs, y, n_probes=3, seed=0),
+               lambda inputs: memfast.input_gradient_norm(model, inputs, y)):
+        want = fn(x)
+        got = fn(x.double())
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+
+
+def test_scoring_under_a_float64_default_dtype():
+    """torch.set_default_dtype(torch.float64) (an fp64 model): score_curvature and score_grad_norm
+    still add into the tracker's fp32 buffers (they crashed in index_add_)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Linear(4, 3)
+        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        tracker = memfast.SampleTracker(6, stats=("curv", "grad_norm"))
+        loader = [(x, y, torch.arange(6))]
+        memfast.score_curvature(model, loader, tracker, n_probes=2, seed=0, progress=False, grad_norm=True)
+        memfast.score_grad_norm(model, loader, tracker, progress=False)
+    finally:
+        torch.set_default_dtype(before)
+    scores = tracker.scores()
+    assert scores["curv"].dtype == torch.float32 and not scores["curv"].isnan().any()
+    torch.testing.assert_close(scores["grad_norm"], memfast.input_gradient_norm(model, x, y).float())
+
+
+def test_loader_of_dicts_is_named_in_the_error():
+    model, x, y, ids, _ = _shuffled_id_loader()
+    for batch, what in (({"x": x, "y": y, "idx": ids}, r"a dict with keys \['x', 'y', 'idx'\]"),
+                        (({"x": x, "y": y}, ids), r"a tuple of 2 \(dict with keys \['x', 'y'\], Tensor\)")):
+        with pytest.raises(ValueError, match=f"score_curvature: the loader must yield .* got {what}"):
+            memfast.score_curvature(model, [batch], memfast.SampleTracker(10, stats=("curv",)), progress=False)

@@ -458,3 +458,43 @@ def test_xrm_on_cuda_matches_routing_and_flip_rule(fuse):
     logits = torch.randn(N, K, device="cuda", requires_grad=True)
     loss = memfast.MATLoss(shift)(logits, y, torch.arange(N, device="cuda"))
     torch.testing.assert_close(loss, F.cross_entropy(logits + shift, y))
+
+
+def test_xrm_under_a_float64_default_dtype():
+    """torch.set_default_dtype(torch.float64) changes neither the twins' split for a seed nor the fp32
+    held-out logits (they crashed: an fp64 NaN buffer filled with fp32 logits)."""
+    N, D, K = 30, 4, 3
+    a, b = _linear_twins(D, K)
+    split = mat.XRM(a, b, N, K, seed=7).assignment.clone()
+    x, y = torch.randn(N, D), torch.randint(0, K, (N,))
+    want = mat.XRM(a, b, N, K, seed=7).held_out_logits(_loader(x, y))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        xrm = mat.XRM(a, b, N, K, seed=7)
+        assert torch.equal(xrm.assignment, split)
+        got = xrm.held_out_logits(_loader(x, y))
+    finally:
+        torch.set_default_dtype(before)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_class_balanced_cross_entropy_in_float64():
+    """fp64 logits: the 1/count class weights in fp64 too (fp32 ones were 5e-8 off)."""
+    logits, y = torch.randn(7, 3, dtype=torch.float64), torch.tensor([0, 0, 1, 2, 2, 2, 0])
+    want = sum(F.cross_entropy(logits[y == k], y[y == k]) for k in range(3))
+    torch.testing.assert_close(mat.class_balanced_cross_entropy(logits, y), want, atol=1e-14, rtol=1e-14)
+
+
+def test_xrm_names_bad_sample_ids_and_loaders():
+    N, D, K = 8, 4, 3
+    a, b = _linear_twins(D, K)
+    xrm = mat.XRM(a, b, N, K)
+    x, y = torch.randn(4, D), torch.randint(0, K, (4,))
+    labels = xrm.labels.clone()
+    with pytest.raises(IndexError, match=r"sample_ids must be in \[0, 8\), got values in \[5, 12\]"):
+        xrm.step(x, y, torch.tensor([5, 6, 7, 12]), torch.optim.SGD(xrm.parameters(), lr=0.1))
+    assert torch.equal(xrm.labels, labels)
+    with pytest.raises(ValueError, match=r"got a dict with keys \['x', 'y', 'idx'\]"):
+        xrm.held_out_logits([{"x": x, "y": y, "idx": torch.arange(4)}])

@@ -81,3 +81,21 @@ def test_theory_learning_time_follows_the_papers_notebook():
         metrics.theory_learning_time(np.ones(3))
     with pytest.raises(ValueError, match="NaN"):
         metrics.theory_learning_time(np.array([[1.0, np.nan]]))
+
+
+def test_equal_infinite_scores_are_a_tie():
+    """inf - inf is NaN, which np.diff took for a change: equal infinite scores split by row order."""
+    for labels in ([1, 0, 1, 0], [0, 1, 1, 0]):
+        assert metrics.auroc([np.inf, np.inf, 1.0, 0.0], labels) == pytest.approx(0.625)
+        assert metrics.auroc([-np.inf, -np.inf, 1.0, 0.0], labels[::-1]) == pytest.approx(
+            metrics.auroc([-1.0, -1.0, 1.0, 0.0], labels[::-1]))
+
+
+def test_accuracy_checks_lengths_and_single_logit_heads():
+    with pytest.raises(ValueError, match="differ in length: 1 vs 5"):
+        metrics.accuracy(np.array([1]), np.ones(5))
+    with pytest.raises(ValueError, match="single-logit"):
+        metrics.accuracy(np.zeros((4, 1)), np.zeros(4))
+    with pytest.raises(ValueError, match="single-logit"):
+        metrics.group_accuracy(np.zeros((4, 1)), np.zeros(4), np.zeros(4))
+    assert metrics.accuracy(np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([1, 1])) == 0.5

@@ -156,6 +156,14 @@ def test_report_command_on_saved_tracker(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--images needs --labels"):
         main(["report", str(tmp_path / "tracker.pt"), "--images", str(tmp_path / "images.npy")])
 
+    # mislabeled() with an eval-pass tracker's scores has the CSL (eval) row (it was dropped)
+    keys = [r["key"] for r in report.mislabeled(tracker.scores(), noisy, eval_scores=tracker.scores())]
+    assert keys[:2] == ["csl", "csl_eval"]
+    small = memfast.SampleTracker(5)
+    small.save(tmp_path / "small.pt")
+    with pytest.raises(SystemExit, match="--eval-tracker has 5 samples, the tracker has 120"):
+        main(["report", str(tmp_path / "tracker.pt"), "--eval-tracker", str(tmp_path / "small.pt")])
+
     np.save(tmp_path / "short.npy", np.zeros(5, np.int64))
     with pytest.raises(SystemExit, match="--labels has 5 entries"):
         main(["report", str(tmp_path / "tracker.pt"), "--labels", str(tmp_path / "short.npy")])

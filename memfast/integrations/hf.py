@@ -424,7 +424,7 @@ class MemfastTrainer(Trainer):
                 # with the division already in them; the tracked statistics are unweighted.
                 count = num_items.to(hidden.device) if hasattr(num_items, "to") else torch.tensor(
                     float(num_items), device=hidden.device)
-                class_weight = torch.ones(head.weight.shape[0], device=hidden.device) / count
+                class_weight = torch.ones(head.weight.shape[0], dtype=torch.float32, device=hidden.device) / count
             # The weight gradient summed over the chunks in the parameter's dtype when it is wider
             # than the compute dtype (fp32 master weights under autocast: the gradient has that
             # dtype anyway), so it is rounded once per chunk's product, not per running sum.
