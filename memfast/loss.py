@@ -251,6 +251,7 @@ def _fused_probability_cross_entropy(lib, input, target, weight, reduction, labe
         if track_in_backward or not _ops.in_backward():
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     inplace, logits = _inplace_rows(input, logits, inplace_backward)
+    _check_ids_before_writing(inplace, track, tracker)
     loss, _ = _ops.cross_entropy_prob(lib, logits, target_rows, weight_acc, float(label_smoothing), shift,
                                       groups_rows, _REDUCTIONS.index(reduction), track,
                                       source=input if logits is not input else None, lse_square_scale=zeta,
@@ -264,6 +265,18 @@ def _fused_probability_cross_entropy(lib, input, target, weight, reduction, labe
 def _reduce(per_row, reduction):
     """A per-row term reduced as PyTorch reduces class-probability losses (the mean over rows)."""
     return per_row if reduction == "none" else per_row.mean() if reduction == "mean" else per_row.sum()
+
+
+def _check_ids_before_writing(inplace, track, tracker):
+    """The tracker checks the ids after the forward, which in place has overwritten the logits by
+    then: on the CPU (no device sync) they are checked first, so a bad id leaves the logits as they
+    were. (On CUDA the device flags them and writes no statistics, as always.)"""
+    if inplace and track is not None and tracker.device.type == "cpu":
+        ids = track[2]
+        if ids.numel() and bool((ids.min() < 0) | (ids.max() >= tracker.num_samples)):
+            i = int(((ids < 0) | (ids >= tracker.num_samples)).nonzero()[0, 0])
+            raise IndexError(f"memfast tracker: sample_ids[{i}] = {int(ids[i])} is out of range for a tracker of "
+                             f"{tracker.num_samples} samples")
 
 
 def _inplace_rows(input, logits, inplace_backward):
@@ -366,6 +379,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
             track = (tracker.state, tracker.counters, ids, tracker._stat_rows)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
     inplace, logits = _inplace_rows(input, logits, inplace_backward)
+    _check_ids_before_writing(inplace, track, tracker)
     # The reduction happens inside the op: for the mean its gradient already
     # carries 1 / sum(weight[target]), so the usual backward has nothing to scale.
     dtype = _loss_dtype(input)

@@ -840,3 +840,20 @@ def test_gradient_penalty_refuses_large_logits_detached_in_place(backend, kind):
     logits.detach_()
     with pytest.raises(RuntimeError, match="detach_"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("targets", TARGET_KINDS)
+def test_inplace_backward_checks_the_ids_before_it_writes(backend, targets):
+    """With inplace_backward the forward overwrites the logits before the tracker sees the ids: an
+    out-of-range id is refused first, leaving logits and tracker as they were."""
+    h, w, y = _lm_head(torch.float32, targets=targets)
+    tracker = memfast.SampleTracker(11)
+    logits = h @ w
+    before = logits.detach().clone()
+    for bad in (11, -1):
+        ids = torch.arange(11)
+        ids[5] = bad
+        with pytest.raises(IndexError, match=f"sample_ids\\[5\\] = {bad} is out of range"):
+            memfast.cross_entropy(logits, y, sample_ids=ids, tracker=tracker, inplace_backward=True)
+        assert torch.equal(logits, before)
+        assert not tracker.state.any() and not tracker.counters.any()

@@ -111,6 +111,18 @@ def test_forward_inplace_writes_the_gradient_over_the_logits(ns, dtype):
     with pytest.raises(ValueError, match="adjustment shares their memory"):
         op.cross_entropy_fwd_(storage[0], y, None, -100, 0.0, storage[2], None, 1)
     assert torch.equal(storage, saved)
+    # int64 targets or groups viewing the logits' own memory (the kernel read them back as the gradient:
+    # out-of-bounds reads and writes)
+    words = torch.zeros(4, 5, dtype=torch.float64)
+    as_ints = words.view(torch.int64)
+    with pytest.raises(ValueError, match="target shares their memory"):
+        op.cross_entropy_fwd_(words, as_ints[:, 0], None, -100, 0.0, None, None, 1)
+    with pytest.raises(ValueError, match="groups shares their memory"):
+        op.cross_entropy_fwd_(words, y, None, -100, 0.0, torch.zeros(2, 5, dtype=torch.float64), as_ints[:, 1], 1)
+    with pytest.raises(ValueError, match="groups shares their memory"):
+        op.cross_entropy_prob_fwd_(words, torch.full((4, 5), 0.2, dtype=torch.float64), None, 0.0,
+                                   torch.zeros(2, 5, dtype=torch.float64), as_ints[:, 1], 1)
+    assert not words.any()
     before = torch.randn(3, 4)
     buffer = before.clone()
     with pytest.raises(IndexError):  # a bad target is refused before anything is written

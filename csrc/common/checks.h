@@ -120,6 +120,13 @@ inline void check_inplace_logits(const at::Tensor& logits, std::initializer_list
   }
 }
 
+// The inputs the index-target kernels still read while they write the gradient over the logits.
+inline void check_inplace_index_logits(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
+                                       const at::Tensor& adjustment, const at::Tensor& groups, bool on_cuda) {
+  check_inplace_logits(logits, {{"target", &target}, {"weight", &weight}, {"adjustment", &adjustment},
+                                {"groups", &groups}}, on_cuda);
+}
+
 struct ProbInputs {
   at::Tensor logits, target, weight, adjustment, groups;
 };
@@ -132,8 +139,8 @@ inline ProbInputs prob_inputs(const at::Tensor& logits, const at::Tensor& target
   ProbInputs in{logits, target, weight.value_or(at::Tensor()), adjustment.value_or(at::Tensor()),
                 groups.value_or(at::Tensor())};
   if (grad_over_logits) {
-    check_inplace_logits(logits, {{"target", &in.target}, {"weight", &in.weight}, {"adjustment", &in.adjustment}},
-                         on_cuda);
+    check_inplace_logits(logits, {{"target", &in.target}, {"weight", &in.weight}, {"adjustment", &in.adjustment},
+                                  {"groups", &in.groups}}, on_cuda);
   }
   check_prob_forward_args(logits, target, in.weight, label_smoothing, in.adjustment, in.groups, reduction,
                           lse_square_scale, softcap);

@@ -717,7 +717,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const at::Tensor weight = weight_opt.value_or(at::Tensor());
   const at::Tensor adjustment = adjustment_opt.value_or(at::Tensor());
   const at::Tensor groups = groups_opt.value_or(at::Tensor());
-  if (grad_into) check_inplace_logits(logits_in, {{"weight", &weight}, {"adjustment", &adjustment}}, true);
+  if (grad_into) check_inplace_index_logits(logits_in, target, weight, adjustment, groups, true);
   check_forward_args(logits_in, target, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale,
                      softcap);
   const c10::cuda::CUDAGuard device_guard(logits_in.device());

@@ -46,7 +46,7 @@ def cross_entropy_fwd_(logits, target, weight, ignore_index, label_smoothing, ad
                        lse_square_scale=0.0, softcap=0.0):
     """cross_entropy_fwd with the gradient written over the logits (contiguous [R, C]), which are
     then the gradient; returns the loss and the row statistics."""
-    _check_inplace_logits(logits, weight=weight, adjustment=adjustment)
+    _check_inplace_logits(logits, target=target, weight=weight, adjustment=adjustment, groups=groups)
     loss, row_stats, grad = cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, adjustment,
                                               groups, True, reduction, lse_square_scale, softcap)
     logits.copy_(grad)
@@ -204,7 +204,7 @@ def cross_entropy_prob_fwd_(logits, target, weight, label_smoothing, adjustment,
                             lse_square_scale=0.0, softcap=0.0):
     """cross_entropy_prob_fwd with the gradient written over the logits (contiguous [R, C], sharing
     no memory with the other inputs); returns the loss, the row statistics and the labels."""
-    _check_inplace_logits(logits, target=target, weight=weight, adjustment=adjustment)
+    _check_inplace_logits(logits, target=target, weight=weight, adjustment=adjustment, groups=groups)
     loss, row_stats, label, grad = cross_entropy_prob_fwd(logits, target, weight, label_smoothing, adjustment,
                                                           groups, True, reduction, lse_square_scale, softcap)
     logits.copy_(grad)
