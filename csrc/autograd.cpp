@@ -275,6 +275,7 @@ struct CrossEntropyFunction : torch::autograd::Function<CrossEntropyFunction> {
                                               saved->reduction, saved->lse_square_scale, saved->softcap));
     }
     saved->saved_grad_consumed = true;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // (autograd's own buffer: no version to bump)
     saved->ops->bwd_inplace.call(grad, grad_loss);
     out[1] = grad;
     return out;
@@ -294,8 +295,62 @@ TORCH_LIBRARY_IMPL(memfast, CompositeExplicitAutograd, m) {
   m.impl("track_unless_backward_", &track_unless_backward);
 }
 
+// The ops that write into an argument (Tensor(a!) in the schema), called directly, as PyTorch's own
+// in-place ops: a write into a tensor that requires grad (with grad mode on) is refused, since autograd
+// cannot differentiate it, and the written tensors' version counters move on, so that autograd refuses a
+// backward that saved them instead of reading what was written. memfast's own calls run below these
+// keys and tell autograd themselves (CrossEntropyFunction, memfast/_ops.py).
+constexpr const char* kWritingOps[] = {"cross_entropy_fwd_", "cross_entropy_prob_fwd_", "cross_entropy_bwd_",
+                                       "track_", "track_unless_backward_"};
+
+// f(argument name, tensor) for each tensor the op writes into, as it sits on the stack.
+template <typename F>
+void for_each_written(const c10::OperatorHandle& op, const torch::jit::Stack& stack, F&& f) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack.size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    if (alias != nullptr && alias->isWrite() && stack[first + i].isTensor()) f(args[i].name(), stack[first + i].toTensor());
+  }
+}
+
+void refuse_differentiable_writes(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    for_each_written(op, *stack, [&](const std::string& name, const Tensor& t) {
+      TORCH_CHECK_VALUE(!t.requires_grad(), op.schema().name(), ": ", name, " requires grad, and the op writes into "
+                        "it, which autograd cannot differentiate; call it on a tensor that does not require grad "
+                        "(e.g. under torch.no_grad()), or use memfast.cross_entropy");
+    });
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  std::vector<Tensor> written;
+  for_each_written(op, *stack, [&](const std::string&, const Tensor& t) { written.push_back(t); });
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (Tensor& t : written) torch::autograd::impl::bump_version(t);
+}
+
+// For both namespaces (memfast_ref's ops are defined from Python after this library loads): the
+// registrations live as long as the process, as TORCH_LIBRARY_IMPL's do.
+void register_writing_guards(const std::string& ns) {
+  auto* autograd = new torch::Library(torch::Library::IMPL, ns, c10::DispatchKey::Autograd, __FILE__, __LINE__);
+  auto* inplace = new torch::Library(torch::Library::IMPL, ns, c10::DispatchKey::ADInplaceOrView, __FILE__, __LINE__);
+  for (const char* op : kWritingOps) {
+    autograd->impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_differentiable_writes>());
+    inplace->impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  }
+}
+
 void init_autograd(py::module& m) {
   m.attr("KEEP_LOGITS_BYTES") = kKeepLogitsBytes;
+  m.def("_register_writing_guards", &register_writing_guards,
+        "Autograd and ADInplaceOrView kernels of the namespace's ops that write into an argument: refuse a\n"
+        "write into a tensor that requires grad, and bump the written tensors' versions.");
   m.def("_set_differentiable_grad", [](py::object fn) {
     delete differentiable_grad;
     differentiable_grad = new py::object(std::move(fn));
@@ -327,6 +382,7 @@ void init_autograd(py::module& m) {
         }
         if (state.has_value()) {
           Tensor state_t = *state, counters_t = *counters;
+          at::AutoDispatchBelowADInplaceOrView below_autograd;  // (the tracker's buffers are not autograd's)
           ops->track.call(state_t, counters_t, row_stats, target, *sample_ids, ignore_index, logits.size(1),
                           stat_rows);
         }

@@ -370,7 +370,8 @@ def _backward_of(lib, ctx, grad_loss):
     # eager: scale the saved gradient in place (no second [R, C] buffer; on the CPU
     # nothing at all for the usual grad_loss == 1 of a mean or sum); it is not used again
     ctx.state.saved_grad_consumed = True
-    lib.cross_entropy_bwd_(grad, grad_loss)
+    with torch._C._AutoDispatchBelowADInplaceOrView():  # the node's own buffer: no version to bump (a
+        lib.cross_entropy_bwd_(grad, grad_loss)          # retained second backward unpacks it under compiled autograd)
     return (grad,) + op.no_grads
 
 
@@ -573,6 +574,8 @@ KEEP_LOGITS_BYTES = getattr(_C, "KEEP_LOGITS_BYTES", 4 << 20)
 
 _register("memfast_ref")
 if _C is not None:
+    for _ns in ("memfast", "memfast_ref"):  # as PyTorch's in-place ops: versions bumped, grad-requiring writes refused
+        _C._register_writing_guards(_ns)
     _C._set_differentiable_grad(_differentiable_grad)
     _register("memfast")
     BUILD_INFO = _C.build_info()

@@ -243,3 +243,37 @@ def test_compiled_autograd_backward_of_an_eager_loss_matches_eager(backend, turn
             torch.testing.assert_close(g, w)
     torch.testing.assert_close(trackers[1].state, trackers[0].state)
     assert torch.equal(trackers[1].counters, trackers[0].counters)
+
+
+@needs_ext
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_ops_that_write_bump_versions_and_refuse_grad_requiring_tensors(ns):
+    """Called directly, the writing ops behave as PyTorch's in-place ops: the written tensors'
+    version counters move on (a backward that saved them then refuses, instead of reading what was
+    written: the kernels' silent wrong gradient before), and with grad mode on a write into a tensor
+    that requires grad is refused, naming it, before anything is written."""
+    lib = getattr(torch.ops, ns)
+    y = torch.tensor([0, 1, 2])
+    t = memfast.SampleTracker(3, stats="all")
+    _, row_stats, _ = reference.cross_entropy_fwd(torch.randn(3, 4), y, None, -100, 0.0, None, None, False, 0)
+    calls = {
+        "logits": lambda z: lib.cross_entropy_fwd_(z, y, None, -100, 0.0, None, None, 1),
+        "logits ": lambda z: lib.cross_entropy_prob_fwd_(z, torch.full((3, 4), 0.25), None, 0.0, None, None, 1),
+        "grad": lambda z: lib.cross_entropy_bwd_(z, torch.tensor(2.0)),
+    }
+    for name, call in calls.items():
+        a = torch.randn(3, 4, requires_grad=True)
+        z = a * 1.0
+        saved_by = (z * z).sum()  # mul saves z
+        with torch.no_grad():
+            call(z)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved_by.backward()
+        for target in (a, a * 1.0):  # a leaf and a non-leaf that require grad
+            before = target.detach().clone()
+            with pytest.raises(ValueError, match=f"{ns}::.*: {name.strip()} requires grad, and the op writes"):
+                call(target)
+            assert torch.equal(target.detach(), before)
+    state, counters = t.state.clone(), t.counters.clone()
+    lib.track_(state, counters, row_stats, y, torch.arange(3), -100, 4, t._stat_rows)
+    assert state._version == counters._version == 1
