@@ -24,13 +24,24 @@ def _checksum(*tensors):
     return crc
 
 
+def _file_mode(path):
+    """The mode of the file at path, or a new file's under the process umask (as open() gives)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, fsync, rename: a crash
     mid-save leaves the previous file intact."""
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, _file_mode(path))  # (mkstemp's file is 0600: keep the file's mode, or open()'s default)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -136,6 +147,12 @@ class SampleTracker:
         return self.state[self._row[name]]
 
     def to(self, device):
+        """Move the buffers to a device (their dtypes are the tracker's format: fp32 state, int64 counters)."""
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError):
+            raise TypeError(f"SampleTracker.to: device must be a device (e.g. 'cuda' or torch.device('cpu')), got "
+                            f"{device!r}; the tracker's dtypes are fixed") from None
         if self._synced_sums is not None:
             self._synced_sums = self._synced_sums.to(device)
         self.state = self.state.to(device)
@@ -316,6 +333,7 @@ class SampleTracker:
     # ------------------------------------------------------------- persistence
     def state_dict(self):
         state, counters = self.state.detach().cpu().clone(), self.counters.detach().cpu().clone()
+        synced = None if self._synced_sums is None else self._synced_sums.detach().cpu().clone()
         return {
             "format": _FORMAT,
             "version": _VERSION,
@@ -326,7 +344,8 @@ class SampleTracker:
             "counters": counters,
             "crc32": _checksum(state, counters),
             # sums as of the last all_reduce, so a resumed distributed run does not count them twice
-            "synced_sums": None if self._synced_sums is None else self._synced_sums.detach().cpu().clone(),
+            "synced_sums": synced,
+            "synced_crc32": None if synced is None else _checksum(synced),
         }
 
     @staticmethod
@@ -350,7 +369,13 @@ class SampleTracker:
             raise ValueError(f"{where}: {e}") from None
         if list(expected) != stored:
             raise ValueError(f"{where} is malformed: stored statistics {stored} do not match {sd['user_stats']}")
-        if "crc32" in sd and sd["crc32"] != _checksum(state, counters):
+        synced = sd.get("synced_sums")
+        sums = sum(1 for name in stored if name in SUM_STATS)
+        if synced is not None and (not isinstance(synced, torch.Tensor) or synced.dtype != torch.float32
+                                   or tuple(synced.shape) != (sums, n)):
+            raise ValueError(f"{where} is malformed: synced_sums must be None or float32 [{sums}, {n}]")
+        if ("crc32" in sd and sd["crc32"] != _checksum(state, counters)) or (
+                synced is not None and sd.get("synced_crc32") is not None and sd["synced_crc32"] != _checksum(synced)):
             raise ValueError(f"{where} is corrupted: its data does not match its checksum")
 
     def load_state_dict(self, sd):

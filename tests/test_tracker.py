@@ -395,3 +395,51 @@ def test_variances_are_exact_zero_for_one_update_and_match_numpy_after(backend):
     p = torch.exp(-nll)
     torch.testing.assert_close(s["variability"].double(), p.std(0, unbiased=False), atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(s["loss_var"].double(), nll.var(0, unbiased=False), atol=1e-3, rtol=1e-3)
+
+
+def test_to_takes_devices_only():
+    t = SampleTracker(4, stats="all")
+    with pytest.raises(TypeError, match="device must be a device"):
+        t.to(torch.float64)  # (converted state and counters before: update raised, the saved file was refused)
+    assert t.state.dtype == torch.float32 and t.counters.dtype == torch.int64
+    assert t.to("cpu") is t
+
+
+def test_synced_sums_are_validated_and_checksummed():
+    """The sums as of the last all_reduce load only as float32 [sum statistics, N], and a flipped byte in
+    them is caught like one in the state; a refused state leaves the tracker unchanged."""
+    t = SampleTracker(4, stats=("csl", "count", "last_loss"))
+    t.update(torch.randn(4, 3), torch.randint(0, 3, (4,)), torch.arange(4))
+    from memfast._stats import SUM_STATS
+
+    sums = [t._row[name] for name in t.stored_stats if name in SUM_STATS]
+    t._synced_sums = t.state[sums].clone()  # as after an all_reduce
+    u = SampleTracker(4, stats=("csl", "count", "last_loss"))
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u._synced_sums, t._synced_sums)
+    for bad, match in ((torch.zeros(len(sums) + 1, 4), f"synced_sums must be None or float32 \\[{len(sums)}, 4\\]"),
+                       ("junk", "synced_sums must be"), (t._synced_sums + 1, "corrupted")):
+        sd = t.state_dict()
+        sd["synced_sums"] = bad
+        fresh = SampleTracker(4, stats=("csl", "count", "last_loss"))
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(sd)
+        assert not fresh.state[0].any() and fresh._synced_sums is None
+
+
+def test_save_keeps_the_file_mode(tmp_path):
+    """A new file gets open()'s mode under the umask (mkstemp's 0600 before), an existing one keeps its
+    own; a bytes path works."""
+    t = SampleTracker(3)
+    path = tmp_path / "t.pt"
+    umask = os.umask(0o022)
+    try:
+        t.save(path)
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        t.save(path)
+        assert os.stat(path).st_mode & 0o777 == 0o640
+        t.save(os.fsencode(tmp_path / "b.pt"))
+        assert SampleTracker.load(tmp_path / "b.pt").num_samples == 3
+    finally:
+        os.umask(umask)
