@@ -16,7 +16,8 @@ from torch import Tensor
 
 from . import _ops
 from ._stats import ROW_STATS
-from .loss import _REDUCTIONS, _check_lse_square_scale, _check_softcap, _legacy_reduction
+from .loss import (_REDUCTIONS, _check_ignore_index, _check_label_smoothing, _check_lse_square_scale, _check_softcap,
+                   _legacy_reduction)
 
 _NONE, _MEAN, _SUM = range(3)
 
@@ -149,7 +150,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     chunk_scalars = (scalars[0] / N if N else 0.0, scalars[1])
                 else:
                     valid = target != ignore_index
-                    den = (w_full[torch.where(valid, target, 0)] * valid).sum()
+                    # (clamped: an out-of-range target is the kernel's to report, naming it; no device assert)
+                    den = (w_full[torch.where(valid, target, 0).clamp(0, max(C - 1, 0))] * valid).sum()
                 chunk_weight = (w_full / den).contiguous()
             in_forward = reduction != _NONE and any(need)  # the gradient now; 'none' recomputes it later
             for s in range(0, N, rows):
@@ -308,9 +310,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise ValueError(f"memfast.linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if (sample_ids is None) != (tracker is None):
         raise ValueError("memfast.linear_cross_entropy: sample_ids and tracker must be given together")
-    ignore_index = -100 if ignore_index is None else int(ignore_index)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"memfast.linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    ignore_index = _check_ignore_index(ignore_index, "memfast.linear_cross_entropy")
+    label_smoothing = _check_label_smoothing(label_smoothing, "memfast.linear_cross_entropy")
     zeta = _check_lse_square_scale(lse_square_scale, "memfast.linear_cross_entropy")
     cap = _check_softcap(softcap, "memfast.linear_cross_entropy")
     if accum_dtype is not None and accum_dtype not in (torch.float32, torch.float64):

@@ -33,6 +33,23 @@ def _check_lse_square_scale(value, who):
     return float(value)
 
 
+def _check_ignore_index(value, who):
+    """ignore_index as an int (None: -100); F.cross_entropy refuses other types too."""
+    if value is None:
+        return -100
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{who}: ignore_index must be an int, got {value!r}")
+    if not -2 ** 63 <= int(value) < 2 ** 63:
+        raise ValueError(f"{who}: ignore_index must fit in int64, got {value}")
+    return int(value)
+
+
+def _check_label_smoothing(value, who):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{who}: label_smoothing must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _check_softcap(value, who):
     """The logit cap as the op's float: None is off (0.0); else a finite number > 0 (Gemma 2 uses 30)."""
     if value is None:
@@ -113,8 +130,6 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, adjustment, g
             raise ValueError("memfast.cross_entropy: weight requires grad, but the loss is not differentiable in the "
                              "class weights (as in F.cross_entropy); pass weight.detach()")
         weight = weight.detach().to(acc).contiguous()
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"memfast.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     groups_rows = None
     if adjustment is not None:
         if not isinstance(adjustment, Tensor) or not adjustment.is_floating_point():
@@ -367,6 +382,8 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         raise ValueError("memfast.cross_entropy: sample_ids and tracker must be given together")
     zeta = _check_lse_square_scale(lse_square_scale, "memfast.cross_entropy")
     cap = _check_softcap(softcap, "memfast.cross_entropy")
+    ignore_index = _check_ignore_index(ignore_index, "memfast.cross_entropy")
+    label_smoothing = _check_label_smoothing(label_smoothing, "memfast.cross_entropy")
     if isinstance(target, Tensor) and target.is_floating_point():
         return _probability_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, sample_ids,
                                           tracker, adjustment, groups, zeta, cap, track_in_backward, inplace_backward)

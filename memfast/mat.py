@@ -59,9 +59,14 @@ def class_balanced_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     One fused memfast.cross_entropy call with class weights 1/count."""
     K = logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the loss's own precision
+    if targets.device.type == "cpu":
+        _check_ids(targets, K, "targets")
+        counted = targets
+    else:  # no host sync: out of range, the loss's kernel reports them (a NaN loss); counted as clamped
+        counted = targets.clamp(0, K - 1)
     # index_add rather than bincount: no host synchronisation on CUDA
     counts = torch.zeros(K, dtype=acc, device=logits.device).index_add_(
-        0, targets, torch.ones(targets.shape, dtype=acc, device=logits.device))
+        0, counted, torch.ones(targets.shape, dtype=acc, device=logits.device))
     weight = torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
     return cross_entropy(logits, targets, weight=weight, reduction="sum")
 
@@ -216,6 +221,7 @@ class XRM(nn.Module):
         y = y.to(device=device, dtype=torch.long).reshape(-1)
         if y.shape != ids.shape:
             raise ValueError(f"y has shape {tuple(y.shape)} but sample_ids has {tuple(ids.shape)}")
+        _check_ids(y, self.num_classes, "y")  # (before anything is written)
         self.train()
         self.labels[ids] = y
         stored = self.dynamic_labels[ids]
@@ -425,6 +431,10 @@ class MATLoss(nn.Module):
         return self.shift.shape[0] if self.attribute is None else self.attribute.shape[0]
 
     def forward(self, logits, targets, sample_ids):
+        if not isinstance(sample_ids, Tensor) or sample_ids.is_floating_point() or sample_ids.is_complex() \
+                or sample_ids.dtype == torch.bool:
+            raise TypeError(f"MATLoss: sample_ids must be an integer tensor, got "
+                            f"{getattr(sample_ids, 'dtype', type(sample_ids).__name__)}")
         ids = sample_ids.to(logits.device).long()
         if ids.device.type == "cpu" and ids.numel():  # (on CUDA the kernel's own check, without a host sync)
             flat = ids.reshape(-1)

@@ -223,3 +223,39 @@ def test_load_rejects_bad_files(tmp_path):
     sd["state"] = sd["state"][:, :5]
     with pytest.raises(ValueError, match="malformed"):
         SampleTracker(20, stats=("csl", "count", "margin")).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("option,bad,exc", [
+    ("ignore_index", 1.5, TypeError), ("ignore_index", "x", TypeError), ("ignore_index", True, TypeError),
+    ("ignore_index", 2 ** 70, ValueError), ("label_smoothing", 1.5, ValueError), ("label_smoothing", -0.1, ValueError),
+    ("label_smoothing", math.nan, ValueError), ("label_smoothing", "0.1", ValueError)])
+def test_bad_ignore_index_or_label_smoothing_names_it(backend, tracker, option, bad, exc):
+    """As F.cross_entropy: an ignore_index that is not an int is refused (1.5 was truncated to 1), and a
+    label_smoothing outside [0, 1] or not a number names the argument."""
+    x, y, ids = torch.randn(4, 3, requires_grad=True), torch.randint(0, 3, (4,)), torch.arange(4)
+    before = _snapshot(tracker)
+    for call in (lambda: memfast.cross_entropy(x, y, sample_ids=ids, tracker=tracker, **{option: bad}),
+                 lambda: memfast.linear_cross_entropy(torch.randn(4, 2), torch.randn(3, 2), y, sample_ids=ids,
+                                                      tracker=tracker, **{option: bad})):
+        with pytest.raises(exc, match=option):
+            call()
+    _unchanged(tracker, before)
+
+
+def test_mat_helpers_name_bad_ids_and_targets():
+    """MATLoss refuses float ids (they were truncated); XRM.step an out-of-range label before writing
+    anything; class_balanced_cross_entropy names out-of-range targets; linear_cross_entropy's mean
+    names an out-of-range target as its sum does (it failed indexing the class weights)."""
+    with pytest.raises(TypeError, match="MATLoss: sample_ids must be an integer tensor"):
+        memfast.MATLoss(torch.randn(8, 3))(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    xrm = memfast.mat.XRM(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), 6, 3)
+    with pytest.raises(IndexError, match=r"y must be in \[0, 3\)"):
+        xrm.step(torch.randn(2, 4), torch.tensor([0, 5]), torch.tensor([0, 1]), torch.optim.SGD(xrm.parameters(), 0.1))
+    assert (xrm.labels == -1).all()
+    for bad in (3, -1, -100):
+        with pytest.raises(IndexError, match=r"targets must be in \[0, 3\)"):
+            memfast.mat.class_balanced_cross_entropy(torch.randn(3, 3), torch.tensor([0, 1, bad]))
+    for reduction in ("mean", "sum"):
+        with pytest.raises(IndexError, match="target 5"):
+            memfast.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 5]),
+                                         reduction=reduction)
