@@ -277,3 +277,42 @@ def test_ops_that_write_bump_versions_and_refuse_grad_requiring_tensors(ns):
     state, counters = t.state.clone(), t.counters.clone()
     lib.track_(state, counters, row_stats, y, torch.arange(3), -100, 4, t._stat_rows)
     assert state._version == counters._version == 1
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_both_namespaces_refuse_the_same_bad_arguments(ns):
+    """The reference ops check what the kernels check (check_common_forward_args, check_track_args),
+    before writing anything: they accepted label smoothing 1.5, complex logits and groups without a
+    table, and track_ wrote the state before refusing bad stat_rows or row statistics."""
+    if ns == "memfast" and not _ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    lib = getattr(torch.ops, ns)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    forward = {
+        "label_smoothing must be in": dict(eps=1.5),
+        "logits must be floating point": dict(x=torch.randn(4, 3, dtype=torch.complex64)),
+        "logits must be 2-D": dict(x=torch.randn(3)),
+        "groups needs an adjustment table": dict(groups=torch.zeros(4, dtype=torch.long)),
+        "weight must be a contiguous": dict(weight=torch.ones(4)),
+        "adjustment must be a": dict(adjustment=torch.zeros(4, 2)),
+        "a dense adjustment needs one row per logits row": dict(adjustment=torch.zeros(5, 3)),
+    }
+    for match, kw in forward.items():
+        with pytest.raises(ValueError, match=match):
+            lib.cross_entropy_fwd(kw.get("x", x), y, kw.get("weight"), -100, kw.get("eps", 0.0), kw.get("adjustment"),
+                                  kw.get("groups"), False, 1)
+    t = memfast.SampleTracker(4, stats="all")
+    _, row_stats, _ = reference.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
+    bad_rows = list(t._stat_rows)
+    bad_rows[0] = 99
+    track = {
+        "does not name a row": dict(stat_rows=bad_rows),
+        "row_stats must be a contiguous": dict(row_stats=row_stats[:, :3]),
+        "float32 or float64": dict(row_stats=row_stats.half()),
+    }
+    for match, kw in track.items():
+        state, counters = t.state.clone(), t.counters.clone()
+        with pytest.raises(ValueError, match=match):
+            lib.track_(state, counters, kw.get("row_stats", row_stats), y, torch.arange(4), -100, 3,
+                       kw.get("stat_rows", t._stat_rows))
+        assert torch.equal(state, t.state) and torch.equal(counters, t.counters)

@@ -191,9 +191,10 @@ inline void check_track_args(const at::Tensor& state, const at::Tensor& counters
   }
   const int64_t R = target.numel();
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == NUM_ROW_STATS && row_stats.size(1) == R &&
-                        row_stats.is_contiguous() && at::isFloatingType(row_stats.scalar_type()),
+                        row_stats.is_contiguous() &&
+                        (row_stats.scalar_type() == at::kFloat || row_stats.scalar_type() == at::kDouble),
                     "memfast tracker: row_stats must be a contiguous [", static_cast<int>(NUM_ROW_STATS), ", ", R,
-                    "] floating tensor");
+                    "] float32 or float64 tensor (the forward's), got ", row_stats.scalar_type());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.scalar_type() == at::kLong && target.is_contiguous(),
                     "memfast tracker: target must be a contiguous int64 vector");
   TORCH_CHECK_VALUE(sample_ids.dim() == 1 && sample_ids.scalar_type() == at::kLong && sample_ids.is_contiguous(),

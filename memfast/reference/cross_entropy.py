@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._stats import COUNTER, KERNEL_STATS, ROW
+from .._stats import COUNTER, COUNTERS, KERNEL_STATS, ROW, ROW_STATS
 
 _S = {name: i for i, name in enumerate(KERNEL_STATS)}
 
@@ -80,8 +80,34 @@ def cross_entropy_grad(logits, target, weight, ignore_index, label_smoothing, ad
                     lse_square_scale, softcap, validate=False)[2]
 
 
-def _check_scalars(dtype, reduction, lse_square_scale, softcap):
-    """(zeta, cap) after the checks both forward ops make of their scalar arguments."""
+def _check_common(logits, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale, softcap):
+    """(zeta, cap) after the checks both forward ops make of their arguments (csrc/common/checks.h's
+    check_common_forward_args)."""
+    if logits.dim() != 2:
+        raise ValueError(f"memfast.cross_entropy: logits must be 2-D [rows, classes], got {logits.dim()}-D")
+    if not logits.is_floating_point():
+        raise ValueError(f"memfast.cross_entropy: logits must be floating point, got {logits.dtype}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"memfast.cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    dtype, (R, C) = logits.dtype, logits.shape
+    acc = _acc_dtype(dtype)
+    if weight is not None and (weight.shape != (C,) or weight.dtype != acc or weight.device != logits.device):
+        raise ValueError(f"memfast.cross_entropy: weight must be a contiguous {acc} vector of {C} entries on "
+                         f"{logits.device}")
+    if adjustment is not None:
+        if adjustment.dim() != 2 or adjustment.shape[1] != C or adjustment.dtype != acc \
+                or adjustment.device != logits.device:
+            raise ValueError(f"memfast.cross_entropy: adjustment must be a {acc} [rows or groups, {C}] tensor on "
+                             f"{logits.device}, got {list(adjustment.shape)} {adjustment.dtype}")
+        if groups is None and adjustment.shape[0] != R:
+            raise ValueError(f"memfast.cross_entropy: a dense adjustment needs one row per logits row ({R}), got "
+                             f"{adjustment.shape[0]}")
+    if groups is not None:
+        if adjustment is None:
+            raise ValueError("memfast.cross_entropy: groups needs an adjustment table")
+        if groups.shape != (R,) or groups.dtype != torch.int64 or groups.device != logits.device:
+            raise ValueError(f"memfast.cross_entropy: groups must be a contiguous int64 vector with one entry per "
+                             f"row ({R}) on {logits.device}")
     if reduction not in (0, 1, 2):
         raise ValueError(f"memfast.cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     zeta = float(lse_square_scale)
@@ -117,7 +143,8 @@ def _loss_logits(logits, adjustment, groups, cap, validate):
 
 def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
              lse_square_scale, softcap, validate):
-    zeta, cap = _check_scalars(logits.dtype, reduction, lse_square_scale, softcap)
+    zeta, cap = _check_common(logits, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale,
+                              softcap)
     acc = _acc_dtype(logits.dtype)
     R, C = logits.shape
     if validate:
@@ -189,7 +216,8 @@ def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, adjustment, 
     with target mass. Returns the loss, cross_entropy_fwd's row statistics against each row's
     first most probable class (label; -100 for a row with no positive mass or a NaN target,
     whose statistics are zero), label, and (when compute_grad) d loss / d logits."""
-    zeta, cap = _check_scalars(logits.dtype, reduction, lse_square_scale, softcap)
+    zeta, cap = _check_common(logits, weight, label_smoothing, adjustment, groups, reduction, lse_square_scale,
+                              softcap)
     acc = _acc_dtype(logits.dtype)
     if (logits.dim() != 2 or tuple(target.shape) != tuple(logits.shape)
             or target.dtype not in (logits.dtype, acc)):
@@ -278,6 +306,34 @@ def track_unless_backward_(state, counters, row_stats, target, sample_ids, ignor
         track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows)
 
 
+def _check_track_args(state, counters, row_stats, target, sample_ids, stat_rows):
+    """The kernels' check_track_args (csrc/common/checks.h): everything is checked before anything is written."""
+    if state.dim() != 2 or state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("memfast tracker: state must be a contiguous float32 [stats, samples] tensor")
+    if counters.shape != (len(COUNTERS),) or counters.dtype != torch.int64 or not counters.is_contiguous():
+        raise ValueError(f"memfast tracker: counters must be a contiguous int64 vector of {len(COUNTERS)} entries")
+    if len(stat_rows) != len(KERNEL_STATS):
+        raise ValueError(f"memfast tracker: stat_rows must have {len(KERNEL_STATS)} entries")
+    for s, row in enumerate(stat_rows):
+        if not -1 <= row < state.shape[0]:
+            raise ValueError(f"memfast tracker: stat_rows[{s}] = {row} does not name a row of the state")
+    R = target.numel()
+    if (row_stats.shape != (len(ROW_STATS), R) or not row_stats.is_contiguous()
+            or row_stats.dtype not in (torch.float32, torch.float64)):
+        raise ValueError(f"memfast tracker: row_stats must be a contiguous [{len(ROW_STATS)}, {R}] float32 or "
+                         f"float64 tensor (the forward's), got {row_stats.dtype}")
+    if target.dim() != 1 or target.dtype != torch.int64 or not target.is_contiguous():
+        raise ValueError("memfast tracker: target must be a contiguous int64 vector")
+    if sample_ids.dim() != 1 or sample_ids.dtype != torch.int64 or not sample_ids.is_contiguous():
+        raise ValueError("memfast tracker: sample_ids must be a contiguous int64 vector")
+    if not (sample_ids.numel() == R or (sample_ids.numel() > 0 and R % sample_ids.numel() == 0)):
+        raise ValueError(f"memfast tracker: sample_ids has {sample_ids.numel()} entries, which must equal or divide "
+                         f"the {R} rows")
+    for t in (counters, row_stats, target, sample_ids):
+        if t.device != state.device:
+            raise ValueError(f"memfast tracker: the tracker is on {state.device} but an input is on {t.device}")
+
+
 def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
     """Scatter per-row statistics into a tracker's [S, N] state by sample id.
 
@@ -285,11 +341,9 @@ def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_cla
     (latest loss, correctness transitions) comes from each sample's last
     finite row in the batch; non-finite rows only count in `nonfinite`.
     """
+    _check_track_args(state, counters, row_stats, target, sample_ids, stat_rows)
     N = state.shape[1]
     R = target.numel()
-    if not (sample_ids.numel() == R or (sample_ids.numel() > 0 and R % sample_ids.numel() == 0)):
-        raise ValueError(f"memfast tracker: sample_ids has {sample_ids.numel()} entries, which must equal or divide "
-                         f"the {R} rows")  # (the kernels' check_track_args)
     if sample_ids.numel() and ((sample_ids < 0) | (sample_ids >= N)).any():
         i = int(((sample_ids < 0) | (sample_ids >= N)).nonzero()[0, 0])
         raise IndexError(f"memfast tracker: sample_ids[{i}] = {int(sample_ids[i])} is out of range "
