@@ -350,11 +350,24 @@ def _scored_batches(who, loader, num_samples, progress, desc):
         yield index, x, y, ids
 
 
-def _accumulate(tracker, name, ids, values):
-    """tracker's `name` += values and `name`_count += 1 at ids."""
-    ids = ids.to(tracker.device, non_blocking=True)
-    tracker.stat(name).index_add_(0, ids, values.to(tracker.device, torch.float32))
-    tracker.stat(f"{name}_count").index_add_(0, ids, torch.ones(len(ids), dtype=torch.float32, device=tracker.device))
+class _ScoringPass:
+    """A scoring pass's per-batch values, added to the tracker (`name` += value, `name`_count += 1 at
+    the ids) once the whole pass has run: a bad batch later in the loader, or an interruption, leaves
+    the tracker as it was rather than with some samples scored once more than the others."""
+
+    def __init__(self, tracker):
+        self.tracker, self.parts = tracker, []
+
+    def add(self, name, ids, values):
+        if self.tracker is not None:
+            device = self.tracker.device
+            self.parts.append((name, ids.to(device, non_blocking=True), values.to(device, torch.float32)))
+
+    def commit(self):
+        for name, ids, values in self.parts:
+            self.tracker.stat(name).index_add_(0, ids, values)
+            self.tracker.stat(f"{name}_count").index_add_(0, ids, torch.ones_like(values))
+        self.parts = []
 
 
 def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None, progress=True, squared=False,
@@ -390,12 +403,14 @@ def score_curvature(model, loader, tracker, *, n_probes=10, h=1e-3, device=None,
     device = torch.device(device if device is not None else _model_device(model, tracker.device))
     if seed is None:
         seed = _new_seed()
+    scored = _ScoringPass(tracker)
     for index, x, y, ids in _scored_batches("score_curvature", loader, tracker.num_samples, progress, "curvature"):
         sums, g0_sq = _input_curvature(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                        n_probes, h, chunk_size, _batch_seed(seed, index), scale, grad_norm)
-        _accumulate(tracker, "curv", ids, (sums[1] if squared else sums[0]) / n_probes)
+        scored.add("curv", ids, (sums[1] if squared else sums[0]) / n_probes)
         if grad_norm:
-            _accumulate(tracker, "grad_norm", ids, g0_sq.sqrt())
+            scored.add("grad_norm", ids, g0_sq.sqrt())
+    scored.commit()
     return tracker
 
 
@@ -435,10 +450,11 @@ def score_grad_norm(model, loader, tracker=None, *, num_samples=None, device=Non
     device = torch.device(device if device is not None else _model_device(model, fallback))
     out_device = tracker.device if tracker is not None else device
     norms = torch.full((int(num_samples),), math.nan, dtype=torch.float32, device=out_device)
+    scored = _ScoringPass(tracker)
     for _, x, y, ids in _scored_batches("score_grad_norm", loader, num_samples, progress, "input-gradient norm"):
         g = input_gradient_norm(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                 squared=squared, scale=scale)
         norms[ids.to(out_device, non_blocking=True)] = g.to(out_device)
-        if tracker is not None:
-            _accumulate(tracker, "grad_norm", ids, g)
+        scored.add("grad_norm", ids, g)
+    scored.commit()
     return norms

@@ -659,3 +659,18 @@ def test_loader_of_dicts_is_named_in_the_error():
                         (({"x": x, "y": y}, ids), r"a tuple of 2 \(dict with keys \['x', 'y'\], Tensor\)")):
         with pytest.raises(ValueError, match=f"score_curvature: the loader must yield .* got {what}"):
             memfast.score_curvature(model, [batch], memfast.SampleTracker(10, stats=("curv",)), progress=False)
+
+
+def test_a_bad_batch_leaves_the_tracker_unscored():
+    """The pass is added to the tracker once it has run: a bad batch later in the loader leaves no
+    samples scored once more than the others."""
+    model, x, y, ids, loader = _shuffled_id_loader()
+    tracker = memfast.SampleTracker(10, stats=("curv", "grad_norm"))
+    bad = loader + [(x[:2], y[:2], torch.tensor([3, 10]))]
+    with pytest.raises(IndexError, match="score_curvature: sample_ids out of range"):
+        memfast.score_curvature(model, bad, tracker, n_probes=2, seed=0, progress=False, grad_norm=True)
+    with pytest.raises(IndexError, match="score_grad_norm: sample_ids out of range"):
+        memfast.score_grad_norm(model, bad, tracker, progress=False)
+    assert not tracker.state.any()
+    memfast.score_curvature(model, loader, tracker, n_probes=2, seed=0, progress=False, grad_norm=True)
+    assert tracker.stat("curv_count").tolist() == [1.0] * 10
