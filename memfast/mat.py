@@ -49,6 +49,8 @@ def flip_probability(probs: Tensor) -> Tensor:
     """XRM's label-flip probability from held-out class probabilities [B, K]:
     (p_max − 1/K)·K/(K−1), 0 for a uniform prediction and 1 for a certain one."""
     K = probs.shape[-1]
+    if K < 2:
+        raise ValueError(f"flip_probability: needs at least 2 classes, got probabilities of {K}")
     p_max = probs.max(-1).values
     return ((p_max - 1.0 / K) * (K / (K - 1))).clamp_(0.0, 1.0)
 
@@ -263,6 +265,9 @@ class XRM(nn.Module):
                                      "wrap a dataset of (x, y) pairs in memfast.data.WithIndex")
                 x, y, ids = batch
                 _check_ids(ids, self.num_samples)
+                _check_ids(y.reshape(-1) if isinstance(y, Tensor) else y, self.num_classes, "y")
+                if ids.numel() == 0:
+                    continue
                 la, lb = self.twin_logits(x)
                 self._check_batch_logits(la, ids.shape[0])
                 fn(la, lb, y.to(la.device).long().reshape(-1), ids.to(la.device).long())

@@ -15,7 +15,11 @@ def _np(x, dtype=None):
 
 def _scores_labels(scores, labels):
     s = _np(scores, np.float64).reshape(-1)
-    y = _np(labels).reshape(-1).astype(bool)
+    y = _np(labels).reshape(-1)
+    if y.dtype != bool and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be binary (0 / 1 or bool: 1 = positive, e.g. a mislabeled mask), got values "
+                         f"{np.unique(y)[:5].tolist()}")
+    y = y.astype(bool)
     if s.shape != y.shape:
         raise ValueError(f"scores and labels differ in length: {s.shape[0]} vs {y.shape[0]}")
     if np.isnan(s).any():
@@ -65,6 +69,8 @@ def aupr(scores, labels):
 
 def fpr_at_tpr(scores, labels, tpr=0.95):
     """False-positive rate at the first threshold whose true-positive rate reaches `tpr`."""
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.floating)) or not 0.0 <= tpr <= 1.0:
+        raise ValueError(f"fpr_at_tpr: tpr must be a number in [0, 1], got {tpr!r}")
     f, t = roc_curve(scores, labels)
     return float(f[np.argmax(t >= tpr)])
 
@@ -132,4 +138,6 @@ def theory_learning_time(grad_norms, tau=None):
         raise ValueError("theory_learning_time: grad_norms has NaN / inf entries (a sample not scored at some epoch?)")
     cond = np.cumsum(g, axis=0) / np.arange(1, g.shape[0] + 1)[:, None]
     threshold = cond.mean() if tau is None else float(tau)
+    if not np.isfinite(threshold):
+        raise ValueError(f"theory_learning_time: tau must be a finite number, got {tau!r}")
     return 1.0 - (cond < threshold).mean(axis=0)

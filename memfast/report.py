@@ -164,6 +164,9 @@ def aggregate(tables):
     """Mean ± std (ddof=1) over seeds of tables with the same rows. Each metric
     becomes {"mean", "std", "values"}; a metric missing in any seed is None."""
     out = []
+    tables = list(tables)
+    if len({len(rows) for rows in tables}) > 1:
+        raise ValueError(f"tables differ in their number of rows: {[len(rows) for rows in tables]}")
     for rows in zip(*tables):
         keys = {r["key"] for r in rows}
         if len(keys) != 1:

@@ -498,3 +498,14 @@ def test_xrm_names_bad_sample_ids_and_loaders():
     assert torch.equal(xrm.labels, labels)
     with pytest.raises(ValueError, match=r"got a dict with keys \['x', 'y', 'idx'\]"):
         xrm.held_out_logits([{"x": x, "y": y, "idx": torch.arange(4)}])
+
+
+def test_xrm_scans_check_labels_and_skip_empty_batches():
+    xrm = mat.XRM(nn.Linear(4, 3), nn.Linear(4, 3), 6, 3)
+    with pytest.raises(IndexError, match=r"y must be in \[0, 3\)"):
+        xrm.inferred_groups([(torch.randn(2, 4), torch.tensor([0, 9]), torch.tensor([0, 1]))])
+    empty = (torch.randn(0, 4), torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    full = (torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.arange(6))
+    assert not xrm.held_out_logits([empty, full]).isnan().any()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        mat.flip_probability(torch.ones(2, 1))

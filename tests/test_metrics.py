@@ -99,3 +99,15 @@ def test_accuracy_checks_lengths_and_single_logit_heads():
     with pytest.raises(ValueError, match="single-logit"):
         metrics.group_accuracy(np.zeros((4, 1)), np.zeros(4), np.zeros(4))
     assert metrics.accuracy(np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([1, 1])) == 0.5
+
+
+def test_bad_metric_arguments_are_refused():
+    with pytest.raises(ValueError, match="tpr must be a number in"):
+        metrics.fpr_at_tpr([1, 2, 3, 4], [0, 1, 0, 1], tpr=1.5)
+    with pytest.raises(ValueError, match="tpr must be a number in"):
+        metrics.fpr_at_tpr([1, 2, 3, 4], [0, 1, 0, 1], tpr=float("nan"))
+    with pytest.raises(ValueError, match="labels must be binary"):
+        metrics.auroc([1, 2, 3], [0, 2, 2])  # (was binarized silently)
+    assert metrics.auroc([1.0, 2.0, 3.0], np.array([False, True, True])) == 1.0
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        metrics.theory_learning_time(np.ones((2, 3)), tau=float("nan"))

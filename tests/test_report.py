@@ -65,6 +65,8 @@ def test_aggregate_and_format():
     text = report.format_table(report.aggregate([a, b]))
     assert "0.8500 ± 0.0707" in text and "n/a" in text and "CSL" in text
     assert "0.9000" in report.format_table(a)
+    with pytest.raises(ValueError, match="differ in their number of rows"):  # (zip dropped the extra rows)
+        report.aggregate([a, a + b])
 
 
 def test_binned_means():
