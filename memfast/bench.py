@@ -4,6 +4,7 @@ and memfast with inplace_backward=True (the gradient written over the logits).
 
 The step functions here are also what bench/test_bench_cross_entropy.py times.
 """
+import argparse
 import statistics
 import time
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import memfast
+from memfast.cli import positive_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,11 +109,21 @@ def process_table(script, methods, argv):
 
 def add_arguments(parser):
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--shapes", nargs="+", default=["256x10", "4096x1000", "1024x32000"],
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(256, 10), (4096, 1000), (1024, 32000)],
                         help="ROWSxCLASSES, e.g. 4096x1000")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--num-samples", type=int, default=100_000, help="tracker size")
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--num-samples", type=positive_int, default=100_000, help="tracker size")
+
+
+def _shape(text):
+    """argparse type: ROWSxCLASSES, both positive."""
+    try:
+        rows, classes = (positive_int(v) for v in text.lower().split("x"))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected ROWSxCLASSES with positive sizes, e.g. 4096x1000, got "
+                                         f"{text!r}") from None
+    return rows, classes
 
 
 def run(args):
@@ -119,8 +131,7 @@ def run(args):
           f"device {args.device}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
     print("| shape | dtype | eager ms | memfast ms | speed-up | memfast inplace_backward ms | speed-up |")
     print("|---|---|---|---|---|---|---|")
-    for shape in args.shapes:
-        rows, classes = (int(v) for v in shape.lower().split("x"))
+    for rows, classes in args.shapes:
         for name in args.dtypes:
             logits, target, ids = make_inputs(rows, classes, DTYPES[name], args.num_samples, args.device)
             csl = torch.zeros(args.num_samples, device=args.device)

@@ -3,6 +3,8 @@ exposes `add_arguments(parser)` and `run(args) -> int`; they are imported only
 when used, so `memfast --help` stays fast."""
 import argparse
 import importlib
+import math
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -27,6 +29,33 @@ def build_parser(load=None):
     return parser
 
 
+def positive_int(text):
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+# What a command raises for bad input (files, shapes, values): one line naming the command, not a
+# traceback (MEMFAST_DEBUG=1 shows it).
+_USER_ERRORS = (ValueError, TypeError, IndexError, KeyError, OSError)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     name = next((a for a in argv if not a.startswith("-")), None)
@@ -34,7 +63,12 @@ def main(argv=None):
         build_parser().print_help()
         return 0 if name is None and argv in ([], ["-h"], ["--help"]) else 2
     args = build_parser(load=name).parse_args(argv)
-    return int(importlib.import_module(COMMANDS[name][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(COMMANDS[name][0]).run(args) or 0)
+    except _USER_ERRORS as e:
+        if os.environ.get("MEMFAST_DEBUG") == "1":
+            raise
+        raise SystemExit(f"memfast {name}: {e} ({type(e).__name__}; MEMFAST_DEBUG=1 shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import importlib.util
 import json
 import os
 
+from .cli import positive_float, positive_int
+
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 
@@ -39,10 +41,10 @@ def add_arguments(parser):
                         help="with --grad-norm: save the [checkpoints, N] norms here (input of "
                              "memfast.metrics.theory_learning_time)")
     parser.add_argument("--curvature", action="store_true", help="also input curvature (memfast.score_curvature)")
-    parser.add_argument("--probes", type=int, default=10, help="curvature probes (default: %(default)s)")
-    parser.add_argument("--h", type=float, default=1e-3, help="curvature step (default: %(default)s)")
+    parser.add_argument("--probes", type=positive_int, default=10, help="curvature probes (default: %(default)s)")
+    parser.add_argument("--h", type=positive_float, default=1e-3, help="curvature step (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="curvature probe seed (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="samples per batch (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -159,7 +161,10 @@ def run(args):
         tracker = memfast.SampleTracker(n, stats="all", device=device)
     history = []
     if args.history and args.append and os.path.exists(args.history):
-        saved = torch.load(args.history, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(args.history, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, corrupted, another format (pickle, zip, EOF errors)
+            _fail(f"--history {args.history} is not readable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if not isinstance(saved, torch.Tensor) or saved.dim() != 2 or saved.shape[1] != n:
             _fail(f"--history {args.history} is not a [checkpoints, {n}] tensor of gradient norms")
         history = list(saved.unbind(0))

@@ -39,6 +39,8 @@ def atomic_save(obj, path):
     mid-save leaves the previous file intact."""
     path = os.fsdecode(os.fspath(path))
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save {path}: no folder {folder}")
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         os.chmod(tmp, _file_mode(path))  # (mkstemp's file is 0600: keep the file's mode, or open()'s default)

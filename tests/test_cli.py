@@ -24,3 +24,32 @@ def test_bench_prints_a_row_per_shape_and_dtype(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8x5") or
             line.startswith("| 16x3")]
     assert len(rows) == 4 and all(line.rstrip().endswith("x |") for line in rows)
+
+
+def test_bad_arguments_end_in_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Bad numbers are refused by argparse (naming the option); errors a command raises for bad input
+    end in one line naming the command (MEMFAST_DEBUG=1 re-raises them)."""
+    import pytest
+
+    import memfast
+
+    for argv, option in ((["bench", "--shapes", "abc"], "--shapes"), (["bench", "--repeats", "0"], "--repeats"),
+                         (["bench", "--num-samples", "-3"], "--num-samples"),
+                         (["score", "c.pt", "--model", "m:f", "--data", "d.pt", "--tracker", "t.pt", "--probes", "0"],
+                          "--probes"),
+                         (["score", "c.pt", "--model", "m:f", "--data", "d.pt", "--tracker", "t.pt", "--h", "-1"],
+                          "--h")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert f"argument {option}:" in capsys.readouterr().err
+    tracker = tmp_path / "t.pt"
+    memfast.SampleTracker(4).save(tracker)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"memfast report: .*File exists.*MEMFAST_DEBUG=1"):
+        main(["report", str(tracker), "--out", str(tmp_path / "a_file")])
+    monkeypatch.setenv("MEMFAST_DEBUG", "1")
+    with pytest.raises(FileExistsError):
+        main(["report", str(tracker), "--out", str(tmp_path / "a_file")])
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        memfast.SampleTracker(4).save(tmp_path / "missing" / "t.pt")
