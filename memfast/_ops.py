@@ -70,8 +70,18 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _same_device(who, first, *others):
+    """The kernels' device checks, in the fake kernels too: a meta tensor among real ones dispatches here."""
+    for t in others:
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{who}: the inputs must be on one device, got {first.device} and {t.device}")
+
+
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, adjustment, groups, compute_grad, reduction,
               lse_square_scale=0.0, softcap=0.0):
+    if logits.dim() != 2:
+        raise ValueError(f"memfast.cross_entropy: logits must be 2-D [rows, classes], got {logits.dim()}-D")
+    _same_device("memfast.cross_entropy", logits, target, weight, adjustment, groups)
     R, C = logits.shape
     acc = _acc_dtype(logits.dtype)
     grad = logits.new_empty((R, C) if compute_grad else (0, 0))
@@ -88,7 +98,7 @@ def _fwd_inplace_fake(logits, target, weight, ignore_index, label_smoothing, adj
 
 def _prob_fwd_fake(logits, target, weight, label_smoothing, adjustment, groups, compute_grad, reduction,
                    lse_square_scale=0.0, softcap=0.0):
-    loss, row_stats, grad = _fwd_fake(logits, None, weight, -100, label_smoothing, adjustment, groups, compute_grad,
+    loss, row_stats, grad = _fwd_fake(logits, target, weight, -100, label_smoothing, adjustment, groups, compute_grad,
                                       reduction)
     return loss, row_stats, logits.new_empty(logits.shape[0], dtype=torch.long), grad
 
@@ -107,6 +117,7 @@ def _bwd_inplace_fake(grad, grad_loss):
 
 
 def _track_fake(state, counters, row_stats, target, sample_ids, ignore_index, num_classes, stat_rows):
+    _same_device("memfast tracker", state, counters, row_stats, target, sample_ids)
     return None
 
 

@@ -316,3 +316,19 @@ def test_both_namespaces_refuse_the_same_bad_arguments(ns):
             lib.track_(state, counters, kw.get("row_stats", row_stats), y, torch.arange(4), -100, 3,
                        kw.get("stat_rows", t._stat_rows))
         assert torch.equal(state, t.state) and torch.equal(counters, t.counters)
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_a_meta_tensor_among_real_ones_is_refused(ns):
+    """One meta input dispatches to the fake kernel: it checks devices as the kernels do (it returned
+    uninitialised CPU memory, and track_ dropped the batch)."""
+    if ns == "memfast" and not _ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    lib = getattr(torch.ops, ns)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="on one device, got cpu and meta"):
+        lib.cross_entropy_fwd(x, y.to("meta"), None, -100, 0.0, None, None, False, 1)
+    t = memfast.SampleTracker(4)
+    _, row_stats, _ = reference.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
+    with pytest.raises(ValueError, match="on one device"):
+        lib.track_(t.state, t.counters, row_stats.to("meta"), y, torch.arange(4), -100, 3, t._stat_rows)
