@@ -427,6 +427,7 @@ def test_spurious_features_follow_setup():
 
 
 def test_colored_digits_colour_agreement():
+    pytest.importorskip("sklearn")  # (the digits; the GPU image may not have it)
     tr, te = colored_digits("train", seed=0), colored_digits("test", seed=0)
     assert tr.x.shape[1:] == (2, 8, 8) and len(tr) + len(te) == 1797
     assert int(tr.minority.sum()) == int(0.1 * len(tr)) and int(te.minority.sum()) == int(0.5 * len(te))
