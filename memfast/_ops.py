@@ -5,8 +5,8 @@ Two namespaces carry the same schemas: ``torch.ops.memfast`` (compiled
 kernels, csrc/) and ``torch.ops.memfast_ref`` (memfast/reference.py). The
 Python API calls ``ops(device)``, which picks one per device type.
 """
-import sys
 import os
+import sys
 import warnings
 import weakref
 
@@ -201,7 +201,7 @@ def _keep_for_backward(ctx, inputs, grad, source, grad_over_logits=False):
     # kept, as csrc/autograd.cpp does: beside the saved gradient rather than with it, so that the
     # usual backward, which does not need them, does not fail when they were changed in place since
     # (a later in-place loss of the same logits); they are freed after a backward that does not keep
-    # the graph (_release_kept_logits). Larger ones -- the caller's tensor (source) when memfast made
+    # the graph (_release_saved_state). Larger ones -- the caller's tensor (source) when memfast made
     # the rows from it -- are held weakly, so that an LM head's cost no memory. (Traced code never
     # recomputes: there the logits are not saved.)
     ctx.save_for_backward(grad)
@@ -322,10 +322,10 @@ def _backward(lib, ctx, grad_loss):
     try:
         return _backward_of(lib, ctx, grad_loss)
     finally:
-        _release_kept_logits(ctx)
+        _release_saved_state(ctx)
 
 
-def _release_kept_logits(ctx):
+def _release_saved_state(ctx):
     """Drop the small logits a loss kept (_keep_for_backward) and its other inputs after a backward
     that does not keep the graph, as autograd frees its saved tensors then."""
     state = getattr(ctx, "state", None)

@@ -361,7 +361,7 @@ class MemfastTrainer(Trainer):
         if labels is None:
             raise ValueError("MemfastTrainer: the batch has no labels")
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        labels = _ignored_as_minus_100({"labels": labels.to(logits.device)}, self.ignore_index)["labels"]
+        labels = _minus_100(labels.to(logits.device), self.ignore_index)
         if self.shift_labels:
             # Shift the labels, not the logits (as transformers' own loss does): logits[..., :-1, :]
             # would copy all [B, T-1, V] of them; the padded last position is ignored instead.
@@ -451,10 +451,13 @@ def _ignored_as_minus_100(batch, ignore_index):
     Trainer's token count and the loss take as not a target."""
     if ignore_index != -100 and isinstance(batch, Mapping):
         for key in ("labels", "shift_labels"):
-            labels = batch.get(key)
-            if isinstance(labels, torch.Tensor):
-                batch[key] = labels.masked_fill(labels == ignore_index, -100)
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = _minus_100(batch[key], ignore_index)
     return batch
+
+
+def _minus_100(labels, ignore_index):
+    return labels if ignore_index == -100 else labels.masked_fill(labels == ignore_index, -100)
 
 
 __all__ = ["MemfastTrainer", "TrackerCallback", "add_sample_ids", "load_tracker", "TRACKER_FILE"]
