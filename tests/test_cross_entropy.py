@@ -580,6 +580,25 @@ def test_backward_op_scalar_and_unit_factors(ns, dtype):
         torch.testing.assert_close(inplace, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("ns", ["memfast", "memfast_ref"])
+def test_inplace_backward_op_refuses_grad_loss_sharing_the_gradient(ns):
+    """cross_entropy_bwd_ reads grad_loss while it scales the rows: a grad_loss that is
+    a view of the gradient would be read after being overwritten. The allocating form
+    has no such hazard and accepts it."""
+    if ns == "memfast" and not memfast._ops.extension_available("cpu"):
+        pytest.skip("compiled extension not available")
+    op = getattr(torch.ops, ns)
+    g = torch.randn(6, 6)
+    for view in (g[:, 0], g.view(-1)[:6], g[2, 3]):
+        before = g.clone()
+        with pytest.raises(ValueError, match="grad_loss shares the memory"):
+            op.cross_entropy_bwd_(g, view)
+        assert torch.equal(g, before)
+        want = torch.where(g == 0, 0.0, g * (view[:, None] if view.dim() else view))
+        torch.testing.assert_close(op.cross_entropy_bwd(g, view), want, atol=0, rtol=0)
+    op.cross_entropy_bwd_(g, g[:, 0].clone())
+
+
 # ------------------------------------------------------------ inplace_backward
 # Every inplace_backward test runs with class-index targets (cross_entropy_fwd_) and with
 # class-probability targets (cross_entropy_prob_fwd_).

@@ -159,6 +159,14 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& grad_l
                     " scalar or vector of ", grad.size(0), " entries");
 }
 
+// cross_entropy_bwd_ scales the gradient in place, row by row, while it still reads grad_loss.
+inline void check_backward_inplace_args(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  check_backward_args(grad, grad_loss);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 0 || !grad_loss.is_alias_of(grad),
+                    "memfast.cross_entropy backward: grad_loss shares the memory of the gradient that the in-place "
+                    "backward overwrites; pass a copy of it (.clone())");
+}
+
 inline void check_targets_host(const int64_t* target, int64_t R, int64_t C, int64_t ignore_index) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t y = target[r];

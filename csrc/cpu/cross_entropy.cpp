@@ -205,7 +205,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad, const at::Tensor& grad_
 }
 
 void cross_entropy_bwd_inplace_cpu(at::Tensor& grad, const at::Tensor& grad_loss) {
-  check_backward_args(grad, grad_loss);
+  check_backward_inplace_args(grad, grad_loss);
   TORCH_CHECK_VALUE(grad.is_contiguous(), "memfast.cross_entropy backward: the saved gradient must be contiguous");
   scale_rows_cpu(grad, grad_loss, grad);
 }

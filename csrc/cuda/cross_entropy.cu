@@ -839,7 +839,7 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad, const at::Tensor& grad
 }
 
 void cross_entropy_bwd_inplace_cuda(at::Tensor& grad, const at::Tensor& grad_loss) {
-  check_backward_args(grad, grad_loss);
+  check_backward_inplace_args(grad, grad_loss);
   TORCH_CHECK_VALUE(grad.is_contiguous() && aligned16(grad.const_data_ptr()),
                     "memfast.cross_entropy backward: the saved gradient must be contiguous and 16-byte aligned");
   const c10::cuda::CUDAGuard device_guard(grad.device());

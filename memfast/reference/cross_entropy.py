@@ -296,6 +296,10 @@ def cross_entropy_bwd(grad, grad_loss):
 
 
 def cross_entropy_bwd_(grad, grad_loss):
+    # The kernels scale the gradient row by row while still reading grad_loss (checks.h).
+    if grad_loss.numel() and grad_loss.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr():
+        raise ValueError("memfast.cross_entropy backward: grad_loss shares the memory of the gradient that the "
+                         "in-place backward overwrites; pass a copy of it (.clone())")
     grad.copy_(cross_entropy_bwd(grad, grad_loss))
 
 
