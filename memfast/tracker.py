@@ -85,12 +85,15 @@ def _parse_stats(stats):
     return stats
 
 
-def _variance(mean_sq, mean, count):
+def _variance(mean_sq, mean, count, mean_terms=None):
     """E[x^2] - E[x]^2 from fp32 running sums: 0 for a single update, and 0 below the sums'
-    rounding (8 fp32 ulps of E[x^2]), where the difference is cancellation noise, not spread;
-    NaN for a sample never updated, like the means."""
+    rounding, where the difference is cancellation noise, not spread; NaN for a sample never
+    updated, like the means. The rounding: 8 fp32 ulps of E[x^2] and of E[x]^2 as computed.
+    mean_terms: the size of the running mean E[x] was derived from, when not E[x] itself
+    (E[p] = 1 - E[1 - p] is off by ulps of E[1 - p], far more than ulps of E[p] when p is small)."""
     var = mean_sq - mean * mean
-    noise = 8 * torch.finfo(torch.float32).eps * mean_sq.abs()
+    scale = mean.abs() if mean_terms is None else mean_terms.abs()
+    noise = 8 * torch.finfo(torch.float32).eps * (mean_sq.abs() + 2 * mean.abs() * scale)
     return torch.where((count == 1) | (var <= noise), torch.zeros_like(var), var)
 
 
@@ -307,7 +310,8 @@ class SampleTracker:
                 out["confidence"] = 1 - out["inconf_mean"]
                 if has("ptrue_sq"):
                     conf = out["confidence"]
-                    out["variability"] = _variance(mean(self.stat("ptrue_sq")), conf, count).sqrt()
+                    out["variability"] = _variance(mean(self.stat("ptrue_sq")), conf, count,
+                                                   mean_terms=out["inconf_mean"]).sqrt()
             if has("margin"):
                 out["aum"] = mean(self.stat("margin"))
             if has("correct"):
