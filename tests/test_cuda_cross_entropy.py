@@ -197,6 +197,71 @@ def test_all_minus_inf_row_has_nan_lse(monkeypatch, kernel, C, target_at):
         assert int(got[1][ROW["correct"], 1]) == (1 if target_at == "first" else 0)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "stream"])
+@pytest.mark.parametrize("C", [37, 1000, 70001])
+def test_masked_classes_get_exactly_zero_gradient(monkeypatch, kernel, C):
+    """Masked classes (-inf, a finite -1e30 or finfo.min as HF masks with, or so far below the
+    maximum that exp underflows) get exactly zero gradient and a finite loss, on every kernel path;
+    a masked target gives loss +inf, which the tracker counts as non-finite and does not add.
+    (Mutation testing of the CPU kernels found these exact values untested.)"""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, C, device=DEV)
+        x[:, 5:31] = -math.inf
+        x[:, 0] = 60.0
+        x[:, 31] = -90.0
+        x[:, 32] = -1e30
+        x[:, 33] = torch.finfo(torch.float32).min
+        x = x.to(dtype)
+        y = torch.tensor([0, 1, 2, 3, 4], device=DEV)
+        loss, _, g = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True, 0, 0.0, 0.0)
+        assert torch.equal(g[:, 5:34].float(), torch.zeros(5, 29, device=DEV))
+        assert torch.isfinite(loss).all()
+        want = ref.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, True, 0, 0.0, 0.0)
+        torch.testing.assert_close(loss, want[0], atol=1e-5, rtol=1e-5)
+        # the target masked: +inf loss, counted as non-finite, not accumulated
+        t = memfast.SampleTracker(5, stats="all", device=DEV)
+        masked = x.clone()
+        masked[1, 1] = -math.inf
+        memfast.cross_entropy(masked.float(), y, sample_ids=torch.arange(5, device=DEV), tracker=t, reduction="none")
+        t.check()
+        assert t.stat("nonfinite").tolist() == [0, 1, 0, 0, 0]
+        assert torch.isfinite(t.stat("csl")).all() and t.stat("csl")[1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zeta", [0.0, 1e-3])
+def test_mean_over_zero_weight_rows_has_zero_gradient(dtype, zeta):
+    """A mean over rows that all weigh 0 divides by 0: NaN loss, as PyTorch, and zero gradient."""
+    x = torch.randn(6, 19, device=DEV, dtype=dtype)
+    w = torch.ones(19, device=DEV, dtype=dtype)
+    w[[0, 4]] = 0
+    y = torch.tensor([0, 4, 0, 4, 0, 4], device=DEV)
+    args = (x, y, w, -100, 0.0, None, None, True, 1, zeta, 0.0)
+    got = torch.ops.memfast.cross_entropy_fwd(*args)
+    assert torch.isnan(got[0])
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_rounds_to_nearest_even_bitwise(dtype):
+    """The backward's bf16 / fp16 rounding of g * grad_loss (in fp32) is round-to-nearest-even,
+    bit for bit torch's .to() (ties are common: a factor of 1.5 or 0.75)."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    grad = (torch.randn(64, 1037, device=DEV, generator=gen) * 1e-2).to(dtype)
+    grad[:, 3] = 0
+    grad_loss = torch.randn(64, device=DEV, generator=gen)
+    grad_loss[:8] = torch.tensor([1.5, 0.75, 3.0, 1.25, -1.5, 2.5, 1.0078125, 0.5], device=DEV)
+    grad_loss[8] = math.inf
+    want = ref.cross_entropy_bwd(grad, grad_loss)
+    got = torch.ops.memfast.cross_entropy_bwd(grad, grad_loss)
+    inplace = grad.clone()
+    torch.ops.memfast.cross_entropy_bwd_(inplace, grad_loss)
+    for out in (got, inplace):
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("C", [7, 1001, 32003, 50257, 140001])
 def test_strided_and_misaligned_rows(dtype, C):
