@@ -179,3 +179,74 @@ def test_curvature_refuses_more_than_two_to_the_32_samples():
     with pytest.raises(ValueError, match="2\\^32 samples"):
         torch.ops.memfast.curvature_perturb(torch.empty(2**32, 0), 0, 0, 1, 1e-3)
     torch.ops.memfast.curvature_perturb(torch.empty(2**32 - 1, 0), 0, 0, 1, 1e-3)
+
+
+# A second pass: the ops' own argument checks (memfast.cross_entropy and SampleTracker check or convert
+# their arguments in Python first, so only direct calls of torch.ops.memfast.*, as traced code makes, reach them).
+NS = ["memfast", "memfast_ref"]
+
+
+def _args(x, y, weight=None, label_smoothing=0.0, softcap=0.0):
+    return (x, y, weight, -100, label_smoothing, None, None, True, 1, 0.0, softcap)
+
+
+def _prob_args(x, t, weight=None, label_smoothing=0.0, softcap=0.0):
+    return (x, t, weight, label_smoothing, None, None, True, 1, 0.0, softcap)
+
+
+# checks.h check_ce_args: the weight must be in the logits' accumulation dtype, refused up front with
+# the op's ValueError (without the check, the kernel's typed const_data_ptr<acc_t>() fails later with
+# an unrelated RuntimeError, "expected scalar type ..."). memfast.cross_entropy converts the weight first.
+@pytest.mark.parametrize("ns", NS)
+@pytest.mark.parametrize("dtype,bad", [(torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16),
+                                       (torch.float64, torch.float32)])
+def test_ops_refuse_weight_of_the_wrong_dtype(ns, dtype, bad):
+    op = getattr(torch.ops, ns)
+    x = torch.randn(4, 5, dtype=dtype)
+    y = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="weight"):
+        op.cross_entropy_fwd(*_args(x, y, weight=torch.ones(5, dtype=bad)))
+    with pytest.raises(ValueError, match="weight"):
+        op.cross_entropy_fwd_(x.clone(), y, torch.ones(5, dtype=bad), -100, 0.0, None, None, 1, 0.0, 0.0)
+    with pytest.raises(ValueError, match="weight"):
+        op.cross_entropy_prob_fwd(*_prob_args(x, torch.rand(4, 5, dtype=dtype), weight=torch.ones(5, dtype=bad)))
+    # the accumulation dtype is accepted
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    op.cross_entropy_fwd(*_args(x, y, weight=torch.ones(5, dtype=acc)))
+
+
+# checks.h check_ce_args: label_smoothing in [0, 1], both ends included.
+@pytest.mark.parametrize("ns", NS)
+def test_ops_refuse_label_smoothing_outside_zero_one(ns):
+    op = getattr(torch.ops, ns)
+    x = torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    for ls in [-0.1, -1e-12, 1.0 + 1e-9]:
+        with pytest.raises(ValueError, match="label_smoothing"):
+            op.cross_entropy_fwd(*_args(x, y, label_smoothing=ls))
+        with pytest.raises(ValueError, match="label_smoothing"):
+            op.cross_entropy_prob_fwd(*_prob_args(x, torch.rand(4, 5), label_smoothing=ls))
+    for ls in [0.0, 1.0]:
+        op.cross_entropy_fwd(*_args(x, y, label_smoothing=ls))
+
+
+
+# cross_entropy.cpp forward_rows: rows may be strided (only the class dimension must be dense), so
+# row r starts at r * stride(0), not r * C: a slice of wider logits ([:, :C], or every other row).
+# memfast.cross_entropy passes such views through, e.g. the logits of a sliced vocabulary.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", ["default", "generic"])
+def test_row_strided_logits_match_contiguous(monkeypatch, dtype, kernel):
+    if kernel == "generic":
+        monkeypatch.setenv("MEMFAST_CPU_KERNEL", "generic")
+    C = 21
+    wide = torch.randn(6, C + 11, dtype=dtype)
+    y = torch.tensor([0, 3, 20, 7, 7, 1])
+    for x in [wide[:, :C], wide[:, 5:5 + C], torch.randn(12, C, dtype=dtype)[::2]]:
+        assert x.stride(0) != C and x.stride(1) == 1
+        got = torch.ops.memfast.cross_entropy_fwd(x, y, None, -100, 0.1, None, None, True, 0, 0.0, 0.0)
+        want = torch.ops.memfast.cross_entropy_fwd(x.contiguous(), y, None, -100, 0.1, None, None, True, 0, 0.0, 0.0)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+        torch.testing.assert_close(got[0], torch.nn.functional.cross_entropy(x, y, reduction="none",
+                                                                             label_smoothing=0.1))
