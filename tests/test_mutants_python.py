@@ -1,5 +1,6 @@
 """Tests from a mutation-testing pass over the Python modules (2026-12-02): each kills a plausible
 bug that the rest of the suite let through (a dropped check, a flipped comparison, a merge rule)."""
+import argparse
 import math
 import os
 import socket
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import memfast
-from memfast import SampleTracker, metrics
+from memfast import SampleTracker, _ops, metrics
 from memfast._stats import COUNTER
 
 
@@ -447,3 +449,256 @@ def test_noise_refuses_negative_labels():
         noise.symmetric(np.array([0, -1, 2, 1]), 0.5)
     with pytest.raises(ValueError, match="non-negative"):
         noise.duplicates(np.zeros((4, 2)), np.array([0, -1, 2, 1]), 1)
+
+
+# ------------------------------- a second pass: _ops, mat, data, cli, datasets, integrations
+LARGE = (1100, 1000)  # storage above KEEP_LOGITS_BYTES: held weakly, the saved gradient scaled in place
+
+
+def _probs(*shape):
+    return torch.softmax(torch.randn(*shape), -1)
+
+
+# -- _ops: backend choice --------------------------------------------------------------------------
+def test_set_backend_switches_the_cached_namespace():
+    before = memfast.get_backend()
+    try:
+        memfast.set_backend("reference")
+        assert _ops.ops("cpu") is torch.ops.memfast_ref
+        if _ops.extension_available("cpu"):
+            memfast.set_backend("kernels")
+            assert _ops.ops("cpu") is torch.ops.memfast
+    finally:
+        memfast.set_backend(before)
+
+
+def test_no_kernels_for_other_device_types():
+    assert not _ops.extension_available("meta")
+    assert not _ops.extension_available("mps")
+    assert _ops.prob_ops("meta") is None
+
+
+def test_cuda_probability_kernel_is_opt_in(monkeypatch):
+    monkeypatch.setattr(_ops, "ops", lambda kind: torch.ops.memfast)
+    monkeypatch.delenv("MEMFAST_CUDA_PROB", raising=False)
+    assert _ops.prob_ops("cuda") is None
+    monkeypatch.setenv("MEMFAST_CUDA_PROB", "1")
+    assert _ops.prob_ops("cuda") is torch.ops.memfast
+
+
+def test_retained_graph_keeps_saved_inputs(backend):
+    h = torch.randn(6, 5, requires_grad=True) * 1
+    p = _probs(6, 5)
+    loss = memfast.cross_entropy(h, p)
+    loss.backward(retain_graph=True)
+    loss.backward()  # a second backward works with retain_graph=True
+
+
+def test_target_modified_after_the_forward_is_refused(backend):
+    h = torch.randn(6, 5, requires_grad=True) * 1
+    p = _probs(6, 5)
+    loss = memfast.cross_entropy(h, p)
+    p.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_differentiable_backward_refuses_kept_logits_modified_in_place(backend):
+    x = torch.randn(6, 5, requires_grad=True)
+    h = x * 1
+    loss = memfast.cross_entropy(h, _probs(6, 5))
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+
+
+def test_second_backward_of_large_logits_with_grad_loss_not_one(backend):
+    assert LARGE[0] * LARGE[1] * 4 > _ops.KEEP_LOGITS_BYTES
+    x = torch.randn(*LARGE, requires_grad=True)
+    h = x * 1
+    p = _probs(*LARGE)
+    loss = memfast.cross_entropy(h, p) * 3.0
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, g1)
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(x, p) * 3.0, x)[0]
+    torch.testing.assert_close(g1, want, atol=1e-6, rtol=1e-4)
+
+
+def test_second_backward_of_large_logits_refuses_modified_logits(backend):
+    x = torch.randn(*LARGE, requires_grad=True)
+    h = x * 1
+    loss = memfast.cross_entropy(h, _probs(*LARGE))
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="alive and unmodified"):
+        loss.backward()
+
+
+def test_second_backward_recomputes_with_the_softcap(backend):
+    x = torch.randn(*LARGE, requires_grad=True)
+    h = x * 3
+    loss = memfast.cross_entropy(h, _probs(*LARGE), softcap=2.0) * 2.0
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, g1)
+
+
+def test_inplace_backward_probability_targets_refuse_a_second_backward(backend):
+    if not _ops.extension_available("cpu"):
+        pytest.skip("inplace_backward needs the extension")
+    x = torch.randn(6, 5, requires_grad=True)
+    h = x * 1
+    v = h._version
+    loss = memfast.cross_entropy(h, _probs(6, 5), inplace_backward=True)
+    assert h._version > v
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        loss.backward()
+
+
+# -- mat ---------------------------------------------------------------------------------------------
+def test_linear_fuse_needs_matching_biases():
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+    xrm = memfast.mat.XRM(a, b, num_samples=8, num_classes=3)
+    assert xrm.fuse == "none"
+    x = torch.randn(5, 4)
+    la, lb = xrm.twin_logits(x)
+    torch.testing.assert_close(la, a(x))
+    torch.testing.assert_close(lb, b(x))
+    with pytest.raises(ValueError):
+        memfast.mat.XRM(a, b, num_samples=8, num_classes=3, fuse="linear")
+
+
+def test_sample_id_range_is_exclusive():
+    from memfast.mat import _check_ids
+
+    _check_ids(torch.tensor([0, 9]), 10)
+    with pytest.raises(IndexError):
+        _check_ids(torch.tensor([0, 10]), 10)
+    loss = memfast.MATLoss(torch.zeros(4, 3))
+    with pytest.raises(IndexError):
+        loss(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([1, 4]))
+
+
+def test_flip_generator_is_seeded_with_seed_plus_one():
+    xrm = memfast.mat.XRM(nn.Linear(2, 2), nn.Linear(2, 2), num_samples=4, num_classes=2, seed=5)
+    g = xrm._flip_rng(torch.device("cpu"))
+    want = torch.Generator().manual_seed(6)
+    assert torch.equal(torch.rand(8, generator=g), torch.rand(8, generator=want))
+
+
+# -- data --------------------------------------------------------------------------------------------
+def test_tensor_batches_zero_means_one_full_batch():
+    from memfast.data import tensor_batches
+
+    batches = list(tensor_batches(torch.randn(7, 2), torch.arange(7), 0))
+    assert len(batches) == 1 and batches[0][2].tolist() == list(range(7))
+
+
+def test_tensor_batches_shuffle_is_seeded():
+    from memfast.data import tensor_batches
+
+    def order(seed):
+        torch.manual_seed(torch.randint(0, 1000, ()).item() + 1)  # the global RNG must not matter
+        return torch.cat([b[2] for b in tensor_batches(torch.randn(20, 2), torch.arange(20), 6, shuffle=True,
+                                                       seed=seed)]).tolist()
+
+    assert order(3) == order(3)
+    assert sorted(order(3)) == list(range(20))
+    assert order(3) != order(4)
+
+
+def test_with_index_batch_ids_are_a_long_tensor():
+    from torch.utils.data import TensorDataset
+
+    from memfast.data import WithIndex
+
+    x, y, ids = WithIndex(TensorDataset(torch.randn(5, 2), torch.arange(5)))[[1, 3]]
+    assert isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.tolist() == [1, 3]
+
+
+# -- cli ---------------------------------------------------------------------------------------------
+def test_positive_types_refuse_zero_inf_and_nan():
+    from memfast.cli import positive_float, positive_int
+
+    assert positive_int("3") == 3 and positive_float("0.5") == 0.5
+    for text in ("0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(text)
+    for text in ("0", "inf", "nan", "-2.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(text)
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+def test_colored_digits_train_and_test_are_disjoint_partition():
+    pytest.importorskip("sklearn")
+    from memfast.datasets import colored_digits
+
+    train, test = colored_digits("train"), colored_digits("test")
+    assert len(train) + len(test) == 1797
+    flat = lambda d: {tuple(img.tolist()) for img in d.x.sum(1).reshape(len(d), -1)}  # noqa: E731
+    a, b = flat(train), flat(test)
+    assert len(a & b) < 0.05 * len(b)  # (load_digits has a few exact duplicate images)
+
+
+def test_colored_digits_minority_after_label_noise():
+    pytest.importorskip("sklearn")
+    from memfast.datasets import colored_digits
+
+    d = colored_digits("train", label_noise=0.25)
+    assert torch.equal(d.minority, d.attribute != d.y)
+
+
+def test_minority_fraction_must_be_in_unit_interval():
+    from memfast.datasets import spurious_features
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="minority_fraction"):
+            spurious_features(n=20, dim=4, minority_fraction=bad)
+
+
+# -- integrations ------------------------------------------------------------------------------------
+def test_hf_loss_relabels_ignore_index_itself():
+    """compute_loss may see labels that did not pass through the relabelling collator."""
+    from types import SimpleNamespace
+
+    hf = pytest.importorskip("memfast.integrations.hf")
+    t = object.__new__(hf.MemfastTrainer)
+    t.ignore_index, t.shift_labels, t.tracker, t._batch_sample_ids, t._head_input = 0, False, None, None, None
+    t.inplace_backward, t.lse_square_scale = False, 0.0
+    t.args = SimpleNamespace(label_smoothing_factor=0.0)
+    t.model = nn.Linear(1, 1)
+    t.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[1, 0, 2, 0], [3, 4, 0, 0]])
+    got = t._memfast_loss({"logits": logits}, labels)
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), labels.reshape(-1), ignore_index=0)
+    torch.testing.assert_close(got, want)
+
+
+def test_lightning_epoch_end_applied_once_per_epoch():
+    from types import SimpleNamespace
+
+    lt = pytest.importorskip("memfast.integrations.lightning")
+    cb = lt.TrackerCallback(num_samples=4)
+    trainer = SimpleNamespace(current_epoch=0)
+    cb.on_train_epoch_end(trainer, None)
+    cb.on_train_epoch_end(trainer, None)
+    assert cb.tracker.epoch == 1
+    trainer.current_epoch = 1
+    cb.on_train_epoch_end(trainer, None)
+    assert cb.tracker.epoch == 2
+
+
+def test_rank_score_averages_ties():
+    import numpy as np
+
+    from memfast.integrations.cleanlab import _rank_score
+
+    np.testing.assert_allclose(_rank_score(np.array([1.0, 1.0, 2.0, np.nan])), [0.75, 0.75, 0.0, np.nan])
