@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py (run as a subprocess)."""
+"""One rank of tests/test_distributed.py (run as a subprocess), and the single-process run it must equal."""
 import sys
 
 import torch
@@ -22,20 +22,63 @@ def epochs_of_batches(num_samples, num_classes, epochs, steps, world, seed):
         yield None  # epoch end
 
 
-def main(rank, world, port, out):
+def scripted_steps(world):
+    """Two ranks, written out: a forgetting event on rank 0 of a sample that rank 1 updates last
+    (forgetting is a sum, not the last updater's), and a sample both ranks update in one step (a
+    tie: the highest rank's update is the latest, as the ranks' batches concatenated in order)."""
+    assert world == 2
+    right, wrong, y = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]]), torch.tensor([0])
+    yield [(right, y, torch.tensor([0])), (right, y, torch.tensor([1]))]
+    yield None
+    yield [(wrong, y, torch.tensor([0])), (right, y, torch.tensor([1]))]
+    yield [(right, y, torch.tensor([2])), (right, y, torch.tensor([0]))]
+    yield [(torch.tensor([[2.0, 0.0]]), y, torch.tensor([3])), (torch.tensor([[0.0, 2.0]]), y, torch.tensor([3]))]
+
+
+# name: (samples, steps(world), per rank the curvature pass it scores at the end: (ids, values))
+SCENARIOS = {
+    "random": (40, lambda world: epochs_of_batches(40, 5, epochs=3, steps=4, world=world, seed=0), {}),
+    "scripted": (4, scripted_steps, {0: ([0, 1], [1.0, 2.0]), 1: ([2, 3], [3.0, 4.0])}),
+}
+
+
+def add_curvature_pass(tracker, ids, values):
+    """What score_curvature adds for one pass over these samples."""
+    ids, values = torch.tensor(ids), torch.tensor(values)
+    tracker.stat("curv").index_add_(0, ids, values)
+    tracker.stat("curv_count").index_add_(0, ids, torch.ones_like(values))
+
+
+def single_process(scenario, world):
+    """The same batches in one process: each step's shards concatenated in rank order."""
+    num_samples, steps, curvature = SCENARIOS[scenario]
+    tracker = memfast.SampleTracker(num_samples, stats="all")
+    for shards in steps(world):
+        if shards is None:
+            tracker.end_epoch()
+        else:
+            tracker.update(*(torch.cat(parts) for parts in zip(*shards)))
+    for rank in sorted(curvature):
+        add_curvature_pass(tracker, *curvature[rank])
+    return tracker
+
+
+def main(scenario, rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    tracker = memfast.SampleTracker(40, stats="all")
-    for shards in epochs_of_batches(40, 5, epochs=3, steps=4, world=world, seed=0):
+    num_samples, steps, curvature = SCENARIOS[scenario]
+    tracker = memfast.SampleTracker(num_samples, stats="all")
+    for shards in steps(world):
         if shards is None:
             tracker.all_reduce()
             tracker.end_epoch()
             continue
-        logits, target, ids = shards[rank]
-        tracker.update(logits, target, ids)
-    tracker.all_reduce()  # a second merge with nothing new must not double count
+        tracker.update(*shards[rank])
+    if rank in curvature:
+        add_curvature_pass(tracker, *curvature[rank])
+    tracker.all_reduce()  # (random: a second merge with nothing new must not double count)
     torch.save(tracker.state_dict(), out)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

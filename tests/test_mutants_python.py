@@ -2,11 +2,6 @@
 bug that the rest of the suite let through (a dropped check, a flipped comparison, a merge rule)."""
 import argparse
 import math
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -103,96 +98,6 @@ def test_checksum_covers_the_state_and_the_counters():
         sd[key].view(-1)[1] += 1
         with pytest.raises(ValueError, match="corrupted"):
             SampleTracker(5, stats=("csl", "count")).load_state_dict(sd)
-
-
-# ------------------------------------------------------------------------------- all_reduce
-_WORKER = textwrap.dedent('''
-    import sys
-    import torch
-    import torch.distributed as dist
-    import memfast
-    from memfast.tracker import SampleTracker
-
-    def script():
-        """Per step, each rank's (logits, target, ids); curvature values per rank at the end."""
-        right0, wrong0 = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]])
-        y0 = torch.tensor([0])
-        return [
-            [(right0, y0, torch.tensor([0])), (right0, y0, torch.tensor([1]))],   # epoch 0
-            "sync",
-            [(wrong0, y0, torch.tensor([0])), (right0, y0, torch.tensor([1]))],   # sample 0 forgotten on rank 0
-            [(right0, y0, torch.tensor([2])), (right0, y0, torch.tensor([0]))],   # rank 1 updates sample 0 last
-            [(torch.tensor([[2.0, 0.0]]), y0, torch.tensor([3])),                  # both ranks, one step: a tie
-             (torch.tensor([[0.0, 2.0]]), y0, torch.tensor([3]))],
-        ]
-
-    CURV = {0: (torch.tensor([0, 1]), torch.tensor([1.0, 2.0])), 1: (torch.tensor([2, 3]), torch.tensor([3.0, 4.0]))}
-
-    def main(rank, world, port, out):
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        t = SampleTracker(4, stats="all")
-        for step in script():
-            if step == "sync":
-                t.all_reduce()
-                t.end_epoch()
-            else:
-                t.update(*step[rank])
-        ids, v = CURV[rank]  # as score_curvature adds a pass
-        t.stat("curv").index_add_(0, ids, v)
-        t.stat("curv_count").index_add_(0, ids, torch.ones_like(v))
-        t.all_reduce()
-        torch.save(t.state_dict(), out)
-        dist.destroy_process_group()
-
-    if __name__ == "__main__":
-        if sys.argv[1] == "single":
-            t = SampleTracker(4, stats="all")
-            for step in script():
-                if step == "sync":
-                    t.end_epoch()
-                else:
-                    t.update(*(torch.cat(parts) for parts in zip(*step)))
-            for ids, v in CURV.values():
-                t.stat("curv").index_add_(0, ids, v)
-                t.stat("curv_count").index_add_(0, ids, torch.ones_like(v))
-            torch.save(t.state_dict(), sys.argv[2])
-        else:
-            main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-''')
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_all_reduce_keeps_every_ranks_events_and_breaks_ties_by_highest_rank(tmp_path):
-    """Two gloo ranks, one all_reduce per epoch: a forgetting event seen on rank 0 survives although rank 1
-    updated the sample last (forgetting is a sum), curvature passes scored on different ranks average
-    over both (curv_count is a sum), and a sample both ranks update in one step takes rank 1's latest
-    loss (ties go to the highest rank: as the ranks' batches concatenated in rank order)."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(_WORKER)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(memfast.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(
-        os.pathsep) if p]))
-    port = _free_port()
-    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", str(port), outs[r]], env=env)
-             for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    single_out = str(tmp_path / "single.pt")
-    subprocess.run([sys.executable, str(worker), "single", single_out], env=env, check=True, timeout=120)
-    single = SampleTracker.from_state_dict(torch.load(single_out, weights_only=True))
-    assert single.stat("forgetting").tolist() == [1.0, 0.0, 0.0, 0.0]
-    for out in outs:
-        merged = SampleTracker.from_state_dict(torch.load(out, weights_only=True))
-        s, want = merged.scores(), single.scores()
-        for name in ("csl", "count", "forgetting", "curv", "last_loss", "correct"):
-            torch.testing.assert_close(s[name], want[name], msg=name)
-        torch.testing.assert_close(s["curv"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
-        torch.testing.assert_close(s["last_loss"][3], torch.tensor(2.0 + math.log1p(math.exp(-2.0))))
 
 
 # ------------------------------------------------------------------------------------ metrics
