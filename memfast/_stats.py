@@ -13,8 +13,9 @@ SUM_STATS = ("csl", "count", "loss_sq", "inconf", "ptrue_sq", "margin", "correct
 # Statistics accumulated from Python (input curvature by memfast.score_curvature,
 # input-gradient norms by memfast.score_grad_norm and score_curvature).
 EXTRA_STATS = ("curv", "curv_count", "grad_norm", "grad_norm_count")
-# Rows of the [NUM_ROW_STATS, R] tensor the forward op returns.
-ROW_STATS = ("lse", "target_logit", "max_other", "weight", "correct")
+# Rows of the [NUM_ROW_STATS, R] tensor the forward op returns. log_sum = log sum_c exp(z_c - m),
+# m = max_c z_c (= lse - m; the tracker forms lse - z_y = log_sum - (z_y - m) from it, exact near m).
+ROW_STATS = ("log_sum", "target_logit", "max_other", "weight", "correct")
 # Entries of the tracker's int64 counters.
 COUNTERS = ("epoch", "calls", "bad_ids", "bad_targets")
 

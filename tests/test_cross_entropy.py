@@ -112,6 +112,44 @@ def test_huge_and_tiny_logits(backend, dtype):
     _compare(x, y, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("offset", [1e4, -3e5, 1e8])
+def test_logits_far_from_zero_keep_the_loss_exact(backend, cpu_kernel, dtype, offset):
+    """Logits of one sign and a large magnitude (an un-normalised head, a shared bias): the loss
+    is lse - z_y formed from z - max, as log_softmax forms it. Through m + log_sum it was rounded
+    to ulp(m): 4e-4 off at 1e4 and 0 instead of ~3 at 1e8 in fp32. The tracker's loss, p_true,
+    max_prob and margin too; the truth is fp64 PyTorch on the same (rounded) logits."""
+    N, C = 24, 40
+    g = torch.Generator().manual_seed(int(abs(offset)) % 1000)
+    x64 = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2 + offset)
+    # fp32 keeps the spread at 1e8 only where it exceeds the ulp (8): scale it with the offset
+    x64 = offset + (x64 - offset) * max(1.0, abs(offset) * 2e-7)
+    x = x64.to(dtype)
+    y = torch.randint(0, C, (N,), generator=g)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    truth = x.to(torch.float64)
+    # (a bf16 loss is returned in bf16: one rounding; the tracker below keeps fp32)
+    tol = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5),
+           torch.bfloat16: dict(atol=0, rtol=8e-3)}[dtype]
+    for kw in (dict(), dict(label_smoothing=0.2), dict(weight=torch.rand(C, generator=g, dtype=acc) + 0.5)):
+        got = memfast.cross_entropy(x, y, reduction="none", **kw)
+        kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        want = F.cross_entropy(truth, y, reduction="none", **kw64)
+        assert want.min() > 0.5  # the case this test is about: losses of order 1, not 0
+        torch.testing.assert_close(got.double(), want, **tol, msg=str(kw))
+    t = memfast.SampleTracker(N, stats="all")
+    memfast.cross_entropy(x, y, sample_ids=torch.arange(N), tracker=t)
+    nll = F.cross_entropy(truth, y, reduction="none")
+    p = truth.softmax(1)
+    others = truth.scatter(1, y[:, None], -math.inf).max(1).values
+    f32 = dict(atol=2e-5, rtol=2e-5)  # the tracker's state is fp32
+    torch.testing.assert_close(t.stat("csl").double(), nll, **f32)
+    torch.testing.assert_close(t.stat("last_loss").double(), nll, **f32)
+    torch.testing.assert_close(t.stat("inconf").double(), 1 - p.gather(1, y[:, None])[:, 0], **f32)
+    torch.testing.assert_close(t.stat("last_maxprob").double(), p.max(1).values, **f32)
+    torch.testing.assert_close(t.stat("margin").double(), truth.gather(1, y[:, None])[:, 0] - others, **f32)
+
+
 def test_non_finite_logits(backend):
     x = torch.randn(6, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -164,7 +202,7 @@ def test_all_minus_inf_row_stats_match_reference(kernel, monkeypatch):
     args = (x, y, None, -100, 0.0, None, None, False, 0)
     got, want = torch.ops.memfast.cross_entropy_fwd(*args), reference.cross_entropy_fwd(*args)
     torch.testing.assert_close(got[1], want[1], equal_nan=True)
-    assert got[1][ROW["lse"], 1:3].isnan().all()
+    assert got[1][ROW["log_sum"], 1:3].isnan().all()
     assert got[1][ROW["correct"], 1:3].tolist() == [1.0, 0.0]
 
 

@@ -134,6 +134,34 @@ def test_forced_kernel_paths(monkeypatch, kernel, C):
         check_forward(x, y, adjustment=torch.randn(C, device=DEV).expand(y.numel(), C), softcap=4.0)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "stream", "no-cluster"])
+@pytest.mark.parametrize("C", [10, 1000, 70001])
+@pytest.mark.parametrize("offset", [1e4, -3e5])
+def test_logits_far_from_zero_keep_the_loss_exact(monkeypatch, kernel, C, offset):
+    """Logits of a large magnitude: the loss and the tracker's values come from z - max (as
+    log_softmax forms them), not from lse rounded to ulp(max); the truth is fp64 PyTorch. The
+    streaming kernel shifts its one sweep's sum w * z by the max afterwards, per thread: its
+    smoothing term is looser."""
+    if kernel == "stream":
+        monkeypatch.setenv("MEMFAST_CE_KERNEL", "stream")
+    elif kernel == "no-cluster":
+        monkeypatch.setenv("MEMFAST_CE_CLUSTER", "0")
+    R = rows_for(C, 1 << 19)
+    x = torch.randn(R, C, device=DEV) * 2 + offset
+    y = torch.randint(0, C, (R,), device=DEV)
+    truth = x.double()
+    for eps, tol in ((0.0, 2e-5), (0.1, 2e-4)):
+        got = memfast.cross_entropy(x, y, reduction="none", label_smoothing=eps)
+        want = F.cross_entropy(truth, y, reduction="none", label_smoothing=eps)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=f"eps={eps}")
+    t = memfast.SampleTracker(R, stats="all", device=DEV)
+    memfast.cross_entropy(x, y, sample_ids=torch.arange(R, device=DEV), tracker=t)
+    p = truth.softmax(1)
+    for name, value in (("csl", F.cross_entropy(truth, y, reduction="none")),
+                        ("inconf", 1 - p.gather(1, y[:, None])[:, 0]), ("last_maxprob", p.max(1).values)):
+        torch.testing.assert_close(t.stat(name).double(), value, atol=2e-5, rtol=2e-5, msg=name)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "stream"])
 @pytest.mark.parametrize("C", [11, 1000, 70001])
 def test_nan_in_a_row_gives_nan_loss(monkeypatch, kernel, C):
@@ -177,7 +205,7 @@ def test_nan_logits_row_stats_match_reference(monkeypatch, kernel, C):
         got, want = torch.ops.memfast.cross_entropy_fwd(*args), ref.cross_entropy_fwd(*args)
         for name in ("target_logit", "max_other", "weight", "correct"):
             torch.testing.assert_close(got[1][ROW[name]], want[1][ROW[name]], equal_nan=True, msg=name)
-        assert got[1][ROW["lse"]].isnan().all() and got[0].isnan().all()
+        assert got[1][ROW["log_sum"]].isnan().all() and got[0].isnan().all()
 
 
 @pytest.mark.parametrize("kernel", ["auto", "stream"])
@@ -193,7 +221,7 @@ def test_all_minus_inf_row_has_nan_lse(monkeypatch, kernel, C, target_at):
         x[1] = -math.inf
         y[1] = 0 if target_at == "first" else C // 2
         got = check_forward(x, y)
-        assert got[1][ROW["lse"], 1].isnan()
+        assert got[1][ROW["log_sum"], 1].isnan()
         assert int(got[1][ROW["correct"], 1]) == (1 if target_at == "first" else 0)
 
 

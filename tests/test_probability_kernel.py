@@ -113,7 +113,7 @@ def test_labels_rows_without_mass_and_ties(cpu_kernel):
                       [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
     loss, row_stats, label, _ = check((x, t, None, 0.0, None, None, True, 0, 0.5, 0.0), torch.float64)
     assert label.tolist() == [1, -100, -100, -100, 3, 0]
-    assert row_stats[:, [1, 2, 3]][[ROW["lse"], ROW["target_logit"], ROW["correct"]]].abs().sum() == 0
+    assert row_stats[:, [1, 2, 3]][[ROW["log_sum"], ROW["target_logit"], ROW["correct"]]].abs().sum() == 0
     lse = torch.logsumexp(x, 1)
     want = F.cross_entropy(x, t.nan_to_num(0.0), reduction="none")
     want[[0, 4, 5]] += 0.5 * lse[[0, 4, 5]] ** 2

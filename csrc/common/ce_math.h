@@ -18,7 +18,7 @@ namespace memfast {
 // Rows of the per-row statistics tensor that the forward op returns ([NUM_ROW_STATS, R]).
 // Keep in sync with memfast/_stats.py (checked by tests through build_info()).
 enum RowStat : int {
-  ROW_LSE = 0,       // log-sum-exp of the (adjusted) logits
+  ROW_LOG_SUM = 0,   // log sum_c exp(z_c - m) of the (adjusted) logits, m = max_c z_c: lse - m
   ROW_TARGET_LOGIT,  // adjusted logit of the target class (every row stat is 0 for ignored rows)
   ROW_MAX_OTHER,     // largest adjusted logit among the other classes (-inf when C == 1)
   ROW_WEIGHT,        // weight[target] (1 without weights, 0 for ignored rows): the mean's denominator
@@ -177,16 +177,28 @@ MEMFAST_HD GradCoef<T> grad_coefficients(T w_y, T weight_sum, T eps, int64_t C, 
 // The op's `reduction` argument (the values of at::Reduction).
 enum Reduction : int { REDUCTION_NONE = 0, REDUCTION_MEAN = 1, REDUCTION_SUM = 2 };
 
-// The loss of one row from its log-sum-exp, target logit and (when smoothing)
-// sum_c w_c z_c; zeta > 0 adds the z-loss zeta w_y lse^2.
+// lse - z_y from the row's max m and log_sum = log sum_c exp(z_c - m), formed as PyTorch's
+// log_softmax forms it: z_y - m is exact for nearby values, where m + log_sum - z_y would round
+// lse to ulp(m) first (fp32: 4.9e-4 off at logits near 1e4, 2.2 near 1e8; bench/large_logits.py).
 template <typename T>
-MEMFAST_HD T row_loss(T lse, T z_y, T w_y, T weight_sum, T weighted_logit_sum, T eps, int64_t C, T zeta = T(0)) {
-  T loss = w_y * (lse - z_y);
+MEMFAST_HD T target_nll(T log_sum, T z_y, T m) {
+  return log_sum - (z_y - m);
+}
+
+// The loss of one row from its max m, log_sum (as above), target logit and (when smoothing)
+// shifted_dot = sum_c w_c (z_c - m); zeta > 0 adds the z-loss zeta w_y lse^2.
+template <typename T>
+MEMFAST_HD T row_loss(T log_sum, T z_y, T m, T w_y, T weight_sum, T shifted_dot, T eps, int64_t C,
+                      T zeta = T(0)) {
+  T loss = w_y * target_nll(log_sum, z_y, m);
   if (eps != T(0)) {
-    T smooth = weight_sum * lse - weighted_logit_sum;
+    T smooth = weight_sum * log_sum - shifted_dot;  // sum_c w_c (lse - z_c)
     loss = (T(1) - eps) * loss + eps / static_cast<T>(C) * smooth;
   }
-  if (zeta != T(0) && w_y != T(0)) loss += zeta * w_y * lse * lse;
+  if (zeta != T(0) && w_y != T(0)) {
+    const T lse = m + log_sum;
+    loss += zeta * w_y * lse * lse;
+  }
   return loss;
 }
 
@@ -200,16 +212,19 @@ struct RowContribution {
   bool finite;
 };
 
-MEMFAST_HD RowContribution row_contribution(float lse, float z_y, float max_other, float correct) {
+// From a row's statistics in their own type (fp64 ones are subtracted before rounding to fp32).
+// The row's max is max(z_y, max_other); a NaN in either makes nll NaN (the row is not finite).
+template <typename T>
+MEMFAST_HD RowContribution row_contribution(T log_sum, T z_y, T max_other, T correct) {
   RowContribution r;
-  r.nll = lse - z_y;
+  const T m = z_y >= max_other ? z_y : max_other;
+  r.nll = static_cast<float>(target_nll(log_sum, z_y, m));
   r.finite = (r.nll == r.nll) && (r.nll < INFINITY) && (r.nll > -INFINITY);
   r.p_true = fast_exp(-r.nll);
   // C == 1 (or every other class masked to -inf): no competitor, margin 0.
-  r.margin = (max_other == -INFINITY) ? 0.0f : z_y - max_other;
-  float top = z_y > max_other ? z_y : max_other;
-  r.max_prob = fast_exp(top - lse);
-  r.correct = correct;
+  r.margin = (max_other == -INFINITY) ? 0.0f : static_cast<float>(z_y - max_other);
+  r.max_prob = fast_exp(-static_cast<float>(log_sum));  // exp(m - lse): the top class's probability
+  r.correct = static_cast<float>(correct);
   return r;
 }
 

@@ -80,12 +80,13 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       const acc_t z_y = row[y];
       const acc_t max_other = max_before > max_after ? max_before : max_after;
       const acc_t m = z_y > max_other ? z_y : max_other;
-      const acc_t weighted_logit_sum = eps > 0 ? lanes_dot(row, w, C) : acc_t(0);
+      const acc_t shifted_dot = eps > 0 ? lanes_dot(row, w, C, m) : acc_t(0);
       const acc_t sum = row_exp_sum(row, buf, C, m, avx512);
-      const acc_t lse = m + std::log(sum);
+      const acc_t log_sum = std::log(sum);
+      const acc_t lse = m + log_sum;
       const acc_t w_y = w ? w[y] : acc_t(1);
-      loss_p[r] = row_loss(lse, z_y, w_y, weight_sum, weighted_logit_sum, eps, C, zeta);
-      st[ROW_LSE * R + r] = lse;
+      loss_p[r] = row_loss(log_sum, z_y, m, w_y, weight_sum, shifted_dot, eps, C, zeta);
+      st[ROW_LOG_SUM * R + r] = log_sum;
       st[ROW_TARGET_LOGIT * R + r] = z_y;
       st[ROW_MAX_OTHER * R + r] = C > 1 ? max_other : ninf;
       st[ROW_WEIGHT * R + r] = w_y;

@@ -50,19 +50,6 @@ T lanes_weighted_targets(const T* t, const T* w, T* wt, int64_t n, T keep, T spr
   return s;
 }
 
-// sum_c wt[c] (z[c] - m)
-template <typename T>
-T lanes_shifted_dot(const T* z, const T* wt, int64_t n, T m) {
-  T lane[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int k = 0; k < kLanes; ++k) lane[k] += wt[c + k] * (z[c + k] - m);
-  T s = 0;
-  for (; c < n; ++c) s += wt[c] * (z[c] - m);
-  for (int k = 0; k < kLanes; ++k) s += lane[k];
-  return s;
-}
-
 // Whether any entry is NaN.
 template <typename T>
 bool lanes_any_nan(const T* x, int64_t n) {
@@ -140,7 +127,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
         m = row_max(row, C, avx512);
       }
       // (An infinite maximum gives NaN sums, as in cross_entropy_fwd: the row is not finite.)
-      const acc_t shifted_dot = lanes_shifted_dot(row, wt, C, m);
+      const acc_t shifted_dot = lanes_dot(row, wt, C, m);
       const acc_t sum = row_exp_sum(row, buf, C, m, avx512);
       const acc_t log_sum = std::log(sum);
       const acc_t lse = m + log_sum;
@@ -149,7 +136,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& target, const at::
       acc_t loss = (mass_sum == 0 ? acc_t(0) : mass_sum * log_sum) - shifted_dot;
       if (zeta != 0 && has_mass) loss += zeta * lse * lse;
       loss_p[r] = loss;
-      st[ROW_LSE * R + r] = has_mass ? lse : acc_t(0);
+      st[ROW_LOG_SUM * R + r] = has_mass ? log_sum : acc_t(0);
       st[ROW_TARGET_LOGIT * R + r] = z_y;
       st[ROW_MAX_OTHER * R + r] = has_mass ? max_other : acc_t(0);  // -inf when C == 1
       st[ROW_WEIGHT * R + r] = 1;  // every row counts in the mean

@@ -253,20 +253,20 @@ T row_exp_sum(const T* x, T* out, int64_t n, T shift, bool avx512) {
   return lanes_exp_sum(x, out, n, shift);
 }
 
-// sum_c w[c] x[c] (w == nullptr: plain sum).
+// sum_c w[c] (x[c] - shift) (w == nullptr: weights 1).
 template <typename T>
-T lanes_dot(const T* x, const T* w, int64_t n) {
+T lanes_dot(const T* x, const T* w, int64_t n, T shift = T(0)) {
   T lane[kLanes] = {};
   int64_t c = 0;
   if (w) {
     for (; c + kLanes <= n; c += kLanes)
-      for (int k = 0; k < kLanes; ++k) lane[k] += w[c + k] * x[c + k];
+      for (int k = 0; k < kLanes; ++k) lane[k] += w[c + k] * (x[c + k] - shift);
   } else {
     for (; c + kLanes <= n; c += kLanes)
-      for (int k = 0; k < kLanes; ++k) lane[k] += x[c + k];
+      for (int k = 0; k < kLanes; ++k) lane[k] += x[c + k] - shift;
   }
   T s = 0;
-  for (; c < n; ++c) s += w ? w[c] * x[c] : x[c];
+  for (; c < n; ++c) s += w ? w[c] * (x[c] - shift) : x[c] - shift;
   for (int k = 0; k < kLanes; ++k) s += lane[k];
   return s;
 }

@@ -59,9 +59,8 @@ void track_cpu(at::Tensor& state, at::Tensor& counters, const at::Tensor& row_st
       }
       if (tgt[r] == ignore_index) continue;
       const int64_t id = ids[r / rows_per_id];
-      const RowContribution c = row_contribution(
-          static_cast<float>(st[ROW_LSE * R + r]), static_cast<float>(st[ROW_TARGET_LOGIT * R + r]),
-          static_cast<float>(st[ROW_MAX_OTHER * R + r]), static_cast<float>(st[ROW_CORRECT * R + r]));
+      const RowContribution c = row_contribution(st[ROW_LOG_SUM * R + r], st[ROW_TARGET_LOGIT * R + r],
+                                                 st[ROW_MAX_OTHER * R + r], st[ROW_CORRECT * R + r]);
       if (!c.finite) {
         if (nonfinite) nonfinite[id] += 1.0f;
         continue;

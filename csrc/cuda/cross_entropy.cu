@@ -178,14 +178,15 @@ __device__ __forceinline__ void visit(acc_t v, index_t c, index_t y, acc_t z_y, 
 // coefficients through k and scale (= k.scale_p / sum).
 template <typename acc_t>
 __device__ __forceinline__ void row_finish(const FwdArgs<acc_t>& a, int64_t row, bool writer, int64_t y, acc_t z_y,
-                                           acc_t max_other, acc_t beaten, acc_t m, acc_t sum, acc_t weighted_sum,
+                                           acc_t max_other, acc_t beaten, acc_t m, acc_t sum, acc_t shifted_dot,
                                            acc_t& w_y, GradCoef<acc_t>& k, acc_t& scale) {
   w_y = a.weight ? a.weight[y] : acc_t(1);
   const acc_t weight_sum = a.weight_sum ? *a.weight_sum : static_cast<acc_t>(a.C);
-  const acc_t lse = m + log(sum);
+  const acc_t log_sum = log(sum);
+  const acc_t lse = m + log_sum;
   if (writer) {
-    a.loss[row] = row_loss(lse, z_y, w_y, weight_sum, weighted_sum, a.eps, a.C, a.zeta);
-    a.stats[ROW_LSE * a.R + row] = lse;
+    a.loss[row] = row_loss(log_sum, z_y, m, w_y, weight_sum, shifted_dot, a.eps, a.C, a.zeta);
+    a.stats[ROW_LOG_SUM * a.R + row] = log_sum;
     a.stats[ROW_TARGET_LOGIT * a.R + row] = z_y;
     a.stats[ROW_MAX_OTHER * a.R + row] = max_other;  // -inf when C == 1
     a.stats[ROW_WEIGHT * a.R + row] = w_y;
@@ -351,7 +352,7 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
   const acc_t m = z_y > max_other ? z_y : max_other;
   keep_packed(raw);
 
-  // Pass 2: sum of exp(z - m) (and sum w * z for label smoothing).
+  // Pass 2: sum of exp(z - m) (and sum w * (z - m) for label smoothing).
   const bool smooth = a.eps > acc_t(0);
   const acc_t* w = a.weight;
   acc_t stage2[2] = {acc_t(0), acc_t(0)};
@@ -364,17 +365,17 @@ __global__ void __launch_bounds__(ResidentConfig<scalar_t, G, NVEC>::kThreads,
       widen<scalar_t>(a, raw[i], adj, c0, x);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        if (smooth) stage2[1] += (w ? w[c0 + j] : acc_t(1)) * x[j];
+        if (smooth) stage2[1] += (w ? w[c0 + j] : acc_t(1)) * (x[j] - m);
         stage2[0] += fast_exp(x[j] - m);
       }
     }
   }
   if (has_head) {
-    if (smooth) stage2[1] += (w ? w[c_head] : acc_t(1)) * xh;
+    if (smooth) stage2[1] += (w ? w[c_head] : acc_t(1)) * (xh - m);
     stage2[0] += fast_exp(xh - m);
   }
   if (has_tail) {
-    if (smooth) stage2[1] += (w ? w[c_tail] : acc_t(1)) * xt;
+    if (smooth) stage2[1] += (w ? w[c_tail] : acc_t(1)) * (xt - m);
     stage2[0] += fast_exp(xt - m);
   }
   row_reduce<G, NT, 2>(stage2, SumOp(), red_smem[1], cl_smem[1], cs);
@@ -423,14 +424,20 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
   const bool smooth = a.eps > acc_t(0);
 
   acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};  // largest other logit, beaten
-  acc_t run_max = neg_inf<acc_t>(), run_sum = acc_t(0), weighted_sum = acc_t(0);
+  acc_t run_max = neg_inf<acc_t>(), run_sum = acc_t(0);
+  // sum w * z and sum w over this thread's logits, shifted by the row max once it is known
+  acc_t weighted_sum = acc_t(0), weight_part = acc_t(0);
   // Online softmax over a few values: rescale the running sum once per vector.
   auto absorb = [&](const acc_t* x, int n, int64_t c0) {
     acc_t vmax = neg_inf<acc_t>();
     for (int j = 0; j < n; ++j) {
       visit(x[j], c0 + j, r.y, r.z_y, stage1[0], stage1[1]);
       vmax = x[j] > vmax ? x[j] : vmax;
-      if (smooth) weighted_sum += (a.weight ? a.weight[c0 + j] : acc_t(1)) * x[j];
+      if (smooth) {
+        const acc_t w_c = a.weight ? a.weight[c0 + j] : acc_t(1);
+        weighted_sum += w_c * x[j];
+        weight_part += w_c;
+      }
     }
     const acc_t new_max = vmax > run_max ? vmax : run_max;
     if (new_max == neg_inf<acc_t>()) {  // only -inf / NaN so far: keep a NaN (the CPU's sum carries it)
@@ -477,7 +484,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
   const acc_t max_other = stage1[0];
   const acc_t m = r.z_y > max_other ? r.z_y : max_other;
   acc_t stage2[2] = {run_max == neg_inf<acc_t>() ? run_sum /* 0, or a NaN seen */ : run_sum * fast_exp(run_max - m),
-                     weighted_sum};
+                     smooth ? weighted_sum - weight_part * m : acc_t(0)};
   block_reduce<NT, 2>(stage2, SumOp(), red_smem[1]);
   // m == -inf (every logit -inf or NaN): the online sum skipped them and holds 0, but
   // sum exp(z - m) is NaN (-inf - -inf) in the CPU and resident kernels; the same here.

@@ -131,7 +131,7 @@ __device__ __forceinline__ void finish_row(const ProbRow<scalar_t, target_t>& r,
     acc_t loss = (mass == acc_t(0) ? acc_t(0) : mass * log_sum) - dot;  // (no mass: 0, not 0 log 0)
     if (a.zeta != acc_t(0) && has_mass) loss += a.zeta * lse * lse;
     a.loss[row] = loss;
-    a.stats[ROW_LSE * a.R + row] = has_mass ? lse : acc_t(0);
+    a.stats[ROW_LOG_SUM * a.R + row] = has_mass ? log_sum : acc_t(0);
     a.stats[ROW_TARGET_LOGIT * a.R + row] = z_y;
     a.stats[ROW_MAX_OTHER * a.R + row] = has_mass ? max_other : acc_t(0);  // -inf when C == 1
     a.stats[ROW_WEIGHT * a.R + row] = acc_t(1);                            // every row counts in the mean

@@ -106,8 +106,8 @@ __device__ __forceinline__ void row_sums_local(const RowContribution& c, float (
 
 template <typename stat_t>
 __device__ __forceinline__ RowContribution read_row(const stat_t* __restrict__ st, int64_t R, int64_t r) {
-  return row_contribution(static_cast<float>(st[ROW_LSE * R + r]), static_cast<float>(st[ROW_TARGET_LOGIT * R + r]),
-                          static_cast<float>(st[ROW_MAX_OTHER * R + r]), static_cast<float>(st[ROW_CORRECT * R + r]));
+  return row_contribution(st[ROW_LOG_SUM * R + r], st[ROW_TARGET_LOGIT * R + r], st[ROW_MAX_OTHER * R + r],
+                          st[ROW_CORRECT * R + r]);
 }
 
 template <typename stat_t>

@@ -160,13 +160,15 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
     m = z.max(1).values
     e = torch.exp(z - m[:, None])
     s = e.sum(1)
-    lse = m + torch.log(s)
+    log_sum = torch.log(s)
+    lse = m + log_sum
     z_y = z.gather(1, y[:, None])[:, 0]
     w_y = torch.where(valid, w[y], torch.zeros_like(lse))
     eps = float(label_smoothing)
-    loss = w_y * (lse - z_y)
+    # lse - z_y as log_softmax forms it: z_y - m is exact nearby, m + log_sum is rounded to ulp(m)
+    loss = w_y * (log_sum - (z_y - m))
     if eps > 0:
-        smooth = w.sum() * lse - (z * w).sum(1)
+        smooth = w.sum() * log_sum - ((z - m[:, None]) * w).sum(1)
         loss = (1 - eps) * loss + eps / C * smooth
     if zeta > 0:  # the z-loss, weighted like the row (zero for a zero weight, however large lse)
         loss = loss + _nonzero_times(w_y, zeta * lse * lse)
@@ -181,7 +183,7 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, adjustment, 
         max_other = torch.full_like(lse, -math.inf)
     correct = ((z_num.argmax(1) == y) & ~z_y.isnan()).to(acc)
     # Ignored rows: zeros everywhere (the tracker skips them by target).
-    row_stats = torch.stack([lse, z_y, max_other, w_y, correct])
+    row_stats = torch.stack([log_sum, z_y, max_other, w_y, correct])
     row_stats = torch.where(valid[None], row_stats, torch.zeros_like(row_stats))
     grad_scale = z.new_ones(())
     if reduction == 1:
@@ -362,19 +364,22 @@ def track_(state, counters, row_stats, target, sample_ids, ignore_index, num_cla
         return state[r] if r >= 0 else None
 
     ids = sample_ids.repeat_interleave(R // sample_ids.numel())
-    st = row_stats.to(torch.float32)
-    lse, z_y, max_other, correct = st[ROW["lse"]], st[ROW["target_logit"]], st[ROW["max_other"]], st[ROW["correct"]]
-    nll = lse - z_y
+    # nll = lse - z_y and the margin in the statistics' own type (fp64 ones subtracted before rounding),
+    # with the row max m = max(z_y, max_other) as the kernels form them (a NaN in either: nll NaN)
+    log_sum, z_y, max_other = row_stats[ROW["log_sum"]], row_stats[ROW["target_logit"]], row_stats[ROW["max_other"]]
+    m = torch.where(z_y >= max_other, z_y, max_other)
+    nll = (log_sum - (z_y - m)).float()
+    max_prob = torch.exp(-log_sum.float())  # exp(m - lse): the top class's probability
+    margin = torch.where(max_other == -math.inf, torch.zeros_like(nll), (z_y - max_other).float())
+    correct = row_stats[ROW["correct"]].float()
     valid = target != ignore_index
     finite = torch.isfinite(nll)
     if row("nonfinite") is not None:
         bad = valid & ~finite
         row("nonfinite").index_add_(0, ids[bad], torch.ones_like(nll[bad]))
     keep = valid & finite
-    ids, nll, lse, z_y, max_other, correct = (t[keep] for t in (ids, nll, lse, z_y, max_other, correct))
+    ids, nll, max_prob, margin, correct = (t[keep] for t in (ids, nll, max_prob, margin, correct))
     p_true = torch.exp(-nll)
-    margin = torch.where(max_other == -math.inf, torch.zeros_like(z_y), z_y - max_other)
-    max_prob = torch.exp(torch.maximum(z_y, max_other) - lse)
     for name, v in (("csl", nll), ("count", torch.ones_like(nll)), ("loss_sq", nll * nll),
                     ("inconf", 1 - p_true), ("ptrue_sq", p_true * p_true), ("margin", margin),
                     ("correct", correct)):
