@@ -24,6 +24,7 @@ def cases(draw):
         R=R, C=C,
         dtype=draw(st.sampled_from(DTYPES)),
         scale=draw(st.sampled_from([1e-3, 1.0, 10.0, 300.0])),
+        offset=draw(st.sampled_from([0.0, 0.0, 1e4, -3e4])),  # logits far from zero (fp16 holds 3e4)
         weighted=draw(st.booleans()),
         eps=draw(st.sampled_from([0.0, 0.0, 0.05, 0.5, 1.0])),
         ignore_frac=draw(st.sampled_from([0.0, 0.2, 1.0])),
@@ -87,7 +88,7 @@ def _cpu_kernel(name):
             os.environ["MEMFAST_CPU_KERNEL"] = old
 
 
-SATURATED_TIE = dict(R=11, C=70, dtype=torch.float32, scale=300.0, weighted=False, eps=0.0, ignore_frac=0.0,
+SATURATED_TIE = dict(R=11, C=70, dtype=torch.float32, scale=300.0, offset=0.0, weighted=False, eps=0.0, ignore_frac=0.0,
                      adjustment="none", rows_per_id=1, num_samples=1, seed=330519234, reduction=0, kernel="default",
                      softcap=30.0)  # found by hypothesis: the kernels' tanh and torch.tanh round one logit apart
 
@@ -101,7 +102,7 @@ def test_kernels_match_reference(case):
     if R % case["rows_per_id"]:
         R -= R % case["rows_per_id"]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    logits = (torch.randn(R, C, generator=g) * case["scale"]).to(dtype)
+    logits = (torch.randn(R, C, generator=g) * case["scale"] + case["offset"]).to(dtype)
     target = torch.randint(0, C, (R,), generator=g)
     target[torch.rand(R, generator=g) < case["ignore_frac"]] = -100
     weight = torch.rand(C, generator=g, dtype=acc) + 0.1 if case["weighted"] else None
@@ -110,7 +111,7 @@ def test_kernels_match_reference(case):
             case["softcap"])
     got, want, tol = run_both("cross_entropy_fwd", args, case)
     torch.testing.assert_close(got[0], want[0], **tol, equal_nan=True)  # the mean over no rows is NaN
-    # row stats: the target logit and max are exact; lse to tolerance
+    # row stats: the target logit and max are exact; log_sum to tolerance
     assert_row_stats_close(got[1], want[1], case["softcap"], tol)
     gtol = tol if dtype in (torch.float32, torch.float64) else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got[2].double(), want[2].double(), **gtol)
@@ -138,6 +139,7 @@ def api_cases(draw):
         probabilities=draw(st.booleans()),
         z_loss=draw(st.sampled_from([0.0, 0.05])),
         softcap=draw(st.sampled_from([None, None, 1.5])),
+        offset=draw(st.sampled_from([0.0, 0.0, 0.0, 1e6, -1e8])),  # one sign, far from zero
         adjustment=draw(st.sampled_from(["none", "dense", "vector", "table"])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -155,7 +157,7 @@ def test_api_matches_pytorch(case):
     g = torch.Generator().manual_seed(case["seed"])
     R, C, d = case["R"], case["C"], case["d"]
     shape, tshape = {"rows": ((R, C), (R,)), "spatial": ((R, C, d), (R, d)), "unbatched": ((C,), ())}[case["shape"]]
-    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) + case["offset"]).requires_grad_(True)
     target = torch.randint(0, C, tshape, generator=g)
     ignored = torch.rand(tshape, generator=g) < case["ignore_frac"]
     target[ignored] = -100
@@ -188,7 +190,11 @@ def test_api_matches_pytorch(case):
     z = z if shift is None else z + shift
     want = F.cross_entropy(z, target, **kw)
     if zeta:  # zeta * w_y * lse^2 per counted row (unweighted for probabilities), reduced like the loss
-        lse = torch.logsumexp(z, 0 if z.dim() == 1 else 1)
+        # logsumexp's backward forms exp(z - lse) with lse rounded to ulp(lse); shifted by the
+        # (detached) max it is exact, as memfast's p = exp(z - m) / sum, at offsets of 1e8 too
+        class_dim = 0 if z.dim() == 1 else 1
+        m = z.detach().amax(class_dim, keepdim=True)
+        lse = (m + torch.logsumexp(z - m, class_dim, keepdim=True)).squeeze(class_dim)
         w_y = (~ignored).double()
         if weight is not None and not case["probabilities"]:
             w_y = w_y * weight[target.clamp(min=0)]
