@@ -90,10 +90,13 @@ def _variance(mean_sq, mean, count, mean_terms=None):
     rounding, where the difference is cancellation noise, not spread; NaN for a sample never
     updated, like the means. The rounding: 8 fp32 ulps of E[x^2] and of E[x]^2 as computed.
     mean_terms: the size of the running mean E[x] was derived from, when not E[x] itself
-    (E[p] = 1 - E[1 - p] is off by ulps of E[1 - p], far more than ulps of E[p] when p is small)."""
+    (E[p] = 1 - E[1 - p] is off by ulps of E[1 - p], far more than ulps of E[p] when p is small;
+    where p is below those ulps, E[p] may round to 0 and E[p^2] ~ p^2 is all that is left: the
+    square of the error bounds it)."""
     var = mean_sq - mean * mean
     scale = mean.abs() if mean_terms is None else mean_terms.abs()
-    noise = 8 * torch.finfo(torch.float32).eps * (mean_sq.abs() + 2 * mean.abs() * scale)
+    ulps = 8 * torch.finfo(torch.float32).eps
+    noise = ulps * (mean_sq.abs() + 2 * mean.abs() * scale) + (ulps * scale) ** 2
     return torch.where((count == 1) | (var <= noise), torch.zeros_like(var), var)
 
 

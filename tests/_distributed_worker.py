@@ -35,37 +35,41 @@ def scripted_steps(world):
     yield [(torch.tensor([[2.0, 0.0]]), y, torch.tensor([3])), (torch.tensor([[0.0, 2.0]]), y, torch.tensor([3]))]
 
 
-# name: (samples, steps(world), per rank the curvature pass it scores at the end: (ids, values))
+# name: (samples, steps(world), per rank the passes it scores at the end: {rank: {stat: (ids, values)}})
+# scripted: curvature on disjoint samples, input-gradient norms of every sample on both ranks (the
+# counts add: a mean over 2 passes, not a sum over a count of 1)
 SCENARIOS = {
     "random": (40, lambda world: epochs_of_batches(40, 5, epochs=3, steps=4, world=world, seed=0), {}),
-    "scripted": (4, scripted_steps, {0: ([0, 1], [1.0, 2.0]), 1: ([2, 3], [3.0, 4.0])}),
+    "scripted": (4, scripted_steps, {0: {"curv": ([0, 1], [1.0, 2.0]), "grad_norm": ([0, 1, 2, 3], [1.0] * 4)},
+                                     1: {"curv": ([2, 3], [3.0, 4.0]), "grad_norm": ([0, 1, 2, 3], [2.0] * 4)}}),
 }
 
 
-def add_curvature_pass(tracker, ids, values):
-    """What score_curvature adds for one pass over these samples."""
-    ids, values = torch.tensor(ids), torch.tensor(values)
-    tracker.stat("curv").index_add_(0, ids, values)
-    tracker.stat("curv_count").index_add_(0, ids, torch.ones_like(values))
+def add_scored_passes(tracker, passes):
+    """What score_curvature / score_grad_norm add for one pass over these samples."""
+    for stat, (ids, values) in passes.items():
+        ids, values = torch.tensor(ids), torch.tensor(values)
+        tracker.stat(stat).index_add_(0, ids, values)
+        tracker.stat(stat + "_count").index_add_(0, ids, torch.ones_like(values))
 
 
 def single_process(scenario, world):
     """The same batches in one process: each step's shards concatenated in rank order."""
-    num_samples, steps, curvature = SCENARIOS[scenario]
+    num_samples, steps, scored = SCENARIOS[scenario]
     tracker = memfast.SampleTracker(num_samples, stats="all")
     for shards in steps(world):
         if shards is None:
             tracker.end_epoch()
         else:
             tracker.update(*(torch.cat(parts) for parts in zip(*shards)))
-    for rank in sorted(curvature):
-        add_curvature_pass(tracker, *curvature[rank])
+    for rank in sorted(scored):
+        add_scored_passes(tracker, scored[rank])
     return tracker
 
 
 def main(scenario, rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    num_samples, steps, curvature = SCENARIOS[scenario]
+    num_samples, steps, scored = SCENARIOS[scenario]
     tracker = memfast.SampleTracker(num_samples, stats="all")
     for shards in steps(world):
         if shards is None:
@@ -73,8 +77,8 @@ def main(scenario, rank, world, port, out):
             tracker.end_epoch()
             continue
         tracker.update(*shards[rank])
-    if rank in curvature:
-        add_curvature_pass(tracker, *curvature[rank])
+    if rank in scored:
+        add_scored_passes(tracker, scored[rank])
     tracker.all_reduce()  # (random: a second merge with nothing new must not double count)
     torch.save(tracker.state_dict(), out)
     dist.destroy_process_group()

@@ -45,13 +45,15 @@ def test_all_reduce_equals_single_process(tmp_path):
 def test_all_reduce_keeps_every_ranks_events_and_breaks_ties_by_highest_rank(tmp_path):
     """The scripted scenario (_distributed_worker.scripted_steps): a forgetting event seen on rank 0
     survives although rank 1 updated the sample last, curvature passes scored on different ranks
-    average over both (curv_count is a sum), and a sample both ranks update in one step takes rank
-    1's loss. (Found by mutation testing: the random scenario has no ties and no curvature.)"""
+    average over both (curv_count is a sum), gradient norms that both ranks score average over the
+    two passes (grad_norm_count is a sum too), and a sample both ranks update in one step takes
+    rank 1's loss. (Found by mutation testing: the random scenario has no ties and no passes.)"""
     single = single_process("scripted", world=2)
     assert single.stat("forgetting").tolist() == [1.0, 0.0, 0.0, 0.0]
     for merged in _merged_on_each_rank(tmp_path, "scripted"):
         s, want = merged.scores(), single.scores()
-        for name in ("csl", "count", "forgetting", "curv", "last_loss", "correct"):
+        for name in ("csl", "count", "forgetting", "curv", "grad_norm", "last_loss", "correct"):
             torch.testing.assert_close(s[name], want[name], msg=name)
         torch.testing.assert_close(s["curv"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        torch.testing.assert_close(s["grad_norm"], torch.tensor([1.5] * 4))
         torch.testing.assert_close(s["last_loss"][3], torch.tensor(2.0 + math.log1p(math.exp(-2.0))))

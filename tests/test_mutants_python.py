@@ -29,16 +29,20 @@ def test_loss_var_is_exactly_zero_for_repeated_identical_updates(backend):
     assert torch.equal(t.scores()["loss_var"], torch.zeros(64))
 
 
+def _variability_of_identical_updates(logits, y, times):
+    t = SampleTracker(len(y), stats="all")
+    for _ in range(times):
+        t.update(logits, y, torch.arange(len(y)))
+    return t.scores()["variability"]
+
+
 def test_variability_is_exactly_zero_for_repeated_identical_updates(backend):
     """The same for variability (dataset cartography's std of p_true): E[p] comes from
     1 - E[1 - p], whose rounding (ulps of E[1 - p]) dwarfs E[p]^2 when p is small; it gave up
     to 1e-4 here before the noise floor counted it."""
     g = torch.Generator().manual_seed(0)
     logits, y = torch.randn(64, 5, generator=g) * 2, torch.randint(0, 5, (64,), generator=g)
-    t = SampleTracker(64, stats="all")
-    for _ in range(5):
-        t.update(logits, y, torch.arange(64))
-    assert torch.equal(t.scores()["variability"], torch.zeros(64))
+    assert torch.equal(_variability_of_identical_updates(logits, y, 5), torch.zeros(64))
     # real spread still shows: p_true alternating between two values
     t2 = SampleTracker(64, stats="all")
     for k in range(4):
@@ -46,6 +50,16 @@ def test_variability_is_exactly_zero_for_repeated_identical_updates(backend):
     p = torch.softmax(logits, 1).gather(1, y[:, None])[:, 0]
     p2 = torch.softmax(2 * logits, 1).gather(1, y[:, None])[:, 0]
     torch.testing.assert_close(t2.scores()["variability"], (p - p2).abs() / 2, atol=2e-4, rtol=1e-3)
+
+
+def test_variability_is_exactly_zero_where_p_true_is_below_the_rounding_of_its_mean(backend):
+    """p_true below ~6e-8: E[p] = 1 - E[1 - p] rounds to 0 and E[p^2] ~ p^2 is left over; the
+    noise floor must count the square of E[p]'s error (2e-9 here before, 7540 of 20000 samples
+    nonzero at logits * 30; found by a mutation pass)."""
+    assert _variability_of_identical_updates(torch.tensor([[0.0, 20.0]]), torch.tensor([0]), 2).item() == 0.0
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(20000, 7, generator=g) * 30, torch.randint(0, 7, (20000,), generator=g)
+    assert torch.equal(_variability_of_identical_updates(logits, y, 2), torch.zeros(20000))
 
 
 def test_learn_time_of_a_sample_learned_in_the_first_epoch_is_zero(backend):
