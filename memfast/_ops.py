@@ -109,10 +109,12 @@ def _prob_fwd_inplace_fake(logits, target, weight, label_smoothing, adjustment, 
 
 
 def _bwd_fake(grad, grad_loss):
+    _same_device("memfast.cross_entropy backward", grad, grad_loss)
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 def _bwd_inplace_fake(grad, grad_loss):
+    _same_device("memfast.cross_entropy backward", grad, grad_loss)
     return None
 
 
@@ -126,6 +128,7 @@ def _perturb_fake(x, seed, probe_offset, num_probes, h):
 
 
 def _reduce_fake(grads, g0, seed, probe_offset):
+    _same_device("memfast.curvature_reduce", g0, grads)
     return g0.new_empty((3, g0.shape[0]), dtype=torch.float32)
 
 

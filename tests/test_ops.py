@@ -332,3 +332,11 @@ def test_a_meta_tensor_among_real_ones_is_refused(ns):
     _, row_stats, _ = reference.cross_entropy_fwd(x, y, None, -100, 0.0, None, None, False, 0)
     with pytest.raises(ValueError, match="on one device"):
         lib.track_(t.state, t.counters, row_stats.to("meta"), y, torch.arange(4), -100, 3, t._stat_rows)
+    # the backward and curvature_reduce too (they returned uninitialised memory on the first input's device)
+    grad, ones = torch.randn(4, 3), torch.ones(4)
+    with pytest.raises(ValueError, match="on one device, got cpu and meta"):
+        lib.cross_entropy_bwd(grad, ones.to("meta"))
+    with pytest.raises(ValueError, match="on one device, got meta and cpu"):
+        lib.cross_entropy_bwd_(grad.to("meta"), ones)
+    with pytest.raises(ValueError, match="on one device, got cpu and meta"):
+        lib.curvature_reduce(torch.randn(2, 3, device="meta"), torch.randn(2, 3), 0, 0)
