@@ -29,7 +29,8 @@ inline void check_probe_range(const char* op, int64_t probe_offset, int64_t num_
 
 inline void check_sample_shape(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() >= 1, "memfast.", op, ": ", name, " must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK_VALUE(t.size(0) < CURV_MAX_INDEX, "memfast.", op, ": at most 2^32 samples per call, got ", t.size(0));
+  TORCH_CHECK_VALUE(t.size(0) < CURV_MAX_INDEX, "memfast.", op, ": fewer than 2^32 samples per call, got ",
+                    t.size(0));
   TORCH_CHECK_VALUE((curvature_sample_numel(t) + PROBE_BLOCK - 1) / PROBE_BLOCK < CURV_MAX_INDEX, "memfast.", op,
                     ": ", name, " has too many elements per sample (", curvature_sample_numel(t), ")");
 }
