@@ -13,14 +13,6 @@ from memfast._stats import ROW
 
 pytestmark = pytest.mark.skipif(not _ops.extension_available("cpu"), reason="compiled extension not available")
 
-KERNELS = ["default", "generic"]
-
-
-def _kernel(monkeypatch, kernel):
-    if kernel == "generic":
-        monkeypatch.setenv("MEMFAST_CPU_KERNEL", "generic")
-
-
 def _fwd(x, y, **kw):
     """cross_entropy_fwd(x, y) with the op's defaults (reduction none, gradient on)."""
     a = dict(weight=None, ignore_index=-100, label_smoothing=0.0, adjustment=None, groups=None, compute_grad=True,
@@ -38,9 +30,7 @@ def _prob_fwd(x, t, reduction=0):
 # ce_math.h fast_exp (the portable loops' fp32 exp): below -87 it flushes to 0; it must never return more
 # than exp(x) there (clamping x to -87 but flushing only below -88 gives exp(-87), up to 2.7x too large).
 # The AVX-512 exp16 returns the (subnormal) value itself; both are within 1% of it or 0.
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_probabilities_just_below_the_fp32_exp_range_are_zero_or_exact(monkeypatch, kernel):
-    _kernel(monkeypatch, kernel)
+def test_probabilities_just_below_the_fp32_exp_range_are_zero_or_exact(cpu_kernel):
     offsets = [-86.5, -87.1, -87.3, -87.5, -87.7, -87.95]
     x = torch.zeros(2, 40)
     x[:, 1:1 + len(offsets)] = torch.tensor(offsets)
@@ -57,9 +47,7 @@ def test_probabilities_just_below_the_fp32_exp_range_are_zero_or_exact(monkeypat
 # row_loops.h exp16 (AVX-512) and ce_math.h fast_exp: x = n ln2 + r with n rounded to NEAREST, so that
 # |r| <= ln2 / 2, where the polynomial is good to ~1e-9; truncating n leaves r in (-ln2, 0], where it
 # is off by up to 8.6e-7 (7 ulp) -- within the suite's fp32 tolerances, not within a few ulp.
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_fp32_probabilities_are_accurate_to_a_few_ulp(monkeypatch, kernel):
-    _kernel(monkeypatch, kernel)
+def test_fp32_probabilities_are_accurate_to_a_few_ulp(cpu_kernel):
     x = torch.linspace(-30, 0, 4096).view(8, 512)
     y = torch.zeros(8, dtype=torch.long)
     _, _, g = _fwd(x, y)
@@ -71,10 +59,8 @@ def test_fp32_probabilities_are_accurate_to_a_few_ulp(monkeypatch, kernel):
 # row_loops.h narrow16 / store_grad: the forward's bf16 / fp16 gradient is the fp32 value rounded to
 # nearest even (test_mutants_kernels checks the backward's rounding; this is the forward's own store,
 # vector body and masked tail). Rounded toward zero, about half the entries would be one ulp off.
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_forward_gradient_is_rounded_to_nearest(monkeypatch, kernel, dtype):
-    _kernel(monkeypatch, kernel)
+def test_forward_gradient_is_rounded_to_nearest(cpu_kernel, dtype):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 53, generator=gen) * 3).to(dtype)
     y = torch.randint(0, 53, (64,), generator=gen)
@@ -109,10 +95,8 @@ def test_reduced_loss_sums_row_losses_in_double(reduction):
 
 # cross_entropy_prob.cpp lanes_any_nan: a row whose targets hold a NaN anywhere -- also the last entry
 # of the loop's tail -- has no label (-100), so the tracker skips it.
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("C", [3, 17, 35])
-def test_nan_in_the_last_target_entry_leaves_the_row_unlabelled(monkeypatch, kernel, C):
-    _kernel(monkeypatch, kernel)
+def test_nan_in_the_last_target_entry_leaves_the_row_unlabelled(cpu_kernel, C):
     x = torch.randn(3, C)
     t = torch.softmax(torch.randn(3, C), 1)
     t[0, C - 1] = math.nan
