@@ -17,8 +17,11 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
+# The second run checks the CUDA sources on this CPU: tests/cuda_emu compiles csrc/cuda/*.cu
+# for an emulator of the device (fibers for threads) and routes the ops' CPU kernels to them.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	MEMFAST_TEST_CUDA_DEVICE=emulator $(BIN)/python -m pytest -q tests/test_cuda_cross_entropy.py
 
 demo: $(STAMP)
 	$(BIN)/memfast demo

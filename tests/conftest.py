@@ -1,3 +1,7 @@
+import os
+import pathlib
+import sys
+
 import pytest
 import torch
 
@@ -64,3 +68,15 @@ def fwd_matches_reference():
         return got
 
     return check
+
+
+def pytest_configure(config):
+    """MEMFAST_TEST_CUDA_DEVICE=emulator: the CPU kernels of torch.ops.memfast become the CUDA
+    sources compiled for the CPU emulator (tests/cuda_emu), for the whole run. Meant for
+    tests/test_cuda_cross_entropy.py, which then checks the CUDA code on CPU tensors (the CPU
+    kernels' own tests expect their errors, where the CUDA kernels give NaN rows)."""
+    if os.environ.get("MEMFAST_TEST_CUDA_DEVICE") == "emulator":
+        sys.path.insert(0, str(pathlib.Path(__file__).parent / "cuda_emu"))
+        import build as cuda_emu
+
+        config.memfast_cuda_emulator = cuda_emu.route_cpu_kernels()

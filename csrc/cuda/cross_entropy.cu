@@ -425,21 +425,29 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
 
   acc_t stage1[2] = {neg_inf<acc_t>(), acc_t(0)};  // largest other logit, beaten
   acc_t run_max = neg_inf<acc_t>(), run_sum = acc_t(0);
-  // sum w * z and sum w over this thread's logits, shifted by the row max once it is known
-  acc_t weighted_sum = acc_t(0), weight_part = acc_t(0);
+  // sum w * (z - run_max) and sum w over this thread's logits (for label smoothing), re-based
+  // when run_max grows: the terms stay small where the logits are far from zero (a plain
+  // sum w * z, shifted by the row max at the end, lost ~1e-3 of the loss at |z| ~ 3e5).
+  acc_t shifted_dot = acc_t(0), weight_part = acc_t(0);
   // Online softmax over a few values: rescale the running sum once per vector.
   auto absorb = [&](const acc_t* x, int n, int64_t c0) {
     acc_t vmax = neg_inf<acc_t>();
     for (int j = 0; j < n; ++j) {
       visit(x[j], c0 + j, r.y, r.z_y, stage1[0], stage1[1]);
       vmax = x[j] > vmax ? x[j] : vmax;
-      if (smooth) {
+    }
+    const acc_t new_max = vmax > run_max ? vmax : run_max;
+    if (smooth) {
+      // Only -inf / NaN so far (new_max == -inf): the logits themselves, whose -inf or NaN the
+      // re-basing below keeps (-inf - inf, NaN), as the CPU's sum w * (z - m) has them.
+      const acc_t base = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
+      if (new_max != run_max && weight_part != acc_t(0)) shifted_dot -= weight_part * (new_max - run_max);
+      for (int j = 0; j < n; ++j) {
         const acc_t w_c = a.weight ? a.weight[c0 + j] : acc_t(1);
-        weighted_sum += w_c * x[j];
+        shifted_dot += w_c * (x[j] - base);
         weight_part += w_c;
       }
     }
-    const acc_t new_max = vmax > run_max ? vmax : run_max;
     if (new_max == neg_inf<acc_t>()) {  // only -inf / NaN so far: keep a NaN (the CPU's sum carries it)
       for (int j = 0; j < n; ++j)
         if (x[j] != x[j]) run_sum = x[j];
@@ -484,7 +492,9 @@ __global__ void __launch_bounds__(kStreamThreads) ce_fwd_stream_kernel(const Fwd
   const acc_t max_other = stage1[0];
   const acc_t m = r.z_y > max_other ? r.z_y : max_other;
   acc_t stage2[2] = {run_max == neg_inf<acc_t>() ? run_sum /* 0, or a NaN seen */ : run_sum * fast_exp(run_max - m),
-                     smooth ? weighted_sum - weight_part * m : acc_t(0)};
+                     !smooth ? acc_t(0)
+                     : weight_part == acc_t(0) || run_max == m ? shifted_dot  // (m - run_max: 0 * inf for no logits)
+                                                               : shifted_dot - weight_part * (m - run_max)};
   block_reduce<NT, 2>(stage2, SumOp(), red_smem[1]);
   // m == -inf (every logit -inf or NaN): the online sum skipped them and holds 0, but
   // sum exp(z - m) is NaN (-inf - -inf) in the CPU and resident kernels; the same here.
