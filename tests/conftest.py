@@ -77,6 +77,6 @@ def pytest_configure(config):
     kernels' own tests expect their errors, where the CUDA kernels give NaN rows)."""
     if os.environ.get("MEMFAST_TEST_CUDA_DEVICE") == "emulator":
         sys.path.insert(0, str(pathlib.Path(__file__).parent / "cuda_emu"))
-        import build as cuda_emu
+        import emulator as cuda_emu
 
         config.memfast_cuda_emulator = cuda_emu.route_cpu_kernels()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from memfast import _ops
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "cuda_emu"))
-import build as cuda_emu  # noqa: E402
+import emulator as cuda_emu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _ops.extension_available("cpu"), reason="compiled extension not built")
 

@@ -1,6 +1,6 @@
 // A CPU stand-in for the CUDA runtime and device built-ins that csrc/cuda/*.cu use, so that
 // those sources, host code and kernels alike, run unchanged on a machine without a GPU
-// (tests/cuda_emu/build.py compiles them against this header; tests/test_cuda_emulated.py
+// (tests/cuda_emu/emulator.py compiles them against this header; tests/test_cuda_emulated.py
 // compares them with the CPU kernels).
 //
 // Every thread of a block (of a cluster) is a fiber on one OS thread. A fiber runs until it
@@ -27,7 +27,7 @@
 #include <type_traits>
 #include <utility>
 
-// The kernels' registrations go to the CPU key of the memfast_emu library (build.py renames the
+// The kernels' registrations go to the CPU key of the memfast_emu library (emulator.py renames the
 // namespace with -Dmemfast=memfast_emu, and declares its schemas).
 #undef TORCH_LIBRARY_IMPL
 #define TORCH_LIBRARY_IMPL(ns, k, m) _TORCH_LIBRARY_IMPL(ns, CPU, m, C10_UID)
@@ -38,7 +38,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define MEMFAST_EMU_ARCH 900  // build.py writes it for __CUDA_ARCH__ in the .cu sources
+#define MEMFAST_EMU_ARCH 900  // emulator.py writes it for __CUDA_ARCH__ in the .cu sources
 
 using std::isinf;
 using std::isnan;

@@ -1,6 +1,6 @@
 // Kernels that show the emulator (runtime.h) catches what it claims to: tests/test_cuda_emulator.py
 // runs them through torch.ops.memfast_emu_selftest.run(out, kernel, threads, blocks). Written as CUDA
-// (build.py rewrites it like csrc/cuda/*.cu); not part of the package.
+// (emulator.py rewrites it like csrc/cuda/*.cu); not part of the package.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>

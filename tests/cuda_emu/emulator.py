@@ -10,7 +10,7 @@ from csrc/memfast.cpp's TORCH_LIBRARY block into a memfast_emu library whose CPU
 the CUDA host code and kernels; `-Dmemfast=memfast_emu` keeps their symbols apart from the
 real extension's.
 
-    python tests/cuda_emu/build.py     # builds (or reuses) build/cuda_emu and prints the ops
+    python tests/cuda_emu/emulator.py     # builds (or reuses) build/cuda_emu and prints the ops
 """
 from __future__ import annotations
 
