@@ -72,9 +72,7 @@ def rewrite_launches(text: str) -> str:
             while k >= 0 and (text[k].isalnum() or text[k] in "_:"):
                 k -= 1
             callee_start = k + 1
-        callee = text[callee_start:k + 1] if text[k] == ")" else text[callee_start:start].strip()
-        if text[k] == ")":
-            callee = text[callee_start:k + 1]
+        callee = text[callee_start:start].strip()
         a = end + 3
         while text[a].isspace():
             a += 1
